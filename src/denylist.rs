@@ -1,0 +1,498 @@
+//! The denylist: revoked tokens, clients and subjects, in shared data so that
+//! every worker sees a revocation as soon as it is written.
+//!
+//! Keys (fixed, so any configuration of the same `vm_id` reads the same ones):
+//! - `tokengate.deny.tokens.<i>`, `i < TOKEN_BUCKETS`: revoked token hashes
+//!   bucketed by hash prefix, each bucket capped at `bucket_capacity`;
+//! - `tokengate.deny.principals`: client and subject records, capped at
+//!   `max_principals`;
+//! - `tokengate.deny.gen`: a counter bumped after every change, so workers
+//!   re-read only when something changed.
+//!
+//! Expired records are dropped whenever their key is rewritten.
+
+use crate::cache::{hex, TokenHash};
+use crate::config;
+use crate::introspection::Claims;
+use crate::store::{update, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+pub const TOKEN_BUCKETS: u64 = 1024;
+const PRINCIPALS_KEY: &str = "tokengate.deny.principals";
+const GENERATION_KEY: &str = "tokengate.deny.gen";
+/// Longest reason kept; longer ones are cut (on a char boundary).
+pub const MAX_REASON_CHARS: usize = 200;
+/// Longest client id or subject accepted.
+pub const MAX_PRINCIPAL_CHARS: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    #[serde(rename = "token")]
+    Token,
+    #[serde(rename = "client")]
+    Client,
+    #[serde(rename = "sub")]
+    Subject,
+}
+
+/// One revocation, as stored and as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Token: hex SHA-256. Client: `client:<id>`. Subject: `sub:<id>`.
+    pub id: String,
+    pub kind: Kind,
+    pub revoked_at: u64,
+    pub expires_at: u64,
+    pub reason: String,
+}
+
+impl Record {
+    pub fn principal_id(kind: Kind, name: &str) -> String {
+        match kind {
+            Kind::Client => format!("client:{name}"),
+            Kind::Subject => format!("sub:{name}"),
+            Kind::Token => name.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyError {
+    /// The bucket or the principal list is at its configured bound.
+    Full,
+    Store(StoreError),
+}
+
+impl From<StoreError> for DenyError {
+    fn from(e: StoreError) -> Self {
+        DenyError::Store(e)
+    }
+}
+
+/// What a bulk token revocation did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    pub revoked: Vec<TokenHash>,
+    /// Refused because their bucket is full.
+    pub full: Vec<TokenHash>,
+}
+
+pub fn bucket_capacity(max_tokens: usize) -> usize {
+    // Twice the mean plus slack: hashes spread evenly, so a bucket fills up
+    // long after the total reaches max_tokens.
+    (max_tokens * 2).div_ceil(TOKEN_BUCKETS as usize) + 16
+}
+
+fn token_key(hash: &TokenHash) -> String {
+    let [a, b, ..] = *hash;
+    let index = u64::from(u16::from_be_bytes([a, b])) % TOKEN_BUCKETS;
+    format!("tokengate.deny.tokens.{index}")
+}
+
+pub fn clip_reason(reason: &str) -> String {
+    reason.chars().filter(|c| !c.is_control()).take(MAX_REASON_CHARS).collect()
+}
+
+fn decode(bytes: Option<&[u8]>) -> Vec<Record> {
+    match bytes {
+        None => Vec::new(),
+        Some(b) => serde_json::from_slice(b).unwrap_or_else(|e| {
+            // Never silently: an unreadable denylist key loses revocations.
+            log::error!("unreadable denylist record list dropped: {e}");
+            Vec::new()
+        }),
+    }
+}
+
+fn encode(records: &[Record]) -> Vec<u8> {
+    serde_json::to_vec(records).unwrap_or_default()
+}
+
+pub struct Denylist<'s, S: Store + ?Sized> {
+    store: &'s S,
+    limits: &'s config::Denylist,
+}
+
+impl<'s, S: Store + ?Sized> Denylist<'s, S> {
+    pub fn new(store: &'s S, limits: &'s config::Denylist) -> Self {
+        Denylist { store, limits }
+    }
+
+    /// Revokes tokens (by hash, with the time their record may expire).
+    /// A token already revoked keeps its first `revoked_at`.
+    pub fn revoke_tokens(&self, items: &[(TokenHash, u64)], reason: &str, now: u64) -> Result<Revoked, DenyError> {
+        let reason = clip_reason(reason);
+        let capacity = bucket_capacity(self.limits.max_tokens);
+        let mut by_key: HashMap<String, Vec<(TokenHash, u64)>> = HashMap::new();
+        for item in items {
+            by_key.entry(token_key(&item.0)).or_default().push(*item);
+        }
+        let mut result = Revoked::default();
+        for (key, group) in by_key {
+            let mut refused = Vec::new();
+            update(self.store, &key, |current| {
+                refused.clear();
+                let mut records = decode(current);
+                records.retain(|r| r.expires_at > now);
+                for (hash, expires_at) in &group {
+                    let id = hex(hash);
+                    if let Some(r) = records.iter_mut().find(|r| r.id == id) {
+                        r.expires_at = r.expires_at.max(*expires_at);
+                    } else if records.len() < capacity {
+                        records.push(Record {
+                            id,
+                            kind: Kind::Token,
+                            revoked_at: now,
+                            expires_at: *expires_at,
+                            reason: reason.clone(),
+                        });
+                    } else {
+                        refused.push(*hash);
+                    }
+                }
+                Some(encode(&records))
+            })?;
+            for (hash, _) in &group {
+                if refused.contains(hash) {
+                    result.full.push(*hash);
+                } else {
+                    result.revoked.push(*hash);
+                }
+            }
+        }
+        self.bump()?;
+        Ok(result)
+    }
+
+    /// Denies every token of a client or subject issued at or before `now`.
+    pub fn revoke_principal(&self, kind: Kind, name: &str, reason: &str, now: u64) -> Result<Record, DenyError> {
+        let record = Record {
+            id: Record::principal_id(kind, name),
+            kind,
+            revoked_at: now,
+            expires_at: now.saturating_add(self.limits.principal_ttl_s),
+            reason: clip_reason(reason),
+        };
+        let mut full = false;
+        update(self.store, PRINCIPALS_KEY, |current| {
+            let mut records = decode(current);
+            records.retain(|r| r.expires_at > now && r.id != record.id);
+            full = records.len() >= self.limits.max_principals;
+            if full {
+                return None;
+            }
+            records.push(record.clone());
+            Some(encode(&records))
+        })?;
+        if full {
+            return Err(DenyError::Full);
+        }
+        self.bump()?;
+        Ok(record)
+    }
+
+    /// Removes a revocation by its admin id. Returns false if there was none.
+    pub fn undo(&self, id: &str, now: u64) -> Result<bool, DenyError> {
+        let key = match crate::cache::parse_hex(id) {
+            Some(hash) => token_key(&hash),
+            None if id.starts_with("client:") || id.starts_with("sub:") => PRINCIPALS_KEY.to_string(),
+            None => return Ok(false),
+        };
+        let id = id.to_ascii_lowercase_if_hex();
+        let mut found = false;
+        update(self.store, &key, |current| {
+            let mut records = decode(current);
+            found = records.iter().any(|r| r.id == id && r.expires_at > now);
+            if !found {
+                return None;
+            }
+            records.retain(|r| r.id != id && r.expires_at > now);
+            Some(encode(&records))
+        })?;
+        if found {
+            self.bump()?;
+        }
+        Ok(found)
+    }
+
+    /// The live record for a token, if it is revoked.
+    pub fn token_record(&self, hash: &TokenHash, now: u64) -> Result<Option<Record>, StoreError> {
+        let id = hex(hash);
+        let value = self.store.get(&token_key(hash))?;
+        let records = decode(value.as_ref().map(|v| v.value.as_slice()).filter(|b| !b.is_empty()));
+        Ok(records.into_iter().find(|r| r.id == id && r.expires_at > now))
+    }
+
+    pub fn principals(&self, now: u64) -> Result<Vec<Record>, StoreError> {
+        let value = self.store.get(PRINCIPALS_KEY)?;
+        let records = decode(value.as_ref().map(|v| v.value.as_slice()).filter(|b| !b.is_empty()));
+        Ok(records.into_iter().filter(|r| r.expires_at > now).collect())
+    }
+
+    /// Every live record, newest first.
+    pub fn list(&self, now: u64) -> Result<Vec<Record>, StoreError> {
+        let mut all = self.principals(now)?;
+        for i in 0..TOKEN_BUCKETS {
+            if let Some(v) = self.store.get(&format!("tokengate.deny.tokens.{i}"))? {
+                let records = decode(Some(v.value.as_slice()).filter(|b| !b.is_empty()));
+                all.extend(records.into_iter().filter(|r| r.expires_at > now));
+            }
+        }
+        all.sort_by(|a, b| b.revoked_at.cmp(&a.revoked_at).then_with(|| a.id.cmp(&b.id)));
+        Ok(all)
+    }
+
+    /// The change counter workers compare against their view.
+    pub fn generation(&self) -> Result<u64, StoreError> {
+        Ok(self.store.get(GENERATION_KEY)?.map_or(0, |v| parse_generation(&v.value)))
+    }
+
+    fn bump(&self) -> Result<(), StoreError> {
+        update(self.store, GENERATION_KEY, |current| {
+            let next = current.map_or(0, parse_generation).wrapping_add(1);
+            Some(next.to_string().into_bytes())
+        })?;
+        Ok(())
+    }
+}
+
+fn parse_generation(bytes: &[u8]) -> u64 {
+    std::str::from_utf8(bytes).ok().and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+trait LowercaseHex {
+    fn to_ascii_lowercase_if_hex(&self) -> String;
+}
+
+impl LowercaseHex for str {
+    /// Token ids are stored in lower-case hex; principal ids as given.
+    fn to_ascii_lowercase_if_hex(&self) -> String {
+        if crate::cache::parse_hex(self).is_some() {
+            self.to_ascii_lowercase()
+        } else {
+            self.to_string()
+        }
+    }
+}
+
+/// One worker's memo of the denylist, refreshed when the generation moves.
+#[derive(Default)]
+pub struct DenyView {
+    generation: Option<u64>,
+    /// (kind, name) → revoked_at, expires_at.
+    principals: HashMap<(Kind, String), (u64, u64)>,
+    /// Token hash → revoked until (0: not revoked), as last read.
+    tokens: HashMap<TokenHash, u64>,
+}
+
+/// Bound on the per-worker memo of token checks.
+const MEMO_ENTRIES: usize = 65_536;
+
+impl DenyView {
+    /// Re-reads the principal list if anything changed since the last call.
+    pub fn refresh<S: Store + ?Sized>(&mut self, list: &Denylist<'_, S>, now: u64) -> Result<(), StoreError> {
+        let generation = list.generation()?;
+        if self.generation == Some(generation) {
+            return Ok(());
+        }
+        self.tokens.clear();
+        self.principals = list
+            .principals(now)?
+            .into_iter()
+            .filter_map(|r| {
+                let (kind, name) = match r.kind {
+                    Kind::Client => (Kind::Client, r.id.strip_prefix("client:")?),
+                    Kind::Subject => (Kind::Subject, r.id.strip_prefix("sub:")?),
+                    Kind::Token => return None,
+                };
+                Some(((kind, name.to_string()), (r.revoked_at, r.expires_at)))
+            })
+            .collect();
+        self.generation = Some(generation);
+        Ok(())
+    }
+
+    /// Whether the token itself is revoked. Call `refresh` first.
+    pub fn token_revoked<S: Store + ?Sized>(&mut self, list: &Denylist<'_, S>, hash: &TokenHash, now: u64) -> Result<bool, StoreError> {
+        if let Some(&until) = self.tokens.get(hash) {
+            return Ok(until > now);
+        }
+        let until = list.token_record(hash, now)?.map_or(0, |r| r.expires_at);
+        if self.tokens.len() >= MEMO_ENTRIES {
+            self.tokens.clear();
+        }
+        self.tokens.insert(*hash, until);
+        Ok(until > now)
+    }
+
+    /// Whether the token's client or subject was revoked after it was issued
+    /// (a token without `iat` counts as issued before).
+    pub fn principal_revoked(&self, claims: &Claims, now: u64) -> bool {
+        if self.principals.is_empty() {
+            return false;
+        }
+        let issued = claims.iat.unwrap_or(0);
+        let hit = |kind: Kind, name: &Option<String>| {
+            name.as_ref().is_some_and(|n| {
+                self.principals
+                    .get(&(kind, n.clone()))
+                    .is_some_and(|&(revoked_at, expires_at)| expires_at > now && issued <= revoked_at)
+            })
+        };
+        hit(Kind::Client, &claims.client_id) || hit(Kind::Subject, &claims.sub)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    fn limits() -> config::Denylist {
+        config::Denylist::default()
+    }
+
+    fn h(n: u32) -> TokenHash {
+        use sha2::Digest;
+        sha2::Sha256::digest(n.to_be_bytes()).into()
+    }
+
+    #[test]
+    fn revoked_token_is_seen_with_its_record() {
+        let s = MemoryStore::new();
+        let l = limits();
+        let d = Denylist::new(&s, &l);
+        let out = d.revoke_tokens(&[(h(1), 500)], "leaked", 100).unwrap();
+        assert_eq!(out.revoked, vec![h(1)]);
+        let r = d.token_record(&h(1), 100).unwrap().unwrap();
+        assert_eq!((r.id.as_str(), r.kind, r.revoked_at, r.expires_at), (hex(&h(1)).as_str(), Kind::Token, 100, 500));
+        assert_eq!(r.reason, "leaked");
+        assert_eq!(d.token_record(&h(2), 100).unwrap(), None);
+        // The record ends with the token.
+        assert_eq!(d.token_record(&h(1), 500).unwrap(), None);
+    }
+
+    #[test]
+    fn revoking_again_keeps_the_first_revoked_at() {
+        let s = MemoryStore::new();
+        let l = limits();
+        let d = Denylist::new(&s, &l);
+        d.revoke_tokens(&[(h(1), 500)], "first", 100).unwrap();
+        d.revoke_tokens(&[(h(1), 900)], "second", 200).unwrap();
+        let r = d.token_record(&h(1), 300).unwrap().unwrap();
+        assert_eq!((r.revoked_at, r.expires_at, r.reason.as_str()), (100, 900, "first"));
+    }
+
+    #[test]
+    fn undo_removes_and_reports_unknown() {
+        let s = MemoryStore::new();
+        let l = limits();
+        let d = Denylist::new(&s, &l);
+        d.revoke_tokens(&[(h(1), 500)], "", 100).unwrap();
+        d.revoke_principal(Kind::Client, "app", "", 100).unwrap();
+        assert!(d.undo(&hex(&h(1)).to_uppercase(), 101).unwrap());
+        assert!(!d.undo(&hex(&h(1)), 101).unwrap());
+        assert!(d.undo("client:app", 101).unwrap());
+        assert!(!d.undo("client:app", 101).unwrap());
+        assert!(!d.undo("nonsense", 101).unwrap());
+        assert!(d.list(101).unwrap().is_empty());
+    }
+
+    #[test]
+    fn generation_moves_on_every_change() {
+        let s = MemoryStore::new();
+        let l = limits();
+        let d = Denylist::new(&s, &l);
+        assert_eq!(d.generation().unwrap(), 0);
+        d.revoke_tokens(&[(h(1), 500)], "", 100).unwrap();
+        d.revoke_principal(Kind::Subject, "alice", "", 100).unwrap();
+        d.undo("sub:alice", 100).unwrap();
+        assert_eq!(d.generation().unwrap(), 3);
+    }
+
+    #[test]
+    fn principal_revocation_covers_tokens_issued_until_then() {
+        let s = MemoryStore::new();
+        let l = limits();
+        let d = Denylist::new(&s, &l);
+        d.revoke_principal(Kind::Client, "app", "breach", 1000).unwrap();
+        let mut view = DenyView::default();
+        view.refresh(&d, 1000).unwrap();
+        let claims = |client: &str, iat: Option<u64>| Claims { client_id: Some(client.into()), iat, ..Default::default() };
+        assert!(view.principal_revoked(&claims("app", Some(999)), 1001));
+        assert!(view.principal_revoked(&claims("app", Some(1000)), 1001));
+        assert!(view.principal_revoked(&claims("app", None), 1001));
+        assert!(!view.principal_revoked(&claims("app", Some(1001)), 1001));
+        assert!(!view.principal_revoked(&claims("other", Some(1)), 1001));
+        let sub = Claims { sub: Some("app".into()), iat: Some(1), ..Default::default() };
+        assert!(!view.principal_revoked(&sub, 1001), "a client id is not a subject");
+    }
+
+    #[test]
+    fn view_sees_changes_through_the_generation() {
+        let s = MemoryStore::new();
+        let l = limits();
+        let d = Denylist::new(&s, &l);
+        let mut view = DenyView::default();
+        view.refresh(&d, 0).unwrap();
+        assert!(!view.token_revoked(&d, &h(1), 0).unwrap());
+        d.revoke_tokens(&[(h(1), 500)], "", 0).unwrap();
+        // Memoised until the generation moves.
+        view.refresh(&d, 0).unwrap();
+        assert!(view.token_revoked(&d, &h(1), 0).unwrap());
+        d.undo(&hex(&h(1)), 0).unwrap();
+        view.refresh(&d, 0).unwrap();
+        assert!(!view.token_revoked(&d, &h(1), 0).unwrap());
+    }
+
+    #[test]
+    fn principals_are_bounded() {
+        let s = MemoryStore::new();
+        let l = config::Denylist { max_principals: 2, ..limits() };
+        let d = Denylist::new(&s, &l);
+        d.revoke_principal(Kind::Client, "a", "", 0).unwrap();
+        d.revoke_principal(Kind::Client, "b", "", 0).unwrap();
+        assert_eq!(d.revoke_principal(Kind::Client, "c", "", 0), Err(DenyError::Full));
+        // Re-revoking an existing one is an update, not a new record.
+        assert!(d.revoke_principal(Kind::Client, "a", "", 5).is_ok());
+    }
+
+    #[test]
+    fn ten_thousand_tokens_stay_within_the_bound() {
+        let s = MemoryStore::new();
+        let l = config::Denylist { max_tokens: 10_000, ..limits() };
+        let d = Denylist::new(&s, &l);
+        let items: Vec<(TokenHash, u64)> = (0..10_000).map(|n| (h(n), 10_000)).collect();
+        let out = d.revoke_tokens(&items, "bulk", 1).unwrap();
+        assert_eq!(out.revoked.len(), 10_000);
+        assert!(out.full.is_empty());
+        assert!(s.key_count() as u64 <= TOKEN_BUCKETS + 2);
+        let bound = TOKEN_BUCKETS as usize * bucket_capacity(10_000) * 200;
+        assert!(s.bytes() < bound, "{} >= {bound}", s.bytes());
+        assert_eq!(d.list(2).unwrap().len(), 10_000);
+    }
+
+    #[test]
+    fn a_full_bucket_refuses_and_says_so() {
+        let s = MemoryStore::new();
+        let l = config::Denylist { max_tokens: 1, ..limits() };
+        let d = Denylist::new(&s, &l);
+        let cap = bucket_capacity(1);
+        // Find cap + 1 hashes that land in one bucket.
+        let key = token_key(&h(0));
+        let same: Vec<(TokenHash, u64)> = (0..).map(h).filter(|x| token_key(x) == key).take(cap + 1).map(|x| (x, 99)).collect();
+        let out = d.revoke_tokens(&same, "", 1).unwrap();
+        assert_eq!(out.revoked.len(), cap);
+        assert_eq!(out.full.len(), 1);
+        // Expired records make room again.
+        let out = d.revoke_tokens(&same[cap..], "", 99).unwrap();
+        assert_eq!(out.revoked.len(), 1);
+    }
+
+    #[test]
+    fn reasons_are_clipped_and_cleaned() {
+        assert_eq!(clip_reason("a\nb"), "ab");
+        assert_eq!(clip_reason(&"é".repeat(300)).chars().count(), MAX_REASON_CHARS);
+    }
+}

@@ -1,0 +1,338 @@
+//! The HTTP filter Envoy calls for each request: the request path in order,
+//! and the admin API where this listener's configuration has one.
+
+use crate::admin::{self, Reply, Route};
+use crate::bearer::{self, BearerError, Token};
+use crate::cache;
+use crate::introspection;
+use crate::outcome::Denial;
+use crate::worker::{now_ms, send_denial, Found, Worker};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, BufferType, MapType};
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Tokens one admin call forwards to the IdP's revocation endpoint; the
+/// rest are revoked locally and reported as skipped.
+const MAX_FORWARDS: usize = 100;
+
+pub struct Filter {
+    id: u32,
+    /// `None` when the plugin has no valid configuration: fail closed.
+    worker: Option<Rc<Worker>>,
+    admin: AdminState,
+}
+
+/// Where an admin request is; `None` for every other request.
+enum AdminState {
+    None,
+    /// `POST {prefix}/revoke` waiting for its body.
+    AwaitingBody { content_type: Option<String> },
+    /// Revoked locally; waiting for the IdP's revocation endpoint.
+    Forwarding { reply: Reply, pending: HashSet<u32>, ok: usize, failed: usize, skipped: usize },
+    Answered,
+}
+
+type Headers = Vec<(String, Vec<u8>)>;
+
+fn header<'h>(headers: &'h Headers, name: &str) -> Option<&'h str> {
+    headers.iter().find(|(n, _)| n == name).and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
+fn authorization(headers: &Headers) -> Vec<&[u8]> {
+    headers.iter().filter(|(n, _)| n == "authorization").map(|(_, v)| v.as_slice()).collect()
+}
+
+impl Filter {
+    pub fn new(id: u32, worker: Option<Rc<Worker>>) -> Filter {
+        Filter { id, worker, admin: AdminState::None }
+    }
+
+    fn on_request(&mut self, worker: &Worker, end_of_stream: bool) -> Action {
+        let headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
+            Ok(h) => h,
+            Err(_) => {
+                worker.deny(&Denial::IdpUnavailable("tokengate could not read the request"));
+                return Action::Pause;
+            }
+        };
+        if let Some(admin) = &worker.config.admin {
+            let path = header(&headers, ":path").unwrap_or_default();
+            if admin::is_admin_path(path, &admin.path_prefix) {
+                return self.admin_headers(worker, &headers, end_of_stream);
+            }
+        }
+        self.validate(worker, &headers)
+    }
+
+    fn validate(&self, worker: &Worker, headers: &Headers) -> Action {
+        // Claim headers come from the IdP only: drop any the client sent.
+        let claim_headers = &worker.config.claims_to_headers;
+        let mut removed: Vec<&str> = Vec::new();
+        for (name, _) in headers {
+            if claim_headers.values().any(|h| h == name) && !removed.contains(&name.as_str()) {
+                let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+                removed.push(name);
+            }
+        }
+        let token = match bearer::parse(&authorization(headers), bearer::MAX_TOKEN_BYTES) {
+            Ok(t) => t,
+            Err(BearerError::Missing) => {
+                worker.deny(&Denial::MissingToken);
+                return Action::Pause;
+            }
+            Err(BearerError::Malformed(why)) => {
+                worker.deny(&Denial::InvalidRequest(why));
+                return Action::Pause;
+            }
+        };
+        let hash = cache::hash_token(&token);
+        let now = now_ms();
+        match worker.token_revoked(&hash, now / 1000) {
+            Ok(false) => {}
+            Ok(true) => {
+                worker.deny(&Denial::Revoked);
+                return Action::Pause;
+            }
+            Err(e) => {
+                log::error!("denylist read failed: {e:?}");
+                worker.deny(&Denial::IdpUnavailable("the denylist could not be read"));
+                return Action::Pause;
+            }
+        }
+        match worker.find_or_wait(hash, &token, self.id, now) {
+            Found::Ready(verdict) => {
+                if worker.finish(&verdict, now / 1000) {
+                    Action::Continue
+                } else {
+                    Action::Pause
+                }
+            }
+            Found::Wait => Action::Pause,
+        }
+    }
+
+    /// Body and trailers must not slip past a request still being checked.
+    fn hold_while_waiting(&self) -> Action {
+        match (&self.worker, &self.admin) {
+            (_, AdminState::None) => match &self.worker {
+                Some(w) if w.is_waiting(self.id) => Action::Pause,
+                _ => Action::Continue,
+            },
+            // An admin request never continues upstream.
+            _ => Action::Pause,
+        }
+    }
+
+    // ----- admin API -----
+
+    fn admin_headers(&mut self, worker: &Worker, headers: &Headers, end_of_stream: bool) -> Action {
+        worker.metrics.admin_requests.inc();
+        self.admin = AdminState::Answered;
+        let Some(cfg) = &worker.config.admin else {
+            return Action::Pause;
+        };
+        if let Err(reply) = admin::authorize(&authorization(headers), &cfg.token_sha256) {
+            return self.admin_reply(worker, reply);
+        }
+        let method = header(headers, ":method").unwrap_or_default();
+        let path = header(headers, ":path").unwrap_or_default();
+        let route = match admin::route(method, path, &cfg.path_prefix) {
+            Ok(r) => r,
+            Err(reply) => return self.admin_reply(worker, reply),
+        };
+        if route != Route::Revoke {
+            return self.admin_handle(worker, &route, None);
+        }
+        let declared = header(headers, "content-length").and_then(|l| l.trim().parse::<usize>().ok());
+        if declared.is_some_and(|l| l > cfg.max_body_bytes) {
+            return self.admin_reply(worker, admin::too_large(cfg));
+        }
+        if end_of_stream {
+            return self.admin_reply(worker, Reply::error(400, "invalid_request", "the request body is empty"));
+        }
+        let content_type = header(headers, "content-type").map(str::to_string);
+        self.admin = AdminState::AwaitingBody { content_type };
+        // Envoy delivers no body to a filter that paused its headers, so the
+        // headers continue to the next filter, which must be Envoy's buffer
+        // filter: it holds them until the body is complete, and by then this
+        // filter has answered. Should the chain lack it, the admin credential
+        // at least goes no further.
+        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, "authorization");
+        Action::Continue
+    }
+
+    fn admin_body(&mut self, worker: &Worker, body_size: usize, end_of_stream: bool) -> Action {
+        let (Some(cfg), AdminState::AwaitingBody { content_type }) = (&worker.config.admin, &self.admin) else {
+            return Action::Pause;
+        };
+        if body_size > cfg.max_body_bytes {
+            return self.admin_reply(worker, admin::too_large(cfg));
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size).ok().flatten().unwrap_or_default();
+        match admin::parse_revoke(content_type.as_deref(), &body, cfg) {
+            Ok(revoke) => self.admin_handle(worker, &Route::Revoke, Some(revoke)),
+            Err(reply) => self.admin_reply(worker, reply),
+        }
+    }
+
+    fn admin_handle(&mut self, worker: &Worker, route: &Route, revoke: Option<admin::Revoke>) -> Action {
+        let now = now_ms();
+        let exp_of = |hash: &cache::TokenHash| worker.cached_exp(hash, now);
+        let handled = admin::handle(route, revoke, &worker.config.denylist, &crate::store::SharedData, now / 1000, &exp_of);
+        self.count(worker, route, &handled.reply);
+        match (&worker.config.revocation_endpoint, handled.reply.status) {
+            (Some(_), 200) if !handled.forward.is_empty() => self.forward(worker, handled.reply, &handled.forward),
+            _ => self.admin_reply(worker, handled.reply),
+        }
+    }
+
+    fn count(&self, worker: &Worker, route: &Route, reply: &Reply) {
+        let m = &worker.metrics;
+        let revoked = reply.body.as_ref().and_then(|b| b.get("revoked")).and_then(|v| v.as_u64()).unwrap_or(0);
+        match route {
+            Route::Revoke if reply.body.as_ref().is_some_and(|b| b.get("revocation").is_some()) => {
+                m.revocations_principals.add(revoked)
+            }
+            Route::Revoke => m.revocations_tokens.add(revoked),
+            Route::Undo(_) if reply.status == 204 => m.revocations_undone.inc(),
+            _ => {}
+        }
+        if reply.status == 507 {
+            m.revocations_refused.inc();
+        }
+    }
+
+    /// Also revokes at the IdP (RFC 7009); the local revocation stands
+    /// whatever the IdP answers.
+    fn forward(&mut self, worker: &Worker, reply: Reply, tokens: &[Token]) -> Action {
+        let Some(endpoint) = &worker.config.revocation_endpoint else {
+            return self.admin_reply(worker, reply);
+        };
+        let mut pending = HashSet::new();
+        let mut failed = 0;
+        for token in tokens.iter().take(MAX_FORWARDS) {
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            form.append_pair("token", token.as_str());
+            form.append_pair("token_type_hint", "access_token");
+            let body = form.finish();
+            let mut headers = vec![
+                (":method", "POST".to_string()),
+                (":path", endpoint.path.clone()),
+                (":authority", endpoint.authority.clone()),
+                ("content-type", "application/x-www-form-urlencoded".to_string()),
+            ];
+            if let (Some(id), Some(secret)) = (&endpoint.client_id, &endpoint.client_secret) {
+                headers.push(("authorization", introspection::basic_auth(id, secret)));
+            }
+            let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let timeout = Duration::from_millis(endpoint.timeout_ms);
+            match hostcalls::dispatch_http_call(&endpoint.cluster, headers, Some(body.as_bytes()), vec![], timeout) {
+                Ok(id) => {
+                    pending.insert(id);
+                }
+                Err(status) => {
+                    log::warn!("cannot call the revocation endpoint: {status:?}");
+                    failed += 1;
+                }
+            }
+        }
+        let skipped = tokens.len().saturating_sub(MAX_FORWARDS);
+        self.admin = AdminState::Forwarding { reply, pending, ok: 0, failed, skipped };
+        self.finish_forwarding(worker)
+    }
+
+    fn finish_forwarding(&mut self, worker: &Worker) -> Action {
+        let AdminState::Forwarding { reply, pending, ok, failed, skipped } = &self.admin else {
+            return Action::Pause;
+        };
+        if !pending.is_empty() {
+            return Action::Pause;
+        }
+        worker.metrics.revocations_forward_ok.add(*ok as u64);
+        worker.metrics.revocations_forward_failed.add(*failed as u64);
+        let mut reply = reply.clone();
+        if let Some(body) = reply.body.as_mut().and_then(|b| b.as_object_mut()) {
+            body.insert("forwarded".into(), serde_json::json!({"ok": ok, "failed": failed, "skipped": skipped}));
+        }
+        self.admin_reply(worker, reply);
+        // Called from a callout callback: the request was paused, resume it into the reply.
+        Action::Pause
+    }
+
+    fn admin_reply(&mut self, worker: &Worker, reply: Reply) -> Action {
+        self.admin = AdminState::Answered;
+        if reply.status >= 400 {
+            worker.metrics.admin_rejected.inc();
+        }
+        let body = reply.body.as_ref().map(|b| b.to_string()).unwrap_or_default();
+        let mut headers: Vec<(&str, &str)> = vec![("cache-control", "no-store")];
+        if reply.body.is_some() {
+            headers.push(("content-type", "application/json"));
+        }
+        for (name, value) in &reply.headers {
+            headers.push((name, value.as_str()));
+        }
+        let body = (!body.is_empty()).then_some(body.as_bytes());
+        let _ = hostcalls::send_http_response(reply.status, headers, body);
+        Action::Pause
+    }
+}
+
+impl Context for Filter {
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        let Some(worker) = self.worker.clone() else {
+            return;
+        };
+        if let AdminState::Forwarding { pending, ok, failed, .. } = &mut self.admin {
+            if pending.remove(&token_id) {
+                let status = (num_headers > 0)
+                    .then(|| hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status").ok().flatten())
+                    .flatten();
+                if status.as_deref() == Some(b"200") {
+                    *ok += 1;
+                } else {
+                    *failed += 1;
+                }
+                self.finish_forwarding(&worker);
+                return;
+            }
+        }
+        worker.on_callout_response(token_id, num_headers, body_size);
+    }
+
+    fn on_done(&mut self) -> bool {
+        if let Some(worker) = &self.worker {
+            worker.forget(self.id);
+        }
+        true
+    }
+}
+
+impl HttpContext for Filter {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        match self.worker.clone() {
+            Some(worker) => self.on_request(&worker, end_of_stream),
+            None => {
+                send_denial(&Denial::IdpUnavailable("tokengate is not configured"), "tokengate");
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let (AdminState::AwaitingBody { .. }, Some(worker)) = (&self.admin, self.worker.clone()) {
+            return self.admin_body(&worker, body_size, end_of_stream);
+        }
+        self.hold_while_waiting()
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.hold_while_waiting()
+    }
+}

@@ -1,0 +1,33 @@
+//! tokengate: an Envoy proxy-wasm filter that validates OAuth2 bearer tokens
+//! by RFC 7662 introspection, caches the answers across workers and refuses
+//! revoked tokens at the edge.
+//!
+//! The request path, module by module:
+//! `filter` (Envoy's callbacks) → `bearer` (the credential) → `cache` (shared
+//! and per-worker answers) → `worker` (coalesced introspection callouts) →
+//! `introspection` (RFC 7662 request and answer) → `policy` (active, exp,
+//! nbf, scopes, claim headers) → `outcome` (the reply for each denial).
+//! `config` parses the plugin configuration, `store` is the shared-data seam,
+//! `metrics` the counters, `root` the per-worker root context.
+
+pub mod admin;
+pub mod bearer;
+pub mod cache;
+pub mod config;
+pub mod denylist;
+pub mod introspection;
+pub mod outcome;
+pub mod policy;
+pub mod store;
+
+mod filter;
+mod metrics;
+mod root;
+mod worker;
+
+use proxy_wasm::types::LogLevel;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> { Box::new(root::Root::default()) });
+}}

@@ -1,0 +1,140 @@
+//! Every counter tokengate exports, declared together. They show in Envoy's
+//! `/stats` as `tokengate.*`.
+
+use crate::introspection::IntrospectionError;
+use crate::outcome::Denial;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    allowed: Counter,
+    denied_missing_token: Counter,
+    denied_invalid_request: Counter,
+    denied_invalid_token: Counter,
+    denied_revoked: Counter,
+    denied_insufficient_scope: Counter,
+    denied_idp_unavailable: Counter,
+    pub cache_hit_local: Counter,
+    pub cache_hit_shared: Counter,
+    pub cache_miss: Counter,
+    pub cache_coalesced: Counter,
+    pub cache_uncacheable: Counter,
+    pub cache_store_errors: Counter,
+    pub introspection_calls: Counter,
+    failure_dispatch: Counter,
+    failure_transport: Counter,
+    failure_timeout: Counter,
+    failure_unauthorized: Counter,
+    failure_status: Counter,
+    failure_too_large: Counter,
+    failure_not_json: Counter,
+    failure_bad_answer: Counter,
+    pub revocations_tokens: Counter,
+    pub revocations_principals: Counter,
+    pub revocations_undone: Counter,
+    pub revocations_refused: Counter,
+    pub revocations_forward_ok: Counter,
+    pub revocations_forward_failed: Counter,
+    pub admin_requests: Counter,
+    pub admin_rejected: Counter,
+}
+
+/// A counter id; 0 means "not defined" and increments are dropped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counter(u32);
+
+impl Counter {
+    fn define(name: &str) -> Counter {
+        match hostcalls::define_metric(MetricType::Counter, name) {
+            Ok(id) => Counter(id),
+            Err(status) => {
+                log::warn!("cannot define metric {name}: {status:?}");
+                Counter(0)
+            }
+        }
+    }
+
+    pub fn add(self, n: u64) {
+        if self.0 != 0 && n > 0 {
+            let _ = hostcalls::increment_metric(self.0, i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub fn inc(self) {
+        if self.0 != 0 {
+            // A lost increment is not worth failing a request over.
+            let _ = hostcalls::increment_metric(self.0, 1);
+        }
+    }
+}
+
+impl Metrics {
+    pub fn define() -> Metrics {
+        let c = |name: &str| Counter::define(&format!("tokengate.{name}"));
+        Metrics {
+            allowed: c("requests.allowed"),
+            denied_missing_token: c("requests.denied.missing_token"),
+            denied_invalid_request: c("requests.denied.invalid_request"),
+            denied_invalid_token: c("requests.denied.invalid_token"),
+            denied_revoked: c("requests.denied.revoked"),
+            denied_insufficient_scope: c("requests.denied.insufficient_scope"),
+            denied_idp_unavailable: c("requests.denied.idp_unavailable"),
+            cache_hit_local: c("cache.hit.local"),
+            cache_hit_shared: c("cache.hit.shared"),
+            cache_miss: c("cache.miss"),
+            cache_coalesced: c("cache.coalesced"),
+            cache_uncacheable: c("cache.uncacheable"),
+            cache_store_errors: c("cache.store_errors"),
+            introspection_calls: c("introspection.calls"),
+            failure_dispatch: c("introspection.failures.dispatch"),
+            failure_transport: c("introspection.failures.transport"),
+            failure_timeout: c("introspection.failures.timeout"),
+            failure_unauthorized: c("introspection.failures.unauthorized"),
+            failure_status: c("introspection.failures.status"),
+            failure_too_large: c("introspection.failures.too_large"),
+            failure_not_json: c("introspection.failures.not_json"),
+            failure_bad_answer: c("introspection.failures.bad_answer"),
+            revocations_tokens: c("revocations.tokens"),
+            revocations_principals: c("revocations.principals"),
+            revocations_undone: c("revocations.undone"),
+            revocations_refused: c("revocations.refused"),
+            revocations_forward_ok: c("revocations.forward.ok"),
+            revocations_forward_failed: c("revocations.forward.failed"),
+            admin_requests: c("admin.requests"),
+            admin_rejected: c("admin.rejected"),
+        }
+    }
+
+    pub fn allowed(&self) {
+        self.allowed.inc();
+    }
+
+    pub fn denied(&self, denial: &Denial) {
+        match denial {
+            Denial::MissingToken => self.denied_missing_token,
+            Denial::InvalidRequest(_) => self.denied_invalid_request,
+            Denial::InvalidToken(_) => self.denied_invalid_token,
+            Denial::Revoked => self.denied_revoked,
+            Denial::InsufficientScope(_) => self.denied_insufficient_scope,
+            Denial::IdpUnavailable(_) => self.denied_idp_unavailable,
+        }
+        .inc();
+    }
+
+    pub fn introspection_failed(&self, error: &IntrospectionError) {
+        match error {
+            IntrospectionError::Dispatch => self.failure_dispatch,
+            IntrospectionError::Transport => self.failure_transport,
+            IntrospectionError::Timeout => self.failure_timeout,
+            IntrospectionError::Unauthorized(_) => self.failure_unauthorized,
+            IntrospectionError::Status(_) => self.failure_status,
+            IntrospectionError::TooLarge => self.failure_too_large,
+            IntrospectionError::NotJson => self.failure_not_json,
+            IntrospectionError::BadAnswer(_) => self.failure_bad_answer,
+            // Counted by the worker whose call failed.
+            IntrospectionError::PeerFailed => Counter(0),
+        }
+        .inc();
+    }
+}

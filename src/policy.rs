@@ -1,0 +1,85 @@
+//! The decision for an introspected token, made again on every request (a
+//! cached answer is never trusted past `exp` or for a scope it lacks).
+
+use crate::introspection::{is_header_safe, Answer, Claims};
+use crate::outcome::Denial;
+use std::collections::BTreeMap;
+
+/// Allows the request with these claims, or says why not.
+pub fn decide<'a>(answer: &'a Answer, required_scopes: &[String], now_s: u64) -> Result<&'a Claims, Denial> {
+    let Answer::Active(claims) = answer else {
+        return Err(Denial::InvalidToken("the token is not active"));
+    };
+    if claims.exp.is_some_and(|exp| exp <= now_s) {
+        return Err(Denial::InvalidToken("the token has expired"));
+    }
+    if claims.nbf.is_some_and(|nbf| nbf > now_s) {
+        return Err(Denial::InvalidToken("the token is not valid yet"));
+    }
+    let granted = claims.scope.as_deref().unwrap_or_default();
+    let missing = required_scopes.iter().any(|s| !granted.split(' ').any(|g| g == s));
+    if missing {
+        return Err(Denial::InsufficientScope(required_scopes.join(" ")));
+    }
+    Ok(claims)
+}
+
+/// The `(header, value)` pairs to set for the upstream.
+pub fn claim_headers<'a>(claims: &'a Claims, map: &'a BTreeMap<String, String>) -> Vec<(&'a str, &'a str)> {
+    map.iter()
+        .filter_map(|(claim, header)| claims.get(claim).map(|v| (header.as_str(), v)))
+        .filter(|(_, v)| is_header_safe(v))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn active(scope: &str) -> Answer {
+        Answer::Active(Claims {
+            scope: Some(scope.to_string()),
+            sub: Some("alice".into()),
+            exp: Some(1000),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn inactive_is_invalid_token() {
+        assert_eq!(decide(&Answer::Inactive, &[], 0).unwrap_err().reason(), "invalid_token");
+    }
+
+    #[test]
+    fn exp_is_enforced_on_every_decision() {
+        assert!(decide(&active("read"), &[], 999).is_ok());
+        assert_eq!(decide(&active("read"), &[], 1000), Err(Denial::InvalidToken("the token has expired")));
+    }
+
+    #[test]
+    fn nbf_in_the_future_is_invalid() {
+        let a = Answer::Active(Claims { nbf: Some(50), ..Default::default() });
+        assert!(decide(&a, &[], 49).is_err());
+        assert!(decide(&a, &[], 50).is_ok());
+    }
+
+    #[test]
+    fn every_required_scope_must_be_granted() {
+        let req = vec!["read".to_string(), "write".to_string()];
+        assert!(decide(&active("write read admin"), &req, 0).is_ok());
+        assert_eq!(decide(&active("read"), &req, 0), Err(Denial::InsufficientScope("read write".into())));
+        // A scope is a whole word: "reader" does not grant "read".
+        assert!(decide(&active("reader"), &req[..1], 0).is_err());
+        let none = Answer::Active(Claims::default());
+        assert!(decide(&none, &req[..1], 0).is_err());
+        assert!(decide(&none, &[], 0).is_ok());
+    }
+
+    #[test]
+    fn claims_map_to_headers() {
+        let map: BTreeMap<String, String> =
+            [("sub".to_string(), "x-sub".to_string()), ("client_id".to_string(), "x-client".to_string())].into();
+        let Answer::Active(c) = active("read") else { unreachable!() };
+        assert_eq!(claim_headers(&c, &map), vec![("x-sub", "alice")]);
+    }
+}

@@ -1,0 +1,538 @@
+//! One worker's side of validation: the local cache, the introspections in
+//! flight on this worker, and the requests waiting for them.
+//!
+//! Coalescing works at two levels. On one worker, requests for a token that
+//! is already being introspected join that flight. Across workers, the first
+//! worker to put a `Pending` marker in the shared cache calls the IdP; the
+//! others poll the shared cache from `on_tick` until the answer (or a
+//! `Failed` marker) appears.
+//!
+//! Envoy cancels a callout when the request that sent it goes away, so a
+//! flight whose sender disconnects is re-sent from the root context, which
+//! lives as long as the worker.
+
+use crate::bearer::Token;
+use crate::cache::{self, Claim, LocalCache, Lookup, SharedCache, TokenHash};
+use crate::config::Config;
+use crate::denylist::{DenyView, Denylist};
+use crate::introspection::{self, Answer, IntrospectionError};
+use crate::metrics::Metrics;
+use crate::outcome::Denial;
+use crate::policy;
+use crate::store::SharedData;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, MapType};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// What a request is told about its token.
+pub type Verdict = Result<Rc<Answer>, IntrospectionError>;
+
+/// `on_tick` period while requests wait on another worker or a re-send.
+const FAST_TICK: Duration = Duration::from_millis(10);
+/// `on_tick` period otherwise: only the safety net for lost callouts.
+const SLOW_TICK: Duration = Duration::from_millis(1000);
+/// Slack past `timeout_ms` before a marker or a silent callout is given up.
+const GRACE_MS: u64 = 1000;
+
+pub struct Worker {
+    pub config: Config,
+    pub metrics: Metrics,
+    state: RefCell<State>,
+    deny: RefCell<DenyView>,
+}
+
+struct State {
+    local: LocalCache,
+    flights: HashMap<TokenHash, Flight>,
+    /// Callout token id → the token it introspects.
+    callouts: HashMap<u32, TokenHash>,
+    /// Paused request context id → the token it waits for.
+    waiting: HashMap<u32, TokenHash>,
+    fast_tick: bool,
+}
+
+struct Flight {
+    /// Kept only while requests wait, to re-send the call if its sender goes.
+    token: Token,
+    waiters: Vec<u32>,
+    phase: Phase,
+}
+
+enum Phase {
+    /// Our callout is out; `sender` is the request context that sent it
+    /// (`None`: the root context).
+    Calling { token_id: u32, sender: Option<u32>, deadline_ms: u64 },
+    /// Another worker holds the shared marker since `since_ms`.
+    Remote { since_ms: u64 },
+    /// The sender went away: the root re-sends on its next tick.
+    Orphaned,
+}
+
+/// What `find_or_wait` tells the request.
+pub enum Found {
+    Ready(Verdict),
+    /// The request is parked; the worker resumes or answers it later.
+    Wait,
+}
+
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Worker {
+    pub fn new(config: Config, metrics: Metrics) -> Worker {
+        let local = LocalCache::new(config.cache.local_entries);
+        Worker {
+            config,
+            metrics,
+            state: RefCell::new(State {
+                local,
+                flights: HashMap::new(),
+                callouts: HashMap::new(),
+                waiting: HashMap::new(),
+                fast_tick: false,
+            }),
+            deny: RefCell::new(DenyView::default()),
+        }
+    }
+
+    pub fn denylist(&self) -> Denylist<'_, SharedData> {
+        Denylist::new(&SharedData, &self.config.denylist)
+    }
+
+    /// Whether the token is on the denylist; re-reads the denylist if it
+    /// changed since this worker last looked.
+    pub fn token_revoked(&self, hash: &TokenHash, now_s: u64) -> Result<bool, crate::store::StoreError> {
+        let list = self.denylist();
+        let mut view = self.deny.borrow_mut();
+        view.refresh(&list, now_s)?;
+        view.token_revoked(&list, hash, now_s)
+    }
+
+    /// A token's `exp` if the cache knows it (for the admin API).
+    pub fn cached_exp(&self, hash: &TokenHash, now_ms: u64) -> Option<u64> {
+        let exp = |a: &Answer| match a {
+            Answer::Active(c) => c.exp,
+            Answer::Inactive => None,
+        };
+        if let Some(e) = self.state.borrow().local.get(hash, now_ms) {
+            return exp(&e.answer);
+        }
+        match self.shared().lookup(hash, now_ms) {
+            Ok(Lookup::Hit { answer, .. }) => exp(&answer),
+            _ => None,
+        }
+    }
+
+    fn shared(&self) -> SharedCache<'static, SharedData> {
+        SharedCache::new(&SharedData, &self.config.cache)
+    }
+
+    fn marker_until(&self, now_ms: u64) -> u64 {
+        now_ms + self.config.introspection.timeout_ms + GRACE_MS
+    }
+
+    /// The cached answer for a token, or parks request `ctx` until there is one.
+    pub fn find_or_wait(&self, hash: TokenHash, token: &Token, ctx: u32, now_ms: u64) -> Found {
+        if let Some(hit) = self.state.borrow().local.get(&hash, now_ms) {
+            self.metrics.cache_hit_local.inc();
+            return Found::Ready(Ok(hit.answer.clone()));
+        }
+        if self.join_flight(hash, ctx) {
+            self.metrics.cache_coalesced.inc();
+            return Found::Wait;
+        }
+        let shared = self.shared();
+        match shared.lookup(&hash, now_ms) {
+            Ok(Lookup::Hit { answer, until_ms }) => {
+                self.metrics.cache_hit_shared.inc();
+                return Found::Ready(Ok(self.remember(hash, answer, until_ms, now_ms)));
+            }
+            Ok(Lookup::Pending) => {
+                self.metrics.cache_coalesced.inc();
+                self.park_remote(hash, token, ctx, now_ms);
+                return Found::Wait;
+            }
+            Ok(Lookup::Failed { .. } | Lookup::Miss) => {}
+            Err(e) => {
+                self.metrics.cache_store_errors.inc();
+                log::warn!("shared cache read failed: {e:?}");
+            }
+        }
+        self.metrics.cache_miss.inc();
+        match shared.claim(&hash, now_ms, self.marker_until(now_ms)) {
+            Ok(Claim::Hit { answer, until_ms }) => Found::Ready(Ok(self.remember(hash, answer, until_ms, now_ms))),
+            Ok(Claim::Pending) => {
+                self.park_remote(hash, token, ctx, now_ms);
+                Found::Wait
+            }
+            Ok(Claim::Owner) | Err(_) => match self.send(hash, token, Some(ctx), now_ms) {
+                Ok(()) => {
+                    self.state.borrow_mut().waiting.insert(ctx, hash);
+                    Found::Wait
+                }
+                Err(e) => {
+                    let _ = shared.release(&hash, now_ms);
+                    Found::Ready(Err(e))
+                }
+            },
+        }
+    }
+
+    fn join_flight(&self, hash: TokenHash, ctx: u32) -> bool {
+        let mut state = self.state.borrow_mut();
+        let Some(flight) = state.flights.get_mut(&hash) else {
+            return false;
+        };
+        flight.waiters.push(ctx);
+        state.waiting.insert(ctx, hash);
+        true
+    }
+
+    fn park_remote(&self, hash: TokenHash, token: &Token, ctx: u32, now_ms: u64) {
+        let mut state = self.state.borrow_mut();
+        state.flights.insert(
+            hash,
+            Flight { token: token.clone(), waiters: vec![ctx], phase: Phase::Remote { since_ms: now_ms } },
+        );
+        state.waiting.insert(ctx, hash);
+        drop(state);
+        self.tick_fast(true);
+    }
+
+    fn remember(&self, hash: TokenHash, answer: Answer, until_ms: u64, now_ms: u64) -> Rc<Answer> {
+        let answer = Rc::new(answer);
+        self.state.borrow_mut().local.insert(hash, answer.clone(), until_ms, now_ms);
+        answer
+    }
+
+    /// Sends the introspection callout. With `sender` the callout belongs to
+    /// that request context, without it to the root context.
+    fn send(&self, hash: TokenHash, token: &Token, sender: Option<u32>, now_ms: u64) -> Result<(), IntrospectionError> {
+        let cfg = &self.config.introspection;
+        let request = introspection::request(cfg, token);
+        let headers: Vec<(&str, &str)> = request.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let sent = hostcalls::dispatch_http_call(
+            &cfg.cluster,
+            headers,
+            Some(request.body.as_bytes()),
+            vec![],
+            Duration::from_millis(cfg.timeout_ms),
+        );
+        self.metrics.introspection_calls.inc();
+        let token_id = match sent {
+            Ok(id) => id,
+            Err(status) => {
+                self.metrics.introspection_failed(&IntrospectionError::Dispatch);
+                log::error!(
+                    "cannot call the introspection endpoint (cluster {:?}): {status:?}",
+                    cfg.cluster
+                );
+                return Err(IntrospectionError::Dispatch);
+            }
+        };
+        let mut state = self.state.borrow_mut();
+        state.callouts.insert(token_id, hash);
+        let phase = Phase::Calling { token_id, sender, deadline_ms: now_ms + cfg.timeout_ms + GRACE_MS };
+        match state.flights.get_mut(&hash) {
+            Some(flight) => flight.phase = phase,
+            None => {
+                let waiters = sender.into_iter().collect();
+                state.flights.insert(hash, Flight { token: token.clone(), waiters, phase });
+            }
+        }
+        Ok(())
+    }
+
+    /// An introspection answer arrived (in a request context or the root).
+    pub fn on_callout_response(&self, token_id: u32, num_headers: usize, body_size: usize) {
+        let now = now_ms();
+        let Some(hash) = self.state.borrow_mut().callouts.remove(&token_id) else {
+            return;
+        };
+        let verdict = self.read_response(num_headers, body_size);
+        let shared = self.shared();
+        let verdict = match verdict {
+            Ok(answer) => {
+                match cache::cache_until_ms(&answer, &self.config.cache, now) {
+                    Some(until) => {
+                        match shared.store_answer(&hash, &answer, until, now) {
+                            Ok(true) => {}
+                            Ok(false) => self.metrics.cache_uncacheable.inc(),
+                            Err(e) => {
+                                self.metrics.cache_store_errors.inc();
+                                log::warn!("shared cache write failed: {e:?}");
+                            }
+                        }
+                        Ok(self.remember(hash, answer, until, now))
+                    }
+                    None => {
+                        let _ = shared.release(&hash, now);
+                        Ok(Rc::new(answer))
+                    }
+                }
+            }
+            Err(e) => {
+                self.metrics.introspection_failed(&e);
+                log::warn!(
+                    "introspection failed for token sha256:{}: {} ({})",
+                    short(&hash),
+                    e.description(),
+                    e.reason()
+                );
+                let _ = shared.fail(&hash, now);
+                Err(e)
+            }
+        };
+        let flight = self.state.borrow_mut().flights.remove(&hash);
+        if let Some(flight) = flight {
+            self.resolve(&flight.waiters, &verdict);
+        }
+        self.retune_tick();
+    }
+
+    fn read_response(&self, num_headers: usize, body_size: usize) -> Result<Answer, IntrospectionError> {
+        let status = if num_headers == 0 {
+            None
+        } else {
+            hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+                .ok()
+                .flatten()
+                .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse::<u32>().ok()))
+        };
+        let max = self.config.introspection.max_response_bytes;
+        introspection::check_response(status, body_size, max)?;
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let map = &self.config.claims_to_headers;
+        introspection::parse_answer(&body, &|claim| map.contains_key(claim))
+    }
+
+    /// Answers every parked request of a flight.
+    fn resolve(&self, waiters: &[u32], verdict: &Verdict) {
+        let now_s = now_ms() / 1000;
+        // Waiters were checked against the denylist when they arrived; a
+        // client or subject revoked since then is caught here.
+        let list = self.denylist();
+        if let Err(e) = self.deny.borrow_mut().refresh(&list, now_s) {
+            log::warn!("denylist read failed: {e:?}");
+        }
+        for &ctx in waiters {
+            if self.state.borrow_mut().waiting.remove(&ctx).is_none() {
+                continue;
+            }
+            // A request that went away leaves no context to act on.
+            if hostcalls::set_effective_context(ctx).is_err() {
+                continue;
+            }
+            if self.finish(verdict, now_s) {
+                let _ = hostcalls::resume_http_request();
+            }
+        }
+    }
+
+    /// Applies a verdict to the current request: sets the claim headers and
+    /// returns true, or sends the error reply and returns false.
+    pub fn finish(&self, verdict: &Verdict, now_s: u64) -> bool {
+        let decision = match verdict {
+            Ok(answer) => match answer.as_ref() {
+                Answer::Active(claims) if self.deny.borrow().principal_revoked(claims, now_s) => Err(Denial::Revoked),
+                _ => policy::decide(answer, &self.config.required_scopes, now_s),
+            },
+            Err(e) => Err(Denial::IdpUnavailable(e.description())),
+        };
+        match decision {
+            Ok(claims) => {
+                for (header, value) in policy::claim_headers(claims, &self.config.claims_to_headers) {
+                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, header, Some(value));
+                }
+                if self.config.hide_credentials {
+                    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, "authorization");
+                }
+                self.metrics.allowed();
+                true
+            }
+            Err(denial) => {
+                self.deny(&denial);
+                false
+            }
+        }
+    }
+
+    /// Sends the RFC 6750 reply for a denial to the current request.
+    pub fn deny(&self, denial: &Denial) {
+        self.metrics.denied(denial);
+        send_denial(denial, &self.config.realm);
+    }
+
+    /// Whether request `ctx` is still parked.
+    pub fn is_waiting(&self, ctx: u32) -> bool {
+        self.state.borrow().waiting.contains_key(&ctx)
+    }
+
+    /// Request `ctx` ended; if it had sent a callout that others wait on,
+    /// the root re-sends it.
+    pub fn forget(&self, ctx: u32) {
+        let now = now_ms();
+        let mut state = self.state.borrow_mut();
+        let Some(hash) = state.waiting.remove(&ctx) else {
+            return;
+        };
+        let Some(flight) = state.flights.get_mut(&hash) else {
+            return;
+        };
+        flight.waiters.retain(|&w| w != ctx);
+        let nobody_waits = flight.waiters.is_empty();
+        let orphaned_call = match flight.phase {
+            Phase::Calling { token_id, sender: Some(s), .. } if s == ctx => Some(token_id),
+            _ => None,
+        };
+        let calling = matches!(flight.phase, Phase::Calling { .. });
+        if orphaned_call.is_some() && !nobody_waits {
+            flight.phase = Phase::Orphaned;
+        }
+        if let Some(token_id) = orphaned_call {
+            // Envoy cancels the callout with its request.
+            state.callouts.remove(&token_id);
+        }
+        match (orphaned_call.is_some(), nobody_waits) {
+            (true, true) => {
+                state.flights.remove(&hash);
+                drop(state);
+                let _ = self.shared().release(&hash, now);
+            }
+            (true, false) => {
+                drop(state);
+                self.tick_fast(true);
+            }
+            (false, true) if !calling => {
+                state.flights.remove(&hash);
+            }
+            _ => {}
+        }
+    }
+
+    /// Polls for answers other workers fetch, re-sends orphaned calls and
+    /// gives up on callouts Envoy never answered.
+    pub fn tick(&self) {
+        let now = now_ms();
+        let hashes: Vec<TokenHash> = self.state.borrow().flights.keys().copied().collect();
+        for hash in hashes {
+            self.advance(hash, now);
+        }
+        self.retune_tick();
+    }
+
+    fn advance(&self, hash: TokenHash, now: u64) {
+        enum Step {
+            Poll(u64),
+            Resend(Token),
+            Expire(u32),
+            Nothing,
+        }
+        let step = match self.state.borrow().flights.get(&hash) {
+            Some(Flight { phase: Phase::Remote { since_ms }, .. }) => Step::Poll(*since_ms),
+            Some(Flight { phase: Phase::Orphaned, token, .. }) => Step::Resend(token.clone()),
+            Some(Flight { phase: Phase::Calling { token_id, deadline_ms, .. }, .. }) if now > *deadline_ms => {
+                Step::Expire(*token_id)
+            }
+            _ => Step::Nothing,
+        };
+        match step {
+            Step::Poll(since) => self.poll_remote(hash, since, now),
+            Step::Resend(token) => {
+                if let Err(e) = self.send(hash, &token, None, now) {
+                    self.land(hash, &Err(e));
+                }
+            }
+            Step::Expire(token_id) => {
+                self.state.borrow_mut().callouts.remove(&token_id);
+                self.metrics.introspection_failed(&IntrospectionError::Timeout);
+                let _ = self.shared().fail(&hash, now);
+                self.land(hash, &Err(IntrospectionError::Timeout));
+            }
+            Step::Nothing => {}
+        }
+    }
+
+    fn poll_remote(&self, hash: TokenHash, since: u64, now: u64) {
+        let shared = self.shared();
+        match shared.lookup(&hash, now) {
+            Ok(Lookup::Hit { answer, until_ms }) => {
+                let answer = self.remember(hash, answer, until_ms, now);
+                self.land(hash, &Ok(answer));
+            }
+            Ok(Lookup::Failed { at_ms }) if at_ms >= since => self.land(hash, &Err(IntrospectionError::PeerFailed)),
+            Ok(Lookup::Pending) => {}
+            // The other worker gave up or vanished: take over.
+            Ok(Lookup::Failed { .. } | Lookup::Miss) | Err(_) => match shared.claim(&hash, now, self.marker_until(now)) {
+                Ok(Claim::Hit { answer, until_ms }) => {
+                    let answer = self.remember(hash, answer, until_ms, now);
+                    self.land(hash, &Ok(answer));
+                }
+                Ok(Claim::Pending) => {}
+                Ok(Claim::Owner) | Err(_) => {
+                    let token = self.state.borrow().flights.get(&hash).map(|f| f.token.clone());
+                    if let Some(token) = token {
+                        self.metrics.cache_miss.inc();
+                        if let Err(e) = self.send(hash, &token, None, now) {
+                            let _ = shared.release(&hash, now);
+                            self.land(hash, &Err(e));
+                        }
+                    }
+                }
+            },
+        }
+    }
+
+    /// Ends a flight with a verdict.
+    fn land(&self, hash: TokenHash, verdict: &Verdict) {
+        let flight = self.state.borrow_mut().flights.remove(&hash);
+        if let Some(flight) = flight {
+            self.resolve(&flight.waiters, verdict);
+        }
+    }
+
+    fn tick_fast(&self, fast: bool) {
+        let mut state = self.state.borrow_mut();
+        if state.fast_tick != fast {
+            state.fast_tick = fast;
+            drop(state);
+            let _ = hostcalls::set_tick_period(if fast { FAST_TICK } else { SLOW_TICK });
+        }
+    }
+
+    fn retune_tick(&self) {
+        let fast = self
+            .state
+            .borrow()
+            .flights
+            .values()
+            .any(|f| matches!(f.phase, Phase::Remote { .. } | Phase::Orphaned));
+        self.tick_fast(fast);
+    }
+}
+
+/// The first 12 hex digits of a token's hash: enough to match log lines
+/// with the admin API, never the token.
+pub fn short(hash: &TokenHash) -> String {
+    cache::hex(hash).chars().take(12).collect()
+}
+
+/// Sends an RFC 6750 reply to the current request.
+pub fn send_denial(denial: &Denial, realm: &str) {
+    let reply = denial.reply(realm);
+    let mut headers = vec![("content-type", "application/json"), ("cache-control", "no-store")];
+    if let Some(challenge) = reply.challenge.as_deref() {
+        headers.push(("www-authenticate", challenge));
+    }
+    let _ = hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
+}

@@ -1,0 +1,379 @@
+"""Offline checks of the shipped deployment files (`make deploy-check`).
+
+- every derived file equals what envoy/render.py renders (one source of truth),
+  and each carries the variant it should;
+- every Envoy bootstrap passes the real Envoy 1.40.0's `--mode validate`,
+  which also loads the module and runs its configuration parser;
+- the Istio manifests match Istio's CRD schemas (envoy/istio/schema/),
+  strictly: an unknown field is an error, as with `kubectl apply`;
+- the compose file matches the compose-spec schema vendored by check-jsonschema;
+- the README documents every configuration key and every metric;
+- `make oci` says what is missing when there is no Docker engine.
+
+Needs the module (`make build`) and Envoy (`make envoy`); starts no server.
+"""
+import copy
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+import shipped
+from shipped import REPO
+
+ENVOY = Path(os.environ.get("ENVOY_BIN") or REPO / ".deps/envoy/envoy/_bin/envoy")
+DEMO_ADMIN_TOKEN = "admin-demo-token"
+
+
+@pytest.fixture(scope="session")
+def module():
+    if not shipped.WASM.is_file():
+        pytest.fail(f"{shipped.WASM} is missing: run `make build`")
+    return shipped.WASM
+
+
+@pytest.fixture(scope="session")
+def configs():
+    return shipped.variants()
+
+
+# --------------------------------------------------------------------------- one source of truth
+
+
+def test_rendered_files_are_up_to_date():
+    stale = shipped.render.stale(shipped.render.render_all())
+    assert not stale, "stale, run `make render`:\n" + "\n".join(diff for _, diff in stale)
+
+
+def test_variants_derive_from_the_base(configs):
+    base = json.loads((shipped.ENVOY_DIR / "tokengate.json").read_text())
+    assert configs["data"] == base
+    assert configs["admin"] == {**base, "admin": configs["admin"]["admin"]}
+    assert configs["istio"]["introspection"]["cluster"].startswith("outbound|")
+    assert {k: v for k, v in configs["istio"].items() if k != "introspection"} == {
+        k: v for k, v in base.items() if k != "introspection"
+    }
+    assert configs["istio-admin"] == {**configs["istio"], "admin": configs["admin"]["admin"]}
+
+
+def test_demo_admin_hash_is_the_demo_token(configs):
+    assert configs["admin"]["admin"]["token_sha256"] == hashlib.sha256(DEMO_ADMIN_TOKEN.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("path", [shipped.REFERENCE, shipped.COMPOSE_BOOTSTRAP], ids=["reference", "compose"])
+def test_bootstrap_listeners_carry_their_variants(path, configs):
+    bootstrap = shipped.load_yaml(path)
+    data = shipped.listener_named(bootstrap, "data")
+    admin = shipped.listener_named(bootstrap, "tokengate_admin")
+    (data_filter,) = shipped.wasm_filters(data)
+    (admin_filter,) = shipped.wasm_filters(admin)
+    assert shipped.plugin_config(data_filter) == configs["data"]
+    assert shipped.plugin_config(admin_filter) == configs["admin"]
+    # One VM's shared data: the admin listener's revocations reach the data workers.
+    data_plugin, admin_plugin = data_filter["typed_config"]["config"], admin_filter["typed_config"]["config"]
+    assert data_plugin["vm_config"]["vm_id"] == admin_plugin["vm_config"]["vm_id"] == "tokengate"
+    assert data_plugin["fail_open"] is False and admin_plugin["fail_open"] is False
+    manager = shipped.http_manager(admin)
+    assert manager["normalize_path"] is True and manager["merge_slashes"] is True
+    (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
+    assert route["direct_response"]["status"] == 404
+    ports = {x["name"]: x["address"]["socket_address"]["port_value"] for x in bootstrap["static_resources"]["listeners"]}
+    assert ports == {"data": 8080, "tokengate_admin": 8081}
+    assert bootstrap["admin"]["address"]["socket_address"]["port_value"] == 9901
+    clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+    assert set(clusters) == {"idp", "upstream"}
+
+
+def test_reference_bootstrap_stays_on_loopback():
+    bootstrap = shipped.load_yaml(shipped.REFERENCE)
+    addresses = [bootstrap["admin"]["address"]["socket_address"]]
+    addresses += [x["address"]["socket_address"] for x in bootstrap["static_resources"]["listeners"]]
+    for cluster in bootstrap["static_resources"]["clusters"]:
+        for group in cluster["load_assignment"]["endpoints"]:
+            addresses += [e["endpoint"]["address"]["socket_address"] for e in group["lb_endpoints"]]
+    assert {a["address"] for a in addresses} == {"127.0.0.1"}
+    ports = {a["port_value"] for a in addresses}
+    assert ports == {8080, 8081, 9901, 9000, 9100}
+
+
+def test_istio_manifests_carry_the_istio_variants(configs):
+    http_filter = shipped.istio_http_filter()
+    admin = shipped.istio_admin_listener()
+    (admin_filter,) = shipped.wasm_filters(admin)
+    assert shipped.plugin_config(http_filter) == configs["istio"]
+    assert shipped.plugin_config(admin_filter) == configs["istio-admin"]
+    assert shipped.wasmplugin()["spec"]["pluginConfig"] == configs["istio"]
+    vm_ids = {f["typed_config"]["config"]["vm_config"]["vm_id"] for f in (http_filter, admin_filter)}
+    assert vm_ids == {"tokengate"}
+    assert admin["address"]["socket_address"]["address"] == "127.0.0.1"
+    # The admin listener's router is named apart, so the HTTP_FILTER patch
+    # (matching on envoy.filters.http.router) cannot insert into it.
+    names = [f["name"] for f in shipped.http_manager(admin)["http_filters"]]
+    assert "envoy.filters.http.router" not in names
+    patch = next(p for p in shipped.envoyfilter()["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER")
+    assert patch["patch"]["operation"] == "INSERT_BEFORE"
+    assert patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.router"
+    assert re.fullmatch(r"outbound\|\d+\|\|[a-z0-9.-]+", configs["istio"]["introspection"]["cluster"])
+
+
+def test_readme_shows_the_data_config(configs):
+    assert shipped.readme_json_blocks() == {"data": configs["data"]}
+
+
+# --------------------------------------------------------------------------- envoy --mode validate
+
+
+def envoy_validate(config_path, cwd=REPO):
+    if not ENVOY.is_file():
+        pytest.fail(f"{ENVOY} is missing: run `make envoy`")
+    proc = subprocess.run(
+        [str(ENVOY), "--mode", "validate", "-c", str(config_path), "--log-level", "warn"],
+        cwd=cwd, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, f"envoy --mode validate -c {config_path}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_envoy_validates_the_reference_bootstrap_as_shipped(module):
+    # From the repository root, as `make run` starts it: the relative module path resolves.
+    envoy_validate("envoy/envoy.yaml")
+
+
+def test_envoy_validates_the_compose_bootstrap(module, tmp_path):
+    # The container's module path does not exist here: point it at the built module.
+    bootstrap = shipped.load_yaml(shipped.COMPOSE_BOOTSTRAP)
+    for listener in bootstrap["static_resources"]["listeners"]:
+        shipped.set_module(listener, module)
+    path = tmp_path / "compose-envoy.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    envoy_validate(path)
+
+
+def test_envoy_validates_the_istio_filters(module, tmp_path):
+    bootstrap = shipped.istio_bootstrap(module, 15006, 15081, 15000, 8080, 80)
+    path = tmp_path / "istio-envoy.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    envoy_validate(path)
+
+
+def test_envoy_validate_runs_the_plugin_configuration_parser(module, tmp_path):
+    """The checks above are worth something only if validate mode loads the module."""
+    bootstrap = shipped.load_yaml(shipped.REFERENCE)
+    data = shipped.listener_named(bootstrap, "data")
+    shipped.set_module(data, module)
+    (wasm_filter,) = shipped.wasm_filters(data)
+    config = shipped.plugin_config(wasm_filter)
+    config["introspection"]["timeout"] = 5  # unknown key: the plugin must refuse it
+    wasm_filter["typed_config"]["config"]["configuration"]["value"] = json.dumps(config)
+    bootstrap["static_resources"]["listeners"] = [data]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    proc = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "unknown field `timeout`" in proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- Istio CRD schemas
+
+
+def crd_schema(crd_path, version):
+    """The CRD's openAPIV3Schema as a JSON Schema, as strict as `kubectl apply`.
+
+    The API server rejects fields a structural schema does not declare
+    (kubectl's default field validation is Strict), except under
+    x-kubernetes-preserve-unknown-fields: JSON Schema says that with
+    additionalProperties: false. apiVersion, kind and metadata are implicit
+    in every CRD; they are spelled out here.
+    """
+    crd = shipped.load_yaml(crd_path)
+    (entry,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    schema = copy.deepcopy(entry["schema"]["openAPIV3Schema"])
+
+    def strict(node):
+        if isinstance(node, dict):
+            if "properties" in node and "additionalProperties" not in node and not node.get(
+                "x-kubernetes-preserve-unknown-fields"
+            ):
+                node["additionalProperties"] = False
+            for value in node.values():
+                strict(value)
+        elif isinstance(node, list):
+            for value in node:
+                strict(value)
+
+    strict(schema)
+    dns_subdomain = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    schema["properties"].update({
+        "apiVersion": {"const": f"{crd['spec']['group']}/{version}"},
+        "kind": {"const": crd["spec"]["names"]["kind"]},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "maxLength": 253, "pattern": dns_subdomain},
+                "namespace": {"type": "string", "maxLength": 63, "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+            "additionalProperties": False,
+        },
+    })
+    schema["required"] = sorted(set(schema.get("required", [])) | {"apiVersion", "kind", "metadata"})
+    return schema
+
+
+SCHEMAS = {
+    "EnvoyFilter": (shipped.SCHEMA_DIR / "envoyfilters.networking.istio.io.yaml", "v1alpha3"),
+    "WasmPlugin": (shipped.SCHEMA_DIR / "wasmplugins.extensions.istio.io.yaml", "v1alpha1"),
+}
+
+
+def schema_errors(manifest):
+    path, version = SCHEMAS[manifest["kind"]]
+    validator = jsonschema.Draft7Validator(crd_schema(path, version))
+    return sorted(f"{'/'.join(map(str, e.absolute_path)) or '.'}: {e.message}" for e in validator.iter_errors(manifest))
+
+
+@pytest.mark.parametrize("path", [shipped.ENVOYFILTER, shipped.WASMPLUGIN], ids=lambda p: p.name)
+def test_istio_manifest_matches_the_crd_schema(path):
+    documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert documents
+    for manifest in documents:
+        assert manifest["kind"] in SCHEMAS, manifest["kind"]
+        assert schema_errors(manifest) == [], path
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda m: m["spec"].__setitem__("phse", "AUTHN"), "Additional properties"),
+        (lambda m: m["spec"].__setitem__("phase", "AUTHX"), "is not one of"),
+        (lambda m: m["spec"]["match"][0].__setitem__("mod", "SERVER"), "Additional properties"),
+        (lambda m: m["spec"].pop("url"), "'url' is a required property"),
+        (lambda m: m["spec"].__setitem__("sha256", "xyz"), "does not match"),
+        (lambda m: m.__setitem__("apiVersion", "extensions.istio.io/v1"), "was expected"),
+        (lambda m: m["metadata"].pop("name"), "'name' is a required property"),
+    ],
+    ids=["unknown-field", "bad-enum", "nested-unknown-field", "missing-url", "bad-sha256", "wrong-version", "no-name"],
+)
+def test_crd_check_rejects_broken_wasmplugins(mutate, expected):
+    manifest = shipped.wasmplugin()
+    mutate(manifest)
+    errors = schema_errors(manifest)
+    assert any(expected in e for e in errors), errors
+
+
+def test_crd_check_rejects_broken_envoyfilters():
+    manifest = shipped.envoyfilter()
+    manifest["spec"]["configPatches"][0]["applyTo"] = "HTTP_FILTERS"
+    manifest["spec"]["configPatches"][1]["match"]["listner"] = {}
+    manifest["spec"]["workloadSelector"]["lables"] = {}
+    errors = schema_errors(manifest)
+    assert len(errors) == 3, errors
+
+
+# --------------------------------------------------------------------------- docker compose
+
+
+def check_compose_spec(path):
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_compose_file_matches_the_compose_spec():
+    proc = check_compose_spec(shipped.COMPOSE_FILE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_compose_spec_check_rejects_a_broken_file(tmp_path):
+    compose = shipped.load_yaml(shipped.COMPOSE_FILE)
+    compose["services"]["envoy"]["imagee"] = compose["services"]["envoy"].pop("image")
+    path = tmp_path / "docker-compose.yaml"
+    path.write_text(yaml.safe_dump(compose))
+    proc = check_compose_spec(path)
+    assert proc.returncode != 0 and "imagee" in proc.stdout + proc.stderr
+
+
+def test_compose_publishes_on_loopback_and_mounts_read_only(module):
+    compose = shipped.load_yaml(shipped.COMPOSE_FILE)
+    assert compose["services"]["envoy"]["image"] == "envoyproxy/envoy:v1.40.0"
+    published = []
+    for name, service in compose["services"].items():
+        published += service.get("ports", [])
+        for volume in service.get("volumes", []):
+            source, target, mode = volume.split(":")
+            assert mode == "ro", f"{name}: {volume}"
+            assert (shipped.COMPOSE_FILE.parent / source).exists(), f"{name}: {source} does not exist"
+    assert published and all(p.startswith("127.0.0.1:") for p in published), published
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in compose["services"]["envoy"]["volumes"]}
+    assert (shipped.COMPOSE_FILE.parent / mounts["/etc/tokengate/tokengate.wasm"]).resolve() == module.resolve()
+    bootstrap = shipped.load_yaml(shipped.COMPOSE_BOOTSTRAP)
+    for listener in bootstrap["static_resources"]["listeners"]:
+        for f in shipped.wasm_filters(listener):
+            assert f["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] == "/etc/tokengate/tokengate.wasm"
+    assert (shipped.COMPOSE_FILE.parent / mounts["/etc/envoy/envoy.yaml"]).resolve() == shipped.COMPOSE_BOOTSTRAP
+
+
+# --------------------------------------------------------------------------- README
+
+
+def config_keys():
+    """Every field of the structs in src/config.rs, by struct."""
+    text = (REPO / "src" / "config.rs").read_text()
+    keys = {}
+    for struct, body in re.findall(r"pub struct (\w+) \{(.*?)\n\}", text, re.S):
+        keys[struct] = re.findall(r"^\s*pub (\w+):", body, re.M)
+    return keys
+
+
+def test_readme_documents_every_configuration_key():
+    readme = shipped.README.read_text()
+    documented = set(re.findall(r"^\| `(\w+)` \|", readme, re.M))
+    missing = {f"{s}.{k}" for s, keys in config_keys().items() for k in keys if k not in documented}
+    assert config_keys()["Config"], "src/config.rs no longer parses as expected"
+    assert not missing, f"README.md's configuration reference lacks {sorted(missing)}"
+
+
+def test_readme_lists_every_metric():
+    names = re.findall(r'c\("([a-z_.]+)"\)', (REPO / "src" / "metrics.rs").read_text())
+    assert names, "src/metrics.rs no longer parses as expected"
+    readme = shipped.README.read_text()
+    missing = [n for n in names if f"| `{n}` |" not in readme]
+    assert not missing, f"README.md's metrics table lacks {missing}"
+
+
+def test_readme_keeps_the_admin_api_section():
+    assert re.search(r"^## Admin API$", shipped.README.read_text(), re.M)
+
+
+# --------------------------------------------------------------------------- make oci
+
+
+OCI = shipped.ENVOY_DIR / "istio" / "build-oci.sh"
+
+
+def test_oci_says_when_the_docker_client_is_missing():
+    env = dict(os.environ, DOCKER="/nonexistent/docker")
+    proc = subprocess.run([str(OCI), "preflight"], capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode != 0
+    assert "Docker client ('/nonexistent/docker') is not installed" in proc.stderr
+
+
+def test_oci_says_when_the_docker_engine_is_not_running(tmp_path):
+    # A fake client that fails as docker does without an engine.
+    fake = tmp_path / "docker"
+    fake.write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon at unix:///nonexistent.sock.' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, DOCKER=str(fake))
+    proc = subprocess.run([str(OCI), "preflight"], capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode != 0
+    assert "no Docker engine is reachable" in proc.stderr and "Cannot connect" in proc.stderr

@@ -1,0 +1,407 @@
+"""Bearer-token validation, seen from the client and from the protected upstream.
+
+Each test runs against a real Envoy (--concurrency 4) loading the tokengate wasm.
+Tests taking `idp` run twice: against the mock IdP and against oidc-provider.
+Tests taking `mock_idp` need its control API (custom claims, faults, call records).
+"""
+import base64
+import json
+import re
+import secrets
+import time
+import urllib.parse
+
+import pytest
+
+from conftest import CONCURRENCY
+from harness import GATEWAY_CLIENT, PLUGIN_CONFIG, bearer, burst
+
+REALM = "tokengate"
+SHIPPED = json.loads(PLUGIN_CONFIG.read_text())
+CLAIMS_TO_HEADERS = SHIPPED["claims_to_headers"]
+REQUIRED_SCOPE = " ".join(SHIPPED["required_scopes"])
+IDP_CALLS = "cluster.idp.upstream_rq_total"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def challenge(resp):
+    """The WWW-Authenticate challenge as (scheme, {param: value})."""
+    values = resp.header_all("WWW-Authenticate")
+    assert len(values) == 1, f"want one WWW-Authenticate, got {values!r}"
+    scheme, _, rest = values[0].partition(" ")
+    params = dict(re.findall(r'([A-Za-z_]+)="((?:[^"\\]|\\.)*)"', rest))
+    return scheme, params
+
+
+def assert_denied(resp, status, error):
+    """A denial: status, a Bearer challenge naming error (or none), a JSON error body."""
+    assert resp.status == status, resp
+    scheme, params = challenge(resp)
+    assert scheme == "Bearer"
+    assert params.get("realm") == REALM
+    if error is None:
+        assert "error" not in params, params
+    else:
+        assert params.get("error") == error, params
+    body = resp.json()
+    assert {"error", "error_description"} <= body.keys(), body
+    if error is not None:
+        assert body["error"] == error, body
+    assert_not_from_upstream(resp)
+    return params
+
+
+def assert_not_from_upstream(resp):
+    try:
+        body = resp.json()
+    except ValueError:
+        return
+    assert not (isinstance(body, dict) and "method" in body and "headers" in body), "the upstream answered"
+
+
+def assert_fails_closed(resp, timeout_ms):
+    assert resp.status == 503, resp
+    assert isinstance(resp.json(), dict), "a 503 from tokengate has a JSON body"
+    assert_not_from_upstream(resp)
+    assert resp.elapsed <= timeout_ms / 1000 + 1.0, f"took {resp.elapsed:.2f}s"
+
+
+def upstream_headers(resp):
+    assert resp.status == 200, resp
+    return resp.json()["headers"]
+
+
+def unknown_token():
+    return secrets.token_urlsafe(32)
+
+
+def issue(idp, scope="read", ttl=None):
+    # The mock can set a subject; oidc-provider's client-credentials tokens have none.
+    sub = "user-42" if idp.kind == "mock" else None
+    return idp.issue_token(scope=scope, sub=sub, ttl=ttl)
+
+
+def sleep_until(unix_time):
+    time.sleep(max(0.0, unix_time - time.time()))
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def test_request_without_credentials_gets_a_bare_challenge(envoy):
+    resp = envoy.get("/resource")
+    params = assert_denied(resp, 401, error=None)
+    assert set(params) == {"realm"}, "no error code when there were no credentials (RFC 6750 3.1)"
+
+
+MALFORMED = {
+    "bearer-alone": "Bearer",
+    "bearer-then-spaces": "Bearer    ",
+    "two-tokens": "Bearer abc def",
+    "at-sign": "Bearer abc@def",
+    "comma": "Bearer abc,def",
+    "quoted": 'Bearer "abcdef"',
+    "padding-inside": "Bearer ab=cdef",
+    "padding-only": "Bearer ===",
+}
+
+
+@pytest.mark.parametrize("value", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_bearer_credential_is_invalid_request(envoy, value):
+    before = envoy.counter(IDP_CALLS)
+    resp = envoy.get("/resource", {"Authorization": value})
+    assert_denied(resp, 400, "invalid_request")
+    assert envoy.counter(IDP_CALLS) == before, "a malformed credential must not reach the IdP"
+
+
+@pytest.mark.parametrize("value", ["Basic dXNlcjpwYXNz", "Digest abc", "Token abcdef"])
+def test_other_scheme_gets_a_bare_challenge(envoy, value):
+    # RFC 6750 3.1: a client that used an unsupported method gets no error code.
+    before = envoy.counter(IDP_CALLS)
+    resp = envoy.get("/resource", {"Authorization": value})
+    params = assert_denied(resp, 401, error=None)
+    assert set(params) == {"realm"}
+    assert envoy.counter(IDP_CALLS) == before
+
+
+def test_two_authorization_headers_are_invalid_request(envoy, idp):
+    token = issue(idp)
+    resp = envoy.get("/resource", [("Authorization", f"Bearer {token}"), ("Authorization", f"Bearer {token}")])
+    assert_denied(resp, 400, "invalid_request")
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR"])
+def test_bearer_scheme_is_case_insensitive(envoy, idp, scheme):
+    token = issue(idp)
+    resp = envoy.get("/resource", bearer(token, scheme))
+    assert resp.status == 200, resp
+
+
+# --------------------------------------------------------------------------- token state
+
+
+def test_unknown_token_is_invalid_token(envoy):
+    resp = envoy.get("/resource", bearer(unknown_token()))
+    assert_denied(resp, 401, "invalid_token")
+
+
+def test_revoked_token_is_invalid_token(envoy, idp):
+    token = issue(idp)
+    idp.revoke(token)
+    assert idp.introspect(token) == {"active": False}
+    resp = envoy.get("/resource", bearer(token))
+    assert_denied(resp, 401, "invalid_token")
+
+
+def test_inactive_answer_is_invalid_token_whatever_else_it_says(envoys, mock_idp):
+    token = unknown_token()
+    mock_idp.register_active(token, active=False)
+    resp = envoys.get(mock_idp).get("/resource", bearer(token))
+    assert_denied(resp, 401, "invalid_token")
+
+
+def test_token_not_yet_valid_is_invalid_token(envoys, mock_idp):
+    token = unknown_token()
+    mock_idp.register_active(token, nbf=int(time.time()) + 600)
+    resp = envoys.get(mock_idp).get("/resource", bearer(token))
+    assert_denied(resp, 401, "invalid_token")
+
+
+def test_token_without_required_scope_is_insufficient_scope(envoy, idp):
+    token = issue(idp, scope="write")
+    resp = envoy.get("/resource", bearer(token))
+    params = assert_denied(resp, 403, "insufficient_scope")
+    assert params.get("scope") == REQUIRED_SCOPE
+
+
+# --------------------------------------------------------------------------- what the upstream sees
+
+
+def test_valid_token_reaches_upstream_with_claim_headers(envoy, idp):
+    token = issue(idp)
+    seen = upstream_headers(envoy.get("/resource", bearer(token)))
+    answer = idp.introspect(token)
+    for claim, header in CLAIMS_TO_HEADERS.items():
+        if claim in answer:
+            assert seen.get(header) == str(answer[claim]), (claim, header)
+        else:
+            assert header not in seen, f"{header} sent though the IdP gave no {claim}"
+    # Both IdPs give client_id and scope, and the mock a sub: the mapping is really exercised.
+    assert "x-auth-client-id" in seen and "x-auth-scope" in seen
+    if idp.kind == "mock":
+        assert seen["x-auth-subject"] == "user-42"
+    assert seen.get("authorization") == f"Bearer {token}", "Authorization is kept unless hide_credentials"
+
+
+def test_spoofed_claim_headers_never_reach_upstream(envoy, idp):
+    token = issue(idp)
+    spoofed = [(header, "spoofed") for header in CLAIMS_TO_HEADERS.values()]
+    spoofed += [(header.upper(), "SPOOFED") for header in CLAIMS_TO_HEADERS.values()]
+    seen = upstream_headers(envoy.get("/resource", [*bearer(token).items(), *spoofed]))
+    answer = idp.introspect(token)
+    for claim, header in CLAIMS_TO_HEADERS.items():
+        if claim in answer:
+            assert seen.get(header) == str(answer[claim]), (header, seen.get(header))
+        else:
+            assert header not in seen, f"client-sent {header} reached the upstream"
+
+
+def test_hide_credentials_keeps_authorization_from_upstream(envoys, idp):
+    envoy = envoys.get(idp, idp.plugin_config(hide_credentials=True))
+    token = issue(idp)
+    seen = upstream_headers(envoy.get("/resource", bearer(token)))
+    assert "authorization" not in seen
+    assert seen.get("x-auth-client-id"), "the claim headers are still set"
+
+
+# --------------------------------------------------------------------------- the IdP failing
+
+
+TIMEOUT_MS = SHIPPED["introspection"]["timeout_ms"]
+FAULTS = [
+    pytest.param({"mode": "slow", "delay_ms": TIMEOUT_MS + 1500}, id="timeout"),
+    pytest.param({"mode": "status", "status": 500}, id="status-500"),
+    pytest.param({"mode": "status", "status": 503}, id="status-503"),
+    pytest.param({"mode": "status", "status": 401}, id="idp-rejects-gateway"),
+    pytest.param({"mode": "nonjson"}, id="not-json"),
+    pytest.param({"mode": "huge"}, id="8MiB-answer"),
+    pytest.param({"mode": "reset"}, id="connection-reset"),
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_idp_failure_fails_closed_and_is_not_cached(envoys, mock_idp, fault):
+    envoy = envoys.get(mock_idp)
+    token = unknown_token()
+    mock_idp.register_active(token)  # a good token: only the fault can deny it
+    mock_idp.fault(**fault)
+    assert_fails_closed(envoy.get("/resource", bearer(token)), TIMEOUT_MS)
+    assert mock_idp.calls_for(token) >= 1, "the IdP was really asked"
+
+    mock_idp.fault("none")
+    resp = envoy.get("/resource", bearer(token))
+    assert resp.status == 200, f"the failure was cached: {resp}"
+
+
+@pytest.mark.parametrize("kind", ["mock", "oidc"])
+def test_cached_token_survives_idp_outage_and_uncached_token_fails_closed(fresh, kind):
+    idp = fresh.idp(kind)
+    cached, uncached = issue(idp), issue(idp)
+    envoy = fresh.envoy(idp)
+    assert envoy.get("/resource", bearer(cached)).status == 200
+
+    idp.stop()
+    # New connections land on different workers: the cache they share must serve them all.
+    statuses = [envoy.get("/resource", bearer(cached)).status for _ in range(2 * CONCURRENCY)]
+    assert statuses == [200] * len(statuses)
+    assert_fails_closed(envoy.get("/resource", bearer(uncached)), TIMEOUT_MS)
+
+
+# --------------------------------------------------------------------------- caching
+
+
+def test_cold_burst_costs_at_most_one_introspection_per_worker(envoy, idp):
+    token = issue(idp)
+    before = envoy.counter(IDP_CALLS)
+    statuses = burst(envoy.port, n=400, connections=32, headers=bearer(token))
+    calls = envoy.counter(IDP_CALLS) - before
+    assert statuses.count(200) == 400, {s: statuses.count(s) for s in set(statuses)}
+    assert 1 <= calls <= CONCURRENCY, f"{calls} introspections for one token"
+    if idp.kind == "mock":
+        assert idp.calls_for(token) == calls, "Envoy's count and the IdP's disagree"
+
+
+def test_requests_waiting_on_a_slow_idp_share_its_answer(envoys, mock_idp):
+    # With a slow IdP every connection is in flight while the first introspection is pending,
+    # so this proves the coalescing, not just the cache filled by a fast first answer.
+    envoy = envoys.get(mock_idp)
+    token = unknown_token()
+    mock_idp.register_active(token)
+    mock_idp.fault("slow", delay_ms=300)
+    statuses = burst(envoy.port, n=400, connections=32, headers=bearer(token))
+    assert statuses.count(200) == 400, {s: statuses.count(s) for s in set(statuses)}
+    assert 1 <= mock_idp.calls_for(token) <= CONCURRENCY
+
+
+def test_cache_entry_never_outlives_exp(envoy, idp):
+    token = issue(idp, ttl=3)
+    exp = idp.introspect(token)["exp"]
+    assert envoy.get("/resource", bearer(token)).status == 200
+    before = envoy.counter(IDP_CALLS)
+    assert envoy.get("/resource", bearer(token)).status == 200
+    assert envoy.counter(IDP_CALLS) == before, "a second request is served from the cache"
+
+    sleep_until(exp + 1.2)  # max_ttl_s is 300: only exp can end this entry
+    assert_denied(envoy.get("/resource", bearer(token)), 401, "invalid_token")
+
+
+def test_expired_token_is_refused_even_if_idp_still_says_active(envoys, mock_idp):
+    # The mock answers these claims verbatim forever, so only tokengate's own exp check can deny.
+    envoy = envoys.get(mock_idp)
+    token = unknown_token()
+    claims = mock_idp.register_active(token, ttl=3)
+    assert envoy.get("/resource", bearer(token)).status == 200
+
+    sleep_until(claims["exp"] + 1.2)
+    assert mock_idp.introspect(token)["active"] is True
+    assert_denied(envoy.get("/resource", bearer(token)), 401, "invalid_token")
+
+
+# --------------------------------------------------------------------------- the introspection call
+
+
+def test_token_reaches_idp_byte_for_byte(envoys, mock_idp):
+    envoy = envoys.get(mock_idp)
+    token = "tg+/~._-" + secrets.token_urlsafe(12) + "+/=="  # every b64token character class
+    mock_idp.register_active(token)
+    assert envoy.get("/resource", bearer(token)).status == 200
+
+    calls = mock_idp.introspections()
+    assert calls["tokens"] == [token]
+    headers, form = calls["last_headers"], urllib.parse.parse_qs(calls["last_body"])
+    assert headers.get("content-type", "").startswith("application/x-www-form-urlencoded")
+    assert headers.get("host") == mock_idp.authority
+    assert form.get("token_type_hint") == [SHIPPED["introspection"]["token_type_hint"]]
+    client_id, secret = GATEWAY_CLIENT
+    assert headers.get("authorization") == _basic(client_id, secret)
+
+
+def _basic(client_id, secret):
+    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+
+
+# --------------------------------------------------------------------------- what operators see
+
+
+def test_no_token_value_appears_in_envoy_log(fresh):
+    idp = fresh.mock_idp()
+    # Envoy's own debug logs print request headers; the plugin's logger is the "wasm" component.
+    envoy = fresh.envoy(idp, component_log_level="wasm:trace")
+    valid, unknown, odd = unknown_token(), unknown_token(), "lg+/~._-" + secrets.token_urlsafe(12) + "=="
+    idp.register_active(valid)
+    idp.register_active(odd)
+    insufficient = unknown_token()
+    idp.register_active(insufficient, scope="write")
+    for token in (valid, unknown, odd, insufficient):
+        envoy.get("/resource", bearer(token))
+    malformed = "ab@" + secrets.token_urlsafe(12)
+    envoy.get("/resource", {"Authorization": f"Bearer {malformed}"})
+    idp.fault("status", status=500)
+    failing = unknown_token()
+    idp.register_active(failing)
+    envoy.get("/resource", bearer(failing))
+    envoy.stop()  # flushes the log
+
+    log = envoy.log_text()
+    assert "tokengate" in log, "the plugin's log should be in the file at all"
+    for token in (valid, unknown, odd, insufficient, malformed, failing):
+        for form in {token, urllib.parse.quote_plus(token), urllib.parse.quote(token, safe="")}:
+            assert form not in log, "a token value is in Envoy's log"
+
+
+METRICS = {
+    "allowed": "tokengate.requests.allowed",
+    "missing_token": "tokengate.requests.denied.missing_token",
+    "invalid_request": "tokengate.requests.denied.invalid_request",
+    "invalid_token": "tokengate.requests.denied.invalid_token",
+    "insufficient_scope": "tokengate.requests.denied.insufficient_scope",
+    "idp_unavailable": "tokengate.requests.denied.idp_unavailable",
+    "cache_hit_local": "tokengate.cache.hit.local",
+    "cache_hit_shared": "tokengate.cache.hit.shared",
+    "cache_miss": "tokengate.cache.miss",
+    "introspection_calls": "tokengate.introspection.calls",
+    "failures_status": "tokengate.introspection.failures.status",
+}
+
+
+def test_metrics_count_outcomes_cache_and_introspections(fresh):
+    idp = fresh.mock_idp()
+    envoy = fresh.envoy(idp)
+    names = envoy.tokengate_stats()
+    for name in METRICS.values():
+        assert name in names or f"wasmcustom.{name}" in names, f"{name} missing from /stats: {sorted(names)}"
+
+    good, narrow, failing = unknown_token(), unknown_token(), unknown_token()
+    idp.register_active(good)
+    idp.register_active(narrow, scope="write")
+    idp.register_active(failing)
+    for _ in range(3):
+        assert envoy.get("/resource", bearer(good)).status == 200
+    assert envoy.get("/resource").status == 401
+    assert envoy.get("/resource", {"Authorization": "Bearer a b"}).status == 400
+    assert envoy.get("/resource", bearer(unknown_token())).status == 401
+    assert envoy.get("/resource", bearer(narrow)).status == 403
+    idp.fault("status", status=500)
+    assert envoy.get("/resource", bearer(failing)).status == 503
+
+    m = {key: envoy.metric(name) for key, name in METRICS.items()}
+    assert m["allowed"] == 3
+    assert (m["missing_token"], m["invalid_request"], m["invalid_token"]) == (1, 1, 1)
+    assert (m["insufficient_scope"], m["idp_unavailable"]) == (1, 1)
+    assert m["failures_status"] == 1
+    # good, unknown, narrow and failing each cost one call; good's 2nd and 3rd were hits.
+    assert m["introspection_calls"] == envoy.counter(IDP_CALLS) == 4
+    assert m["cache_miss"] >= 4
+    assert m["cache_hit_local"] + m["cache_hit_shared"] >= 2

@@ -1,0 +1,113 @@
+// A real, independently written OAuth2 authorization server for tokengate's
+// end-to-end tests: panva's oidc-provider (npm), configured, not reimplemented.
+//
+//   node server.mjs [PORT]            (or PORT=...; default 9000)
+//   IDP_CC_TTL_S=600                  lifetime of client-credentials tokens, seconds
+//
+// Endpoints (oidc-provider's defaults; discovery at /.well-known/openid-configuration):
+//   POST /token                   grant_type=client_credentials, client_secret_basic
+//   POST /token/introspection     RFC 7662; the caller authenticates (gateway)
+//   POST /token/revocation        RFC 7009
+//
+// Quirks found in oidc-provider 9.13.x that the tests must know about:
+// - Client-credentials tokens have no end user, so introspection answers carry no
+//   `sub`. They do carry active, client_id, scope, exp, iat, iss, token_type ("Bearer").
+// - A requested scope must be in the client's `scope` metadata, or the token
+//   endpoint answers 400 invalid_scope. With no scope asked, the token has none
+//   (the introspection answer then has no `scope` member at all).
+// - Introspecting anything that parses as a JWT (three dot-separated base64url
+//   parts with a JSON header) answers 400 unsupported_token_type, not {"active": false}.
+// - Unknown, expired and revoked tokens answer 200 {"active": false}. Expiry is exact
+//   for introspection (exp <= now), though lookups allow a 15 s clock tolerance inside.
+// - The default allowedPolicy lets any authenticated client introspect any token but
+//   lets a client revoke only its own tokens; both are replaced below so that only the
+//   resource server `gateway` (and a token's own client) may introspect or revoke.
+// - Opaque access tokens are 43 base64url characters; the access token format is
+//   opaque unless a resource indicator asks for a JWT (none is configured here).
+// - Non-standard, test-only: the token request may carry `expires_in=N` to ask for a
+//   shorter lifetime (clamped to 1..IDP_CC_TTL_S); oidc-provider ignores unknown
+//   parameters, so the TTL function reads it from the parsed body.
+import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import process from 'node:process';
+
+import Provider from 'oidc-provider';
+
+const port = Number(process.argv[2] ?? process.env.PORT ?? 9000);
+const defaultTtl = Number(process.env.IDP_CC_TTL_S ?? 600);
+const RESOURCE_SERVER = 'gateway';
+
+const clients = [
+  // The introspecting resource server: tokengate itself. It never gets tokens.
+  {
+    client_id: RESOURCE_SERVER,
+    client_secret: 'gateway-secret',
+    grant_types: [],
+    response_types: [],
+    redirect_uris: [],
+    token_endpoint_auth_method: 'client_secret_basic',
+  },
+  appClient('app-a', 'read write'),
+  appClient('app-b', 'read'),
+  appClient('app-c', 'write'),
+];
+
+function appClient(clientId, scope) {
+  return {
+    client_id: clientId,
+    client_secret: `${clientId}-secret`,
+    grant_types: ['client_credentials'],
+    response_types: [],
+    redirect_uris: [],
+    token_endpoint_auth_method: 'client_secret_basic',
+    scope,
+  };
+}
+
+// A throwaway signing key, so the provider does not fall back to its published dev keys.
+function signingKeys() {
+  // RSA because clients default to RS256-signed ID tokens (an EC-only keystore fails them).
+  const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+  return { keys: [{ ...privateKey.export({ format: 'jwk' }), use: 'sig', alg: 'RS256' }] };
+}
+
+function requestedTtl(ctx) {
+  const asked = Number.parseInt(ctx?.oidc?.body?.expires_in, 10);
+  if (!Number.isFinite(asked)) return defaultTtl;
+  return Math.min(Math.max(asked, 1), defaultTtl);
+}
+
+// Only the resource server or the token's own client may look at or revoke a token.
+function mayActOn(client, token) {
+  return client.clientId === RESOURCE_SERVER || client.clientId === token.clientId;
+}
+
+const provider = new Provider(`http://127.0.0.1:${port}`, {
+  clients,
+  jwks: signingKeys(),
+  cookies: { keys: [randomBytes(32).toString('base64url')] },
+  scopes: ['openid', 'read', 'write'],
+  features: {
+    devInteractions: { enabled: false },
+    clientCredentials: { enabled: true },
+    introspection: { enabled: true, allowedPolicy: async (ctx, client, token) => mayActOn(client, token) },
+    revocation: { enabled: true, allowedPolicy: async (ctx, client, token) => mayActOn(client, token) },
+  },
+  ttl: {
+    ClientCredentials: (ctx) => requestedTtl(ctx),
+  },
+});
+
+// Log errors without request bodies or tokens.
+provider.on('server_error', (ctx, err) => console.error(`oidc-provider: server_error ${err.message}`));
+
+const server = provider.listen(port, '127.0.0.1', () => {
+  console.log(`oidc-provider: listening on http://127.0.0.1:${port}`);
+});
+server.on('error', (err) => {
+  console.error(`oidc-provider: cannot listen on 127.0.0.1:${port}: ${err.code}`);
+  process.exit(2);
+});
+
+for (const signal of ['SIGINT', 'SIGTERM']) {
+  process.on(signal, () => server.close(() => process.exit(0)));
+}
