@@ -70,6 +70,38 @@ pub fn parse(values: &[&[u8]], max_token_bytes: usize) -> Result<Token, BearerEr
     Ok(Token(token.to_vec()))
 }
 
+/// The `access_token` query parameter (RFC 6750 §2.3) of a request path, if
+/// any: `Ok(None)` when absent, an error when repeated or malformed.
+pub fn from_query(path: &str, max_token_bytes: usize) -> Result<Option<Token>, BearerError> {
+    let Some((_, query)) = path.split_once('?') else {
+        return Ok(None);
+    };
+    let query = query.split('#').next().unwrap_or_default();
+    let values: Vec<_> = form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k == "access_token").collect();
+    let value = match values.as_slice() {
+        [] => return Ok(None),
+        [(_, value)] => value,
+        _ => return Err(BearerError::Malformed("more than one access_token query parameter")),
+    };
+    if !is_presentable(&value, max_token_bytes) {
+        return Err(BearerError::Malformed("the access_token query parameter is not a b64token"));
+    }
+    Ok(Some(Token(value.as_bytes().to_vec())))
+}
+
+/// The path without its `access_token` query parameter.
+pub fn strip_query_token(path: &str) -> String {
+    let Some((base, query)) = path.split_once('?') else {
+        return path.to_string();
+    };
+    let kept: Vec<&str> = query.split('&').filter(|p| !p.starts_with("access_token=") && *p != "access_token").collect();
+    if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    }
+}
+
 /// Whether `token` could be presented as a bearer token (b64token, bounded).
 pub fn is_presentable(token: &str, max_token_bytes: usize) -> bool {
     !token.is_empty() && token.len() <= max_token_bytes && is_b64token(token.as_bytes())
@@ -150,6 +182,19 @@ mod tests {
     #[test]
     fn several_headers_are_refused() {
         assert!(matches!(parse(&[b"Bearer a", b"Bearer b"], 4096), Err(BearerError::Malformed(_))));
+    }
+
+    #[test]
+    fn query_token_is_read_and_stripped() {
+        assert_eq!(from_query("/a?x=1&access_token=a%2Bb", 4096).unwrap().unwrap().as_str(), "a+b");
+        assert_eq!(from_query("/a?x=1", 4096), Ok(None));
+        assert_eq!(from_query("/a", 4096), Ok(None));
+        assert!(from_query("/a?access_token=a&access_token=b", 4096).is_err());
+        assert!(from_query("/a?access_token=a%20b", 4096).is_err());
+        assert!(from_query("/a?access_token=", 4096).is_err());
+        assert_eq!(strip_query_token("/a?x=1&access_token=abc&y=2"), "/a?x=1&y=2");
+        assert_eq!(strip_query_token("/a?access_token=abc"), "/a");
+        assert_eq!(strip_query_token("/a"), "/a");
     }
 
     #[test]

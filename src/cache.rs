@@ -68,6 +68,18 @@ pub fn cache_until_ms(answer: &Answer, cfg: &config::Cache, now_ms: u64) -> Opti
     (ttl_ms > 0).then(|| now_ms.saturating_add(ttl_ms))
 }
 
+/// Until when an active answer may stand in for an IdP that fails
+/// (`stale_if_error_s` past its cache lifetime, never past `exp`); 0: never.
+pub fn stale_until_ms(answer: &Answer, cfg: &config::Cache, until_ms: u64) -> u64 {
+    match answer {
+        Answer::Active(claims) if cfg.stale_if_error_s > 0 => {
+            let stale = until_ms.saturating_add(cfg.stale_if_error_s.saturating_mul(1000));
+            claims.exp.map_or(stale, |exp| stale.min(exp.saturating_mul(1000)))
+        }
+        _ => 0,
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum State {
     #[serde(rename = "a")]
@@ -89,6 +101,49 @@ struct Slot {
     until: u64,
     #[serde(rename = "s")]
     state: State,
+    /// Unix ms until which the last active answer may stand in for a
+    /// failing IdP (0: not at all).
+    #[serde(rename = "z", default, skip_serializing_if = "is_zero")]
+    stale_until: u64,
+    /// That answer, while the state is a marker.
+    #[serde(rename = "k", default, skip_serializing_if = "Option::is_none")]
+    kept: Option<Answer>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Slot {
+    fn new(hash: String, until: u64, state: State) -> Slot {
+        Slot { hash, until, state, stale_until: 0, kept: None }
+    }
+
+    /// Whether the slot still means anything at `now`.
+    fn alive(&self, now: u64) -> bool {
+        self.until > now || self.stale_until > now
+    }
+
+    /// The answer that may stand in for a failing IdP at `now`.
+    fn stale_answer(&self, now: u64) -> Option<&Answer> {
+        if self.stale_until <= now {
+            return None;
+        }
+        match &self.state {
+            State::Answer(a) => Some(a),
+            _ => self.kept.as_ref(),
+        }
+    }
+
+    /// A marker that keeps this slot's stand-in answer, if any.
+    fn marker(hash: String, until: u64, state: State, previous: Option<&Slot>, now: u64) -> Slot {
+        let mut slot = Slot::new(hash, until, state);
+        if let Some(answer) = previous.and_then(|p| p.stale_answer(now)) {
+            slot.kept = Some(answer.clone());
+            slot.stale_until = previous.map_or(0, |p| p.stale_until);
+        }
+        slot
+    }
 }
 
 /// What the shared cache knows of a token.
@@ -175,16 +230,27 @@ impl<'s, S: Store + ?Sized> SharedCache<'s, S> {
                 }
             }
             outcome = Claim::Owner;
-            put(&mut slots, Slot { hash: hex.clone(), until: pending_until_ms, state: State::Pending }, now_ms);
+            let previous = slots.iter().find(|s| s.hash == hex).cloned();
+            let marker = Slot::marker(hex.clone(), pending_until_ms, State::Pending, previous.as_ref(), now_ms);
+            put(&mut slots, marker, now_ms);
             Some(encode(&slots))
         })?;
         Ok(outcome)
     }
 
-    /// Stores an answer until `until_ms`. Returns false when it was too large
-    /// to cache (the marker is then cleared instead).
-    pub fn store_answer(&self, hash: &TokenHash, answer: &Answer, until_ms: u64, now_ms: u64) -> Result<bool, StoreError> {
-        let slot = Slot { hash: hex(hash), until: until_ms, state: State::Answer(answer.clone()) };
+    /// Stores an answer until `until_ms` (and as a stand-in until
+    /// `stale_until_ms`). Returns false when it was too large to cache (the
+    /// marker is then cleared instead).
+    pub fn store_answer(
+        &self,
+        hash: &TokenHash,
+        answer: &Answer,
+        until_ms: u64,
+        stale_until_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let mut slot = Slot::new(hex(hash), until_ms, State::Answer(answer.clone()));
+        slot.stale_until = stale_until_ms;
         let fits = encode(std::slice::from_ref(&slot)).len() <= self.max_entry_bytes;
         if !fits {
             self.release(hash, now_ms)?;
@@ -207,7 +273,9 @@ impl<'s, S: Store + ?Sized> SharedCache<'s, S> {
             if slots.iter().any(|s| s.hash == hex && matches!(s.state, State::Answer(_)) && s.until > now_ms) {
                 return None;
             }
-            let slot = Slot { hash: hex.clone(), until: now_ms + FAILED_VISIBLE_MS, state: State::Failed { at: now_ms } };
+            let previous = slots.iter().find(|s| s.hash == hex).cloned();
+            let until = now_ms + FAILED_VISIBLE_MS;
+            let slot = Slot::marker(hex.clone(), until, State::Failed { at: now_ms }, previous.as_ref(), now_ms);
             put(&mut slots, slot, now_ms);
             Some(encode(&slots))
         })?;
@@ -220,10 +288,18 @@ impl<'s, S: Store + ?Sized> SharedCache<'s, S> {
         update(self.store, &self.key(hash), |current| {
             let mut slots = current.map(decode).unwrap_or_default();
             let before = slots.len();
-            slots.retain(|s| !(s.hash == hex && s.state == State::Pending) && s.until > now_ms);
+            slots.retain(|s| !(s.hash == hex && s.state == State::Pending) && s.alive(now_ms));
             (slots.len() != before).then(|| encode(&slots))
         })?;
         Ok(())
+    }
+
+    /// An active answer past its cache lifetime that may still stand in
+    /// while the IdP fails (`cache.stale_if_error_s`).
+    pub fn lookup_stale(&self, hash: &TokenHash, now_ms: u64) -> Result<Option<Answer>, StoreError> {
+        let hex = hex(hash);
+        let slots = self.read(hash)?;
+        Ok(slots.iter().find(|s| s.hash == hex).and_then(|s| s.stale_answer(now_ms)).cloned())
     }
 }
 
@@ -233,12 +309,12 @@ pub fn bucket_count(max_entries: u64) -> u64 {
 
 /// Replaces the token's slot, making room if the bucket is full.
 fn put(slots: &mut Vec<Slot>, slot: Slot, now_ms: u64) {
-    slots.retain(|s| s.hash != slot.hash && s.until > now_ms);
+    slots.retain(|s| s.hash != slot.hash && s.alive(now_ms));
     while slots.len() >= SLOTS {
         let victim = slots
             .iter()
             .enumerate()
-            .min_by_key(|(_, s)| (eviction_rank(&s.state), s.until))
+            .min_by_key(|(_, s)| (s.until > now_ms, eviction_rank(&s.state), s.until))
             .map(|(i, _)| i);
         match victim {
             Some(i) => {
@@ -373,7 +449,7 @@ mod tests {
         let s = MemoryStore::new();
         let c = SharedCache::new(&s, &cfg(100));
         assert_eq!(c.lookup(&h(1), 0).unwrap(), Lookup::Miss);
-        assert!(c.store_answer(&h(1), &active(None), 5_000, 0).unwrap());
+        assert!(c.store_answer(&h(1), &active(None), 5_000, 0, 0).unwrap());
         assert_eq!(c.lookup(&h(1), 4_999).unwrap(), Lookup::Hit { answer: active(None), until_ms: 5_000 });
         assert_eq!(c.lookup(&h(1), 5_000).unwrap(), Lookup::Miss);
         assert_eq!(c.lookup(&h(2), 0).unwrap(), Lookup::Miss);
@@ -388,7 +464,7 @@ mod tests {
         assert_eq!(c.lookup(&h(1), 10).unwrap(), Lookup::Pending);
         // A marker whose owner vanished expires, and the next one takes over.
         assert_eq!(c.claim(&h(1), 3_000, 6_000).unwrap(), Claim::Owner);
-        c.store_answer(&h(1), &active(None), 9_000, 3_100).unwrap();
+        c.store_answer(&h(1), &active(None), 9_000, 0, 3_100).unwrap();
         assert_eq!(c.claim(&h(1), 3_200, 6_000).unwrap(), Claim::Hit { answer: active(None), until_ms: 9_000 });
     }
 
@@ -411,7 +487,7 @@ mod tests {
         let c = SharedCache::new(&s, &config::Cache { max_entry_bytes: 256, ..cfg(100) });
         let big = Answer::Active(Claims { scope: Some("x".repeat(300)), ..Default::default() });
         c.claim(&h(1), 0, 3_000).unwrap();
-        assert!(!c.store_answer(&h(1), &big, 9_000, 0).unwrap());
+        assert!(!c.store_answer(&h(1), &big, 9_000, 0, 0).unwrap());
         assert_eq!(c.lookup(&h(1), 1).unwrap(), Lookup::Miss);
     }
 
@@ -420,7 +496,7 @@ mod tests {
         let s = MemoryStore::new();
         let c = SharedCache::new(&s, &cfg(1_000));
         for n in 0..20_000 {
-            c.store_answer(&h(n), &active(None), u64::MAX, 0).unwrap();
+            c.store_answer(&h(n), &active(None), u64::MAX, 0, 0).unwrap();
         }
         assert_eq!(s.key_count() as u64, bucket_count(1_000));
         let held: usize = (0..20_000).filter(|n| c.lookup(&h(*n), 1).unwrap() != Lookup::Miss).count();
@@ -435,9 +511,9 @@ mod tests {
         let mut slots = Vec::new();
         for i in 0..SLOTS {
             let state = if i == 3 { State::Answer(Answer::Inactive) } else { State::Answer(active(None)) };
-            put(&mut slots, Slot { hash: format!("{i}"), until: 100 + i as u64, state }, 0);
+            put(&mut slots, Slot::new(format!("{i}"), 100 + i as u64, state), 0);
         }
-        put(&mut slots, Slot { hash: "new".into(), until: 50, state: State::Answer(active(None)) }, 0);
+        put(&mut slots, Slot::new("new".into(), 50, State::Answer(active(None))), 0);
         assert_eq!(slots.len(), SLOTS);
         assert!(slots.iter().all(|s| s.hash != "3"));
         assert!(slots.iter().any(|s| s.hash == "new"));
@@ -449,8 +525,32 @@ mod tests {
         let c = SharedCache::new(&s, &cfg(8));
         s.set(&c.key(&h(1)), b"\xff{not json", crate::store::Guard::Absent).unwrap();
         assert_eq!(c.lookup(&h(1), 0).unwrap(), Lookup::Miss);
-        assert!(c.store_answer(&h(1), &active(None), 10, 0).unwrap());
+        assert!(c.store_answer(&h(1), &active(None), 10, 0, 0).unwrap());
         assert!(matches!(c.lookup(&h(1), 0).unwrap(), Lookup::Hit { .. }));
+    }
+
+    #[test]
+    fn stale_answer_outlives_the_cache_lifetime_and_survives_markers() {
+        let s = MemoryStore::new();
+        let cfg = config::Cache { stale_if_error_s: 10, ..cfg(100) };
+        let c = SharedCache::new(&s, &cfg);
+        let answer = active(Some(100));
+        assert_eq!(stale_until_ms(&answer, &cfg, 5_000), 15_000);
+        // Never past exp.
+        assert_eq!(stale_until_ms(&answer, &cfg, 95_000), 100_000);
+        assert_eq!(stale_until_ms(&Answer::Inactive, &cfg, 5_000), 0);
+        c.store_answer(&h(1), &answer, 5_000, 15_000, 0).unwrap();
+        assert_eq!(c.lookup(&h(1), 6_000).unwrap(), Lookup::Miss, "no longer fresh");
+        assert_eq!(c.lookup_stale(&h(1), 6_000).unwrap(), Some(answer.clone()));
+        // The refresh's marker and its failure keep the stand-in.
+        assert_eq!(c.claim(&h(1), 6_000, 9_000).unwrap(), Claim::Owner);
+        assert_eq!(c.lookup_stale(&h(1), 6_500).unwrap(), Some(answer.clone()));
+        c.fail(&h(1), 7_000).unwrap();
+        assert_eq!(c.lookup_stale(&h(1), 7_500).unwrap(), Some(answer.clone()));
+        assert_eq!(c.lookup_stale(&h(1), 15_000).unwrap(), None);
+        let off = SharedCache::new(&s, &cfg);
+        off.store_answer(&h(2), &answer, 5_000, 0, 0).unwrap();
+        assert_eq!(off.lookup_stale(&h(2), 6_000).unwrap(), None);
     }
 
     #[test]

@@ -18,9 +18,14 @@ pub struct Config {
     /// Introspection claim name → request header set for the upstream.
     #[serde(default = "default_claims_to_headers")]
     pub claims_to_headers: BTreeMap<String, String>,
-    /// Remove `Authorization` before the request goes upstream.
+    /// Remove `Authorization` (and an accepted query token) before the
+    /// request goes upstream.
     #[serde(default)]
     pub hide_credentials: bool,
+    /// Also accept the token as `?access_token=` (RFC 6750 §2.3) when the
+    /// request has no `Authorization` header. Off: URLs end up in logs.
+    #[serde(default)]
+    pub allow_query_token: bool,
     /// The realm in `WWW-Authenticate` challenges.
     #[serde(default = "default_realm")]
     pub realm: String,
@@ -135,6 +140,10 @@ pub struct Cache {
     /// A cached answer larger than this is not cached (it is still used).
     #[serde(default = "default_max_entry_bytes")]
     pub max_entry_bytes: usize,
+    /// While the IdP fails, an active answer may be used this long past its
+    /// cache lifetime (never past `exp`); 0 disables.
+    #[serde(default)]
+    pub stale_if_error_s: u64,
 }
 
 impl Default for Cache {
@@ -145,6 +154,7 @@ impl Default for Cache {
             max_entries: default_max_entries(),
             local_entries: default_local_entries(),
             max_entry_bytes: default_max_entry_bytes(),
+            stale_if_error_s: 0,
         }
     }
 }
@@ -261,6 +271,9 @@ impl Config {
         }
         if c.negative_ttl_s > 3600 {
             return err("cache.negative_ttl_s must be at most 3600");
+        }
+        if c.stale_if_error_s > 86_400 {
+            return err("cache.stale_if_error_s must be at most 86400");
         }
         if c.local_entries > 1_000_000 {
             return err("cache.local_entries must be at most 1000000");

@@ -77,7 +77,7 @@ impl Filter {
                 removed.push(name);
             }
         }
-        let token = match bearer::parse(&authorization(headers), bearer::MAX_TOKEN_BYTES) {
+        let token = match self.credential(worker, headers) {
             Ok(t) => t,
             Err(BearerError::Missing) => {
                 worker.deny(&Denial::MissingToken);
@@ -111,6 +111,27 @@ impl Filter {
                 }
             }
             Found::Wait => Action::Pause,
+        }
+    }
+
+    /// The bearer token: the `Authorization` header, or where configured the
+    /// `access_token` query parameter (never both: RFC 6750 §2).
+    fn credential(&self, worker: &Worker, headers: &Headers) -> Result<Token, BearerError> {
+        let authorization = authorization(headers);
+        if !worker.config.allow_query_token {
+            return bearer::parse(&authorization, bearer::MAX_TOKEN_BYTES);
+        }
+        let path = header(headers, ":path").unwrap_or_default();
+        match (bearer::from_query(path, bearer::MAX_TOKEN_BYTES)?, authorization.is_empty()) {
+            (None, _) => bearer::parse(&authorization, bearer::MAX_TOKEN_BYTES),
+            (Some(_), false) => Err(BearerError::Malformed("the token is in both the header and the query")),
+            (Some(token), true) => {
+                if worker.config.hide_credentials {
+                    let stripped = bearer::strip_query_token(path);
+                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, ":path", Some(&stripped));
+                }
+                Ok(token)
+            }
         }
     }
 

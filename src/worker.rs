@@ -179,7 +179,7 @@ impl Worker {
                 }
                 Err(e) => {
                     let _ = shared.release(&hash, now_ms);
-                    Found::Ready(Err(e))
+                    Found::Ready(self.fallback(&hash, e, now_ms))
                 }
             },
         }
@@ -262,7 +262,8 @@ impl Worker {
             Ok(answer) => {
                 match cache::cache_until_ms(&answer, &self.config.cache, now) {
                     Some(until) => {
-                        match shared.store_answer(&hash, &answer, until, now) {
+                        let stale_until = cache::stale_until_ms(&answer, &self.config.cache, until);
+                        match shared.store_answer(&hash, &answer, until, stale_until, now) {
                             Ok(true) => {}
                             Ok(false) => self.metrics.cache_uncacheable.inc(),
                             Err(e) => {
@@ -287,7 +288,7 @@ impl Worker {
                     e.reason()
                 );
                 let _ = shared.fail(&hash, now);
-                Err(e)
+                self.fallback(&hash, e, now)
             }
         };
         let flight = self.state.borrow_mut().flights.remove(&hash);
@@ -295,6 +296,22 @@ impl Worker {
             self.resolve(&flight.waiters, &verdict);
         }
         self.retune_tick();
+    }
+
+    /// The verdict when the IdP failed: a stale answer if
+    /// `cache.stale_if_error_s` allows one, else the failure (503).
+    fn fallback(&self, hash: &TokenHash, error: IntrospectionError, now: u64) -> Verdict {
+        if self.config.cache.stale_if_error_s == 0 {
+            return Err(error);
+        }
+        match self.shared().lookup_stale(hash, now) {
+            Ok(Some(answer)) => {
+                self.metrics.cache_stale_served.inc();
+                log::info!("serving a stale answer for token sha256:{} ({})", short(hash), error.reason());
+                Ok(Rc::new(answer))
+            }
+            _ => Err(error),
+        }
     }
 
     fn read_response(&self, num_headers: usize, body_size: usize) -> Result<Answer, IntrospectionError> {
@@ -450,14 +467,14 @@ impl Worker {
             Step::Poll(since) => self.poll_remote(hash, since, now),
             Step::Resend(token) => {
                 if let Err(e) = self.send(hash, &token, None, now) {
-                    self.land(hash, &Err(e));
+                    self.land(hash, &self.fallback(&hash, e, now));
                 }
             }
             Step::Expire(token_id) => {
                 self.state.borrow_mut().callouts.remove(&token_id);
                 self.metrics.introspection_failed(&IntrospectionError::Timeout);
                 let _ = self.shared().fail(&hash, now);
-                self.land(hash, &Err(IntrospectionError::Timeout));
+                self.land(hash, &self.fallback(&hash, IntrospectionError::Timeout, now));
             }
             Step::Nothing => {}
         }
@@ -470,7 +487,9 @@ impl Worker {
                 let answer = self.remember(hash, answer, until_ms, now);
                 self.land(hash, &Ok(answer));
             }
-            Ok(Lookup::Failed { at_ms }) if at_ms >= since => self.land(hash, &Err(IntrospectionError::PeerFailed)),
+            Ok(Lookup::Failed { at_ms }) if at_ms >= since => {
+                self.land(hash, &self.fallback(&hash, IntrospectionError::PeerFailed, now))
+            }
             Ok(Lookup::Pending) => {}
             // The other worker gave up or vanished: take over.
             Ok(Lookup::Failed { .. } | Lookup::Miss) | Err(_) => match shared.claim(&hash, now, self.marker_until(now)) {
@@ -485,7 +504,7 @@ impl Worker {
                         self.metrics.cache_miss.inc();
                         if let Err(e) = self.send(hash, &token, None, now) {
                             let _ = shared.release(&hash, now);
-                            self.land(hash, &Err(e));
+                            self.land(hash, &self.fallback(&hash, e, now));
                         }
                     }
                 }

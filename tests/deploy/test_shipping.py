@@ -82,6 +82,7 @@ def test_bootstrap_listeners_carry_their_variants(path, configs):
     assert data_plugin["fail_open"] is False and admin_plugin["fail_open"] is False
     manager = shipped.http_manager(admin)
     assert manager["normalize_path"] is True and manager["merge_slashes"] is True
+    assert_buffer_follows_tokengate(admin)
     (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
     assert route["direct_response"]["status"] == 404
     ports = {x["name"]: x["address"]["socket_address"]["port_value"] for x in bootstrap["static_resources"]["listeners"]}
@@ -89,6 +90,14 @@ def test_bootstrap_listeners_carry_their_variants(path, configs):
     assert bootstrap["admin"]["address"]["socket_address"]["port_value"] == 9901
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
     assert set(clusters) == {"idp", "upstream"}
+
+
+def assert_buffer_follows_tokengate(admin_listener):
+    """The filter lets an admin request's headers on to read its body (proxy-wasm
+    delivers no body otherwise); the buffer filter must hold them there, before
+    the router, until the filter has answered."""
+    types = [f["typed_config"]["@type"].rsplit(".", 1)[-1] for f in shipped.http_manager(admin_listener)["http_filters"]]
+    assert types == ["Wasm", "Buffer", "Router"], types
 
 
 def test_reference_bootstrap_stays_on_loopback():
@@ -113,6 +122,7 @@ def test_istio_manifests_carry_the_istio_variants(configs):
     vm_ids = {f["typed_config"]["config"]["vm_config"]["vm_id"] for f in (http_filter, admin_filter)}
     assert vm_ids == {"tokengate"}
     assert admin["address"]["socket_address"]["address"] == "127.0.0.1"
+    assert_buffer_follows_tokengate(admin)
     # The admin listener's router is named apart, so the HTTP_FILTER patch
     # (matching on envoy.filters.http.router) cannot insert into it.
     names = [f["name"] for f in shipped.http_manager(admin)["http_filters"]]
