@@ -83,7 +83,7 @@ pub fn from_query(path: &str, max_token_bytes: usize) -> Result<Option<Token>, B
         [(_, value)] => value,
         _ => return Err(BearerError::Malformed("more than one access_token query parameter")),
     };
-    if !is_presentable(&value, max_token_bytes) {
+    if !is_presentable(value, max_token_bytes) {
         return Err(BearerError::Malformed("the access_token query parameter is not a b64token"));
     }
     Ok(Some(Token(value.as_bytes().to_vec())))
