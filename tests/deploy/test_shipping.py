@@ -345,20 +345,31 @@ def config_keys():
     return keys
 
 
-def test_readme_documents_every_configuration_key():
-    readme = shipped.README.read_text()
-    documented = set(re.findall(r"^\| `(\w+)` \|", readme, re.M))
-    missing = {f"{s}.{k}" for s, keys in config_keys().items() for k in keys if k not in documented}
-    assert config_keys()["Config"], "src/config.rs no longer parses as expected"
+def readme_section(heading):
+    text = shipped.README.read_text()
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else len(text)]
+
+
+def test_readme_documents_every_configuration_key_and_no_other():
+    keys = config_keys()
+    assert keys["Config"], "src/config.rs no longer parses as expected"
+    documented = set(re.findall(r"^\| `(\w+)` \|", readme_section("Configuration reference"), re.M))
+    missing = {f"{s}.{k}" for s, fields in keys.items() for k in fields if k not in documented}
     assert not missing, f"README.md's configuration reference lacks {sorted(missing)}"
+    unknown = documented - {k for fields in keys.values() for k in fields}
+    assert not unknown, f"README.md documents keys src/config.rs does not have: {sorted(unknown)}"
 
 
 def test_readme_lists_every_metric():
     names = re.findall(r'c\("([a-z_.]+)"\)', (REPO / "src" / "metrics.rs").read_text())
     assert names, "src/metrics.rs no longer parses as expected"
-    readme = shipped.README.read_text()
-    missing = [n for n in names if f"| `{n}` |" not in readme]
+    documented = re.findall(r"^\| `([a-z_.]+)` \|", readme_section("Metrics"), re.M)
+    missing = [n for n in names if n not in documented]
     assert not missing, f"README.md's metrics table lacks {missing}"
+    unknown = [n for n in documented if n not in names]
+    assert not unknown, f"README.md lists metrics src/metrics.rs does not define: {unknown}"
 
 
 def test_readme_keeps_the_admin_api_section():
