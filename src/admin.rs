@@ -11,7 +11,7 @@
 use crate::bearer::{self, Token};
 use crate::cache::{hash_token, hex, TokenHash};
 use crate::config;
-use crate::denylist::{DenyError, Denylist, Kind, Record, MAX_PRINCIPAL_CHARS};
+use crate::denylist::{Change, DenyError, Denylist, Kind, Record, MAX_PRINCIPAL_CHARS};
 use crate::store::Store;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -57,6 +57,8 @@ impl Reply {
 pub struct Handled {
     pub reply: Reply,
     pub forward: Vec<Token>,
+    /// What changed, for other Envoys (cluster sync).
+    pub changes: Vec<Change>,
 }
 
 /// Whether a path is meant for the admin API, judged loosely (decoded,
@@ -281,6 +283,7 @@ pub fn handle<S: Store + ?Sized>(
 ) -> Handled {
     let list = Denylist::new(store, limits);
     let mut forward = Vec::new();
+    let mut changes = Vec::new();
     let reply = match (route, revoke) {
         (Route::Revoke, Some(Revoke::Tokens { tokens, reason })) => {
             let items: Vec<(TokenHash, u64)> = tokens
@@ -295,6 +298,16 @@ pub fn handle<S: Store + ?Sized>(
                 Ok(done) => {
                     for hash in &done.revoked {
                         log::info!("revoked token sha256:{} reason={reason:?}", hex(hash));
+                    }
+                    let reason = crate::denylist::clip_reason(&reason);
+                    for (hash, expires_at) in items.iter().filter(|(h, _)| done.revoked.contains(h)) {
+                        changes.push(Change::Revoked(Record {
+                            id: hex(hash),
+                            kind: Kind::Token,
+                            revoked_at: now,
+                            expires_at: *expires_at,
+                            reason: reason.clone(),
+                        }));
                     }
                     forward = tokens.iter().map(|t| bearer::from_admin(t)).collect();
                     let ids: Vec<String> = done.revoked.iter().take(MAX_IDS_IN_ANSWER).map(hex).collect();
@@ -321,6 +334,7 @@ pub fn handle<S: Store + ?Sized>(
             match list.revoke_principal(kind, &name, &reason, now) {
                 Ok(record) => {
                     log::info!("revoked {} reason={:?}", record.id, record.reason);
+                    changes.push(Change::Revoked(record.clone()));
                     Reply::ok(json!({"revoked": 1, "revocation": record_json(&record)}))
                 }
                 Err(DenyError::Full) => Reply::error(
@@ -342,13 +356,15 @@ pub fn handle<S: Store + ?Sized>(
         (Route::Undo(id), _) => match list.undo(id, now) {
             Ok(true) => {
                 log::info!("revocation {id} undone");
+                let id = if crate::cache::parse_hex(id).is_some() { id.to_ascii_lowercase() } else { id.clone() };
+                changes.push(Change::Undone { id, undone_at: now });
                 Reply { status: 204, body: None, headers: Vec::new() }
             }
             Ok(false) => Reply::error(404, "not_found", "no such revocation"),
             Err(e) => store_failure(e),
         },
     };
-    Handled { reply, forward }
+    Handled { reply, forward, changes }
 }
 
 fn record_json(r: &Record) -> Value {

@@ -38,6 +38,29 @@ pub struct Config {
     /// Also revoke at the authorization server (RFC 7009).
     #[serde(default)]
     pub revocation_endpoint: Option<RevocationEndpoint>,
+    /// Share revocations with every Envoy through etcd.
+    #[serde(default)]
+    pub cluster_sync: Option<ClusterSync>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSync {
+    /// The Envoy cluster that reaches etcd's client port (v3 JSON gateway).
+    pub cluster: String,
+    /// `:authority` of the etcd requests.
+    pub authority: String,
+    /// Every key tokengate writes starts with this.
+    #[serde(default = "default_sync_prefix")]
+    pub prefix: String,
+    /// How often the process's poller reads changes from etcd.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+    #[serde(default = "default_sync_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Bound on changes waiting for etcd while it is unreachable.
+    #[serde(default = "default_max_outbox")]
+    pub max_outbox: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -185,6 +208,18 @@ fn default_denylist_token_ttl_s() -> u64 {
 }
 fn default_denylist_principal_ttl_s() -> u64 {
     86_400
+}
+fn default_sync_prefix() -> String {
+    "tokengate/".to_string()
+}
+fn default_poll_ms() -> u64 {
+    500
+}
+fn default_sync_timeout_ms() -> u64 {
+    1000
+}
+fn default_max_outbox() -> usize {
+    10_000
 }
 fn default_realm() -> String {
     "tokengate".to_string()
@@ -337,6 +372,23 @@ impl Config {
                 return err("revocation_endpoint.timeout_ms must be between 1 and 60000");
             }
         }
+        if let Some(c) = &self.cluster_sync {
+            if c.cluster.trim().is_empty() || c.authority.trim().is_empty() {
+                return err("cluster_sync.cluster and cluster_sync.authority must not be empty");
+            }
+            if c.prefix.is_empty() || !c.prefix.ends_with('/') || c.prefix.chars().any(char::is_control) {
+                return err("cluster_sync.prefix must be non-empty and end with '/'");
+            }
+            if !(50..=60_000).contains(&c.poll_ms) {
+                return err("cluster_sync.poll_ms must be between 50 and 60000");
+            }
+            if c.timeout_ms == 0 || c.timeout_ms > 60_000 {
+                return err("cluster_sync.timeout_ms must be between 1 and 60000");
+            }
+            if c.max_outbox == 0 || c.max_outbox > 1_000_000 {
+                return err("cluster_sync.max_outbox must be between 1 and 1000000");
+            }
+        }
         if self.realm.is_empty() || !self.realm.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
             return err("realm must be non-empty printable ASCII without '\"' or '\\'");
         }
@@ -426,6 +478,8 @@ mod tests {
             (r#""admin": {"path_prefix": "/a/", "token_sha256": "00"}"#, "admin.path_prefix"),
             (r#""admin": {"path": "/a"}"#, "unknown field `path`"),
             (r#""denylist": {"max_tokens": 0}"#, "denylist.max_tokens"),
+            (r#""cluster_sync": {"cluster": "etcd", "authority": "e", "prefix": "x"}"#, "cluster_sync.prefix"),
+            (r#""cluster_sync": {"cluster": "etcd", "authority": "e", "poll_ms": 1}"#, "cluster_sync.poll_ms"),
             (r#""revocation_endpoint": {"cluster": "idp", "authority": "a", "path": "x"}"#, "revocation_endpoint"),
         ];
         for (extra, key) in cases {

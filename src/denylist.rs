@@ -57,6 +57,24 @@ impl Record {
     }
 }
 
+/// A change to the denylist, as other Envoys learn of it (cluster sync).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    #[serde(rename = "revoked")]
+    Revoked(Record),
+    #[serde(rename = "undone")]
+    Undone { id: String, undone_at: u64 },
+}
+
+impl Change {
+    pub fn id(&self) -> &str {
+        match self {
+            Change::Revoked(r) => &r.id,
+            Change::Undone { id, .. } => id,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DenyError {
     /// The bucket or the principal list is at its configured bound.
@@ -216,6 +234,42 @@ impl<'s, S: Store + ?Sized> Denylist<'s, S> {
         Ok(found)
     }
 
+    /// Applies changes made on another Envoy. A revocation keeps its
+    /// original times; an un-revoke removes only a record revoked at or
+    /// before it. Returns how many changes took effect.
+    pub fn apply(&self, changes: &[Change], now: u64) -> Result<usize, DenyError> {
+        let mut by_key: HashMap<String, Vec<&Change>> = HashMap::new();
+        for change in changes {
+            let Some(key) = key_for_id(change.id()) else {
+                log::warn!("ignoring a synced revocation with a malformed id");
+                continue;
+            };
+            by_key.entry(key).or_default().push(change);
+        }
+        let capacity = bucket_capacity(self.limits.max_tokens);
+        let mut applied = 0;
+        for (key, group) in by_key {
+            let limit = if key == PRINCIPALS_KEY { self.limits.max_principals } else { capacity };
+            let mut changed = 0;
+            update(self.store, &key, |current| {
+                changed = 0;
+                let mut records = decode(current);
+                records.retain(|r| r.expires_at > now);
+                for change in &group {
+                    if apply_one(&mut records, change, limit, now) {
+                        changed += 1;
+                    }
+                }
+                (changed > 0).then(|| encode(&records))
+            })?;
+            applied += changed;
+        }
+        if applied > 0 {
+            self.bump()?;
+        }
+        Ok(applied)
+    }
+
     /// The live record for a token, if it is revoked.
     pub fn token_record(&self, hash: &TokenHash, now: u64) -> Result<Option<Record>, StoreError> {
         let id = hex(hash);
@@ -254,6 +308,46 @@ impl<'s, S: Store + ?Sized> Denylist<'s, S> {
             Some(next.to_string().into_bytes())
         })?;
         Ok(())
+    }
+}
+
+/// The shared-data key that holds a record with this admin id.
+fn key_for_id(id: &str) -> Option<String> {
+    match crate::cache::parse_hex(id) {
+        Some(hash) => Some(token_key(&hash)),
+        None if id.starts_with("client:") || id.starts_with("sub:") => Some(PRINCIPALS_KEY.to_string()),
+        None => None,
+    }
+}
+
+fn apply_one(records: &mut Vec<Record>, change: &Change, limit: usize, now: u64) -> bool {
+    match change {
+        Change::Revoked(r) if r.expires_at <= now => false,
+        Change::Revoked(r) => {
+            if let Some(x) = records.iter_mut().find(|x| x.id == r.id) {
+                // A later revocation of a client or subject covers more tokens.
+                if x.kind != Kind::Token && x.revoked_at < r.revoked_at {
+                    *x = r.clone();
+                    return true;
+                }
+                if x.expires_at < r.expires_at {
+                    x.expires_at = r.expires_at;
+                    return true;
+                }
+                return false;
+            }
+            if records.len() >= limit {
+                log::error!("denylist full: a synced revocation of {} was dropped", r.id);
+                return false;
+            }
+            records.push(r.clone());
+            true
+        }
+        Change::Undone { id, undone_at } => {
+            let before = records.len();
+            records.retain(|x| !(x.id == *id && x.revoked_at <= *undone_at));
+            records.len() != before
+        }
     }
 }
 
@@ -488,6 +582,29 @@ mod tests {
         // Expired records make room again.
         let out = d.revoke_tokens(&same[cap..], "", 99).unwrap();
         assert_eq!(out.revoked.len(), 1);
+    }
+
+    #[test]
+    fn synced_changes_apply_once_and_in_order() {
+        let s = MemoryStore::new();
+        let l = limits();
+        let d = Denylist::new(&s, &l);
+        let rec = |id: String, kind, at| Record { id, kind, revoked_at: at, expires_at: 1000, reason: "r".into() };
+        let token = rec(hex(&h(1)), Kind::Token, 10);
+        let client = rec("client:app".into(), Kind::Client, 10);
+        let changes = vec![Change::Revoked(token.clone()), Change::Revoked(client.clone())];
+        assert_eq!(d.apply(&changes, 20).unwrap(), 2);
+        assert_eq!(d.apply(&changes, 20).unwrap(), 0, "idempotent");
+        assert_eq!(d.token_record(&h(1), 20).unwrap(), Some(token.clone()));
+        // An un-revoke older than the revocation does not remove it.
+        assert_eq!(d.apply(&[Change::Undone { id: token.id.clone(), undone_at: 5 }], 20).unwrap(), 0);
+        assert_eq!(d.apply(&[Change::Undone { id: token.id.clone(), undone_at: 15 }], 20).unwrap(), 1);
+        assert_eq!(d.token_record(&h(1), 20).unwrap(), None);
+        // A newer client revocation replaces the older one.
+        let newer = rec("client:app".into(), Kind::Client, 30);
+        assert_eq!(d.apply(&[Change::Revoked(newer.clone())], 40).unwrap(), 1);
+        assert_eq!(d.principals(40).unwrap(), vec![newer]);
+        assert_eq!(d.apply(&[Change::Undone { id: "garbage".into(), undone_at: 1 }], 40).unwrap(), 0);
     }
 
     #[test]

@@ -4,6 +4,9 @@
 use crate::admin::{self, Reply, Route};
 use crate::bearer::{self, BearerError, Token};
 use crate::cache;
+use crate::cluster_sync;
+use crate::denylist::Change;
+use crate::etcd::{EtcdWrite, Written};
 use crate::introspection;
 use crate::outcome::Denial;
 use crate::worker::{now_ms, send_denial, Found, Worker};
@@ -30,9 +33,28 @@ enum AdminState {
     None,
     /// `POST {prefix}/revoke` waiting for its body.
     AwaitingBody { content_type: Option<String> },
-    /// Revoked locally; waiting for the IdP's revocation endpoint.
-    Forwarding { reply: Reply, pending: HashSet<u32>, ok: usize, failed: usize, skipped: usize },
+    /// Done locally; waiting for etcd and the IdP's revocation endpoint.
+    Finishing(Box<Finishing>),
     Answered,
+}
+
+/// The follow-ups of an admin change, which run side by side before the
+/// reply goes out.
+struct Finishing {
+    reply: Reply,
+    /// Writing the change to etcd (cluster sync).
+    sync: Option<EtcdWrite>,
+    sync_outcome: Option<&'static str>,
+    /// Forwarding revoked tokens to the IdP (RFC 7009).
+    forward_pending: HashSet<u32>,
+    forwarded: Option<Forwarded>,
+}
+
+#[derive(Default)]
+struct Forwarded {
+    ok: usize,
+    failed: usize,
+    skipped: usize,
 }
 
 type Headers = Vec<(String, Vec<u8>)>;
@@ -207,10 +229,24 @@ impl Filter {
         let exp_of = |hash: &cache::TokenHash| worker.cached_exp(hash, now);
         let handled = admin::handle(route, revoke, &worker.config.denylist, &crate::store::SharedData, now / 1000, &exp_of);
         self.count(worker, route, &handled.reply);
-        match (&worker.config.revocation_endpoint, handled.reply.status) {
-            (Some(_), 200) if !handled.forward.is_empty() => self.forward(worker, handled.reply, &handled.forward),
-            _ => self.admin_reply(worker, handled.reply),
+        if handled.reply.status >= 300 {
+            return self.admin_reply(worker, handled.reply);
         }
+        let mut finishing =
+            Finishing { reply: handled.reply, sync: None, sync_outcome: None, forward_pending: HashSet::new(), forwarded: None };
+        if let Some(cfg) = &worker.config.cluster_sync {
+            if !handled.changes.is_empty() {
+                finishing.sync = EtcdWrite::start(cfg, handled.changes.clone(), now / 1000);
+                if finishing.sync.is_none() {
+                    finishing.sync_outcome = Some(queue(worker, &handled.changes));
+                }
+            }
+        }
+        if worker.config.revocation_endpoint.is_some() && !handled.forward.is_empty() {
+            finishing.forwarded = Some(self.forward(worker, &handled.forward, &mut finishing.forward_pending));
+        }
+        self.admin = AdminState::Finishing(Box::new(finishing));
+        self.finish_admin(worker)
     }
 
     fn count(&self, worker: &Worker, route: &Route, reply: &Reply) {
@@ -231,12 +267,11 @@ impl Filter {
 
     /// Also revokes at the IdP (RFC 7009); the local revocation stands
     /// whatever the IdP answers.
-    fn forward(&mut self, worker: &Worker, reply: Reply, tokens: &[Token]) -> Action {
+    fn forward(&self, worker: &Worker, tokens: &[Token], pending: &mut HashSet<u32>) -> Forwarded {
+        let mut outcome = Forwarded { skipped: tokens.len().saturating_sub(MAX_FORWARDS), ..Default::default() };
         let Some(endpoint) = &worker.config.revocation_endpoint else {
-            return self.admin_reply(worker, reply);
+            return outcome;
         };
-        let mut pending = HashSet::new();
-        let mut failed = 0;
         for token in tokens.iter().take(MAX_FORWARDS) {
             let mut form = form_urlencoded::Serializer::new(String::new());
             form.append_pair("token", token.as_str());
@@ -259,31 +294,76 @@ impl Filter {
                 }
                 Err(status) => {
                     log::warn!("cannot call the revocation endpoint: {status:?}");
-                    failed += 1;
+                    outcome.failed += 1;
                 }
             }
         }
-        let skipped = tokens.len().saturating_sub(MAX_FORWARDS);
-        self.admin = AdminState::Forwarding { reply, pending, ok: 0, failed, skipped };
-        self.finish_forwarding(worker)
+        outcome
     }
 
-    fn finish_forwarding(&mut self, worker: &Worker) -> Action {
-        let AdminState::Forwarding { reply, pending, ok, failed, skipped } = &self.admin else {
+    /// Routes a callout answer to the admin follow-up it belongs to.
+    /// Returns false if it is not one of ours.
+    fn admin_callout(&mut self, worker: &Worker, token_id: u32, num_headers: usize, body_size: usize) -> bool {
+        let AdminState::Finishing(f) = &mut self.admin else {
+            return false;
+        };
+        if f.forward_pending.remove(&token_id) {
+            let status = (num_headers > 0)
+                .then(|| hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status").ok().flatten())
+                .flatten();
+            if let Some(fw) = f.forwarded.as_mut() {
+                if status.as_deref() == Some(b"200") {
+                    fw.ok += 1;
+                } else {
+                    fw.failed += 1;
+                }
+            }
+        } else if let (Some(write), Some(cfg)) = (f.sync.as_mut(), &worker.config.cluster_sync) {
+            if !write.owns(token_id) {
+                return false;
+            }
+            match write.on_response(cfg, token_id, num_headers, body_size) {
+                Some(Written::Ok) => {
+                    f.sync_outcome = Some("written");
+                    f.sync = None;
+                }
+                Some(Written::Failed) => {
+                    let changes = std::mem::take(&mut write.changes);
+                    f.sync_outcome = Some(queue(worker, &changes));
+                    f.sync = None;
+                }
+                None => {}
+            }
+        } else {
+            return false;
+        }
+        self.finish_admin(worker);
+        true
+    }
+
+    /// Sends the admin reply once every follow-up is over.
+    fn finish_admin(&mut self, worker: &Worker) -> Action {
+        let AdminState::Finishing(f) = &self.admin else {
             return Action::Pause;
         };
-        if !pending.is_empty() {
+        if f.sync.is_some() || !f.forward_pending.is_empty() {
             return Action::Pause;
         }
-        worker.metrics.revocations_forward_ok.add(*ok as u64);
-        worker.metrics.revocations_forward_failed.add(*failed as u64);
-        let mut reply = reply.clone();
+        let mut reply = f.reply.clone();
         if let Some(body) = reply.body.as_mut().and_then(|b| b.as_object_mut()) {
-            body.insert("forwarded".into(), serde_json::json!({"ok": ok, "failed": failed, "skipped": skipped}));
+            if let Some(fw) = &f.forwarded {
+                worker.metrics.revocations_forward_ok.add(fw.ok as u64);
+                worker.metrics.revocations_forward_failed.add(fw.failed as u64);
+                body.insert(
+                    "forwarded".into(),
+                    serde_json::json!({"ok": fw.ok, "failed": fw.failed, "skipped": fw.skipped}),
+                );
+            }
+            if let Some(outcome) = f.sync_outcome {
+                body.insert("cluster_sync".into(), serde_json::json!(outcome));
+            }
         }
-        self.admin_reply(worker, reply);
-        // Called from a callout callback: the request was paused, resume it into the reply.
-        Action::Pause
+        self.admin_reply(worker, reply)
     }
 
     fn admin_reply(&mut self, worker: &Worker, reply: Reply) -> Action {
@@ -305,26 +385,37 @@ impl Filter {
     }
 }
 
+/// Parks changes etcd did not take in the shared outbox, for the poller to
+/// flush; says what happened for the admin reply.
+fn queue(worker: &Worker, changes: &[Change]) -> &'static str {
+    let max = worker.config.cluster_sync.as_ref().map_or(0, |c| c.max_outbox);
+    match cluster_sync::outbox_push(&crate::store::SharedData, changes, max) {
+        Ok(0) => {
+            worker.metrics.sync_queued.add(changes.len() as u64);
+            log::warn!("cluster sync: etcd unreachable, {} change(s) queued", changes.len());
+            "queued"
+        }
+        Ok(dropped) => {
+            worker.metrics.sync_dropped.add(dropped as u64);
+            log::error!("cluster sync: outbox full, {dropped} change(s) stay local only");
+            "partly_dropped"
+        }
+        Err(e) => {
+            worker.metrics.sync_dropped.add(changes.len() as u64);
+            log::error!("cluster sync: outbox write failed ({e:?}), changes stay local only");
+            "dropped"
+        }
+    }
+}
+
 impl Context for Filter {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _trailers: usize) {
         let Some(worker) = self.worker.clone() else {
             return;
         };
-        if let AdminState::Forwarding { pending, ok, failed, .. } = &mut self.admin {
-            if pending.remove(&token_id) {
-                let status = (num_headers > 0)
-                    .then(|| hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status").ok().flatten())
-                    .flatten();
-                if status.as_deref() == Some(b"200") {
-                    *ok += 1;
-                } else {
-                    *failed += 1;
-                }
-                self.finish_forwarding(&worker);
-                return;
-            }
+        if !self.admin_callout(&worker, token_id, num_headers, body_size) {
+            worker.on_callout_response(token_id, num_headers, body_size);
         }
-        worker.on_callout_response(token_id, num_headers, body_size);
     }
 
     fn on_done(&mut self) -> bool {

@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod bearer;
 pub mod cache;
+pub mod cluster_sync;
 pub mod config;
 pub mod denylist;
 pub mod introspection;
@@ -20,6 +21,7 @@ pub mod outcome;
 pub mod policy;
 pub mod store;
 
+mod etcd;
 mod filter;
 mod metrics;
 mod root;

@@ -39,6 +39,10 @@ pub struct Metrics {
     pub revocations_forward_failed: Counter,
     pub admin_requests: Counter,
     pub admin_rejected: Counter,
+    pub sync_failures: Counter,
+    pub sync_applied: Counter,
+    pub sync_queued: Counter,
+    pub sync_dropped: Counter,
 }
 
 /// A counter id; 0 means "not defined" and increments are dropped.
@@ -105,6 +109,10 @@ impl Metrics {
             revocations_forward_failed: c("revocations.forward.failed"),
             admin_requests: c("admin.requests"),
             admin_rejected: c("admin.rejected"),
+            sync_failures: c("sync.failures"),
+            sync_applied: c("sync.applied"),
+            sync_queued: c("sync.queued"),
+            sync_dropped: c("sync.dropped"),
         }
     }
 

@@ -9,8 +9,16 @@ use crate::worker::Worker;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
+use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
-use std::time::Duration;
+
+/// A name for this root context, unique within the process (each worker's
+/// VM numbers its contexts from 1, so the id alone would collide).
+fn instance_name() -> String {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(crate::worker::now_ms());
+    format!("{:016x}", hasher.finish())
+}
 
 #[derive(Default)]
 pub struct Root {
@@ -39,8 +47,9 @@ impl RootContext for Root {
                 return false;
             }
         };
-        self.worker = Some(Rc::new(Worker::new(config, Metrics::define())));
-        let _ = hostcalls::set_tick_period(Duration::from_millis(1000));
+        let worker = Worker::new(config, Metrics::define()).with_sync(instance_name());
+        let _ = hostcalls::set_tick_period(worker.slow_tick());
+        self.worker = Some(Rc::new(worker));
         log::info!("configured");
         true
     }

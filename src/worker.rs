@@ -19,6 +19,7 @@ use crate::introspection::{self, Answer, IntrospectionError};
 use crate::metrics::Metrics;
 use crate::outcome::Denial;
 use crate::policy;
+use crate::etcd::Poller;
 use crate::store::SharedData;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
@@ -42,6 +43,8 @@ pub struct Worker {
     pub metrics: Metrics,
     state: RefCell<State>,
     deny: RefCell<DenyView>,
+    /// The etcd poller, where `cluster_sync` is configured.
+    sync: Option<RefCell<Poller>>,
 }
 
 struct State {
@@ -99,6 +102,23 @@ impl Worker {
                 fast_tick: false,
             }),
             deny: RefCell::new(DenyView::default()),
+            sync: None,
+        }
+    }
+
+    /// Enables cluster sync; `me` names this root among the process's.
+    pub fn with_sync(mut self, me: String) -> Worker {
+        if self.config.cluster_sync.is_some() {
+            self.sync = Some(RefCell::new(Poller::new(me)));
+        }
+        self
+    }
+
+    /// The tick period when nothing waits.
+    pub fn slow_tick(&self) -> Duration {
+        match &self.config.cluster_sync {
+            Some(c) => SLOW_TICK.min(Duration::from_millis(c.poll_ms / 2)),
+            None => SLOW_TICK,
         }
     }
 
@@ -253,6 +273,13 @@ impl Worker {
     /// An introspection answer arrived (in a request context or the root).
     pub fn on_callout_response(&self, token_id: u32, num_headers: usize, body_size: usize) {
         let now = now_ms();
+        if let (Some(sync), Some(cfg)) = (&self.sync, &self.config.cluster_sync) {
+            let mut poller = sync.borrow_mut();
+            if poller.owns(token_id) {
+                poller.on_response(cfg, &self.denylist(), &self.metrics, (token_id, num_headers, body_size), now);
+                return;
+            }
+        }
         let Some(hash) = self.state.borrow_mut().callouts.remove(&token_id) else {
             return;
         };
@@ -441,6 +468,9 @@ impl Worker {
     /// gives up on callouts Envoy never answered.
     pub fn tick(&self) {
         let now = now_ms();
+        if let (Some(sync), Some(cfg)) = (&self.sync, &self.config.cluster_sync) {
+            sync.borrow_mut().tick(cfg, &self.metrics, now);
+        }
         let hashes: Vec<TokenHash> = self.state.borrow().flights.keys().copied().collect();
         for hash in hashes {
             self.advance(hash, now);
@@ -525,7 +555,7 @@ impl Worker {
         if state.fast_tick != fast {
             state.fast_tick = fast;
             drop(state);
-            let _ = hostcalls::set_tick_period(if fast { FAST_TICK } else { SLOW_TICK });
+            let _ = hostcalls::set_tick_period(if fast { FAST_TICK } else { self.slow_tick() });
         }
     }
 

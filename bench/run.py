@@ -1,0 +1,1069 @@
+#!/usr/bin/env python3
+"""`make bench`: tokengate's cost, measured against its floor and its rivals.
+
+Everything runs on 127.0.0.1 on free ports. Envoy is pinned to one core and the
+load generator (wrk, and this script) to the other with taskset.
+
+Phases (BENCH_PHASES, comma-separated, default all):
+  throughput  one Envoy (--concurrency 1) with a listener per variant; variants
+              alternate round by round: A bare, B no-op wasm, C tokengate (one
+              cached token), C2 tokengate (1,000 cached tokens rotated), D ext_authz
+  ladder      the no-op filter with tokengate's hit-path steps added one by one
+              (bench/noop), then tokengate itself: where the cost beyond the floor goes
+  perf        perf record of Envoy's core during A, B and C: CPU by DSO (kernel,
+              Envoy, V8 JIT code = wasm) where perf works
+  burst       a fresh Envoy (--concurrency 4): cold bursts of N requests over M
+              connections with one new token each; introspections counted
+  rss         a fresh Envoy (--concurrency 4): VmRSS while 10k, 100k, 1M distinct
+              tokens pass through (cache.max_entries 100000)
+Writes bench/results.md, bench/results.png, bench/results.json; prints the tables.
+See bench/README.md for the knobs.
+"""
+import atexit
+import ctypes
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+LUA = BENCH / "lua"
+LOOPBACK = "127.0.0.1"
+
+# --------------------------------------------------------------------------- knobs
+
+PROFILES = {
+    # Short: builds and checks the harness; numbers are indicative only.
+    "smoke": dict(
+        ROUNDS=2, SECONDS=3, WARMUP=1, LADDER_ROUNDS=2, LADDER_SECONDS=3, PERF_SECONDS=3,
+        BURSTS=2, RSS_MILESTONES="1000,10000,100000", RSS_MAX_ENTRIES=10000,
+    ),
+    # The real run (about 25 minutes on a quiet 2-core machine).
+    "full": dict(
+        ROUNDS=5, SECONDS=20, WARMUP=3, LADDER_ROUNDS=3, LADDER_SECONDS=10, PERF_SECONDS=10,
+        BURSTS=5, RSS_MILESTONES="10000,100000,1000000", RSS_MAX_ENTRIES=100000,
+    ),
+}
+COMMON = dict(
+    CONNECTIONS=32, THREADS=2, VARIANTS="A,B,C,C2,D", ROTATE_TOKENS=1000,
+    BURST_REQUESTS=400, BURST_CONNECTIONS=32, IDP_DELAY_MS=50, BURST_CONCURRENCY=4,
+    RSS_CONCURRENCY=4, PHASES="throughput,ladder,perf,burst,rss", PERF=1,
+    ENVOY_CPU="", LOAD_CPU="", OUT=str(BENCH), LOG_LEVEL="warn",
+)
+
+
+def knobs():
+    profile = os.environ.get("BENCH_PROFILE", "smoke")
+    if profile not in PROFILES:
+        sys.exit(f"BENCH_PROFILE must be one of {sorted(PROFILES)}, not {profile!r}")
+    k = dict(COMMON, **PROFILES[profile], PROFILE=profile)
+    for name, default in list(k.items()):
+        raw = os.environ.get(f"BENCH_{name}")
+        if raw is None or name == "PROFILE":
+            continue
+        k[name] = type(default)(raw) if isinstance(default, (int, float)) and not isinstance(default, bool) else raw
+    k["VARIANTS"] = [v.strip() for v in str(k["VARIANTS"]).split(",") if v.strip()]
+    k["PHASES"] = [p.strip() for p in str(k["PHASES"]).split(",") if p.strip()]
+    k["RSS_MILESTONES"] = [int(x) for x in str(k["RSS_MILESTONES"]).split(",") if x.strip()]
+    return k
+
+
+def paths():
+    envoy = Path(os.environ.get("ENVOY_BIN") or REPO / ".deps/envoy/envoy/_bin/envoy")
+    tokengate = Path(os.environ.get("TOKENGATE_WASM") or REPO / "target/wasm32-wasip1/release/tokengate.wasm")
+    noop = Path(os.environ.get("NOOP_WASM") or BENCH / "noop/target/wasm32-wasip1/release/bench_noop.wasm")
+    for what, p in (("envoy", envoy), ("tokengate wasm (make build)", tokengate), ("no-op wasm (make bench-noop)", noop)):
+        if not p.is_file():
+            sys.exit(f"missing {what}: {p}")
+    if not shutil.which("wrk"):
+        sys.exit("wrk is missing: run `make bench-deps`")
+    return envoy, tokengate, noop
+
+
+def pick_cpus(k):
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        sys.exit(f"need two cores (Envoy on one, the load on the other); this process may use {allowed}")
+    envoy_cpu = int(k["ENVOY_CPU"]) if str(k["ENVOY_CPU"]) != "" else allowed[0]
+    load_cpu = int(k["LOAD_CPU"]) if str(k["LOAD_CPU"]) != "" else allowed[1]
+    return envoy_cpu, load_cpu
+
+
+# --------------------------------------------------------------------------- processes
+
+PR_SET_PDEATHSIG = 1
+_children = []
+
+
+def _die_with_parent():
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def spawn(argv, log_path, env=None):
+    log = open(log_path, "ab")
+    p = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                         env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    log.close()
+    _children.append(p)
+    return p
+
+
+def kill(p, grace=5.0):
+    """Stops one process this script started (and its process group), by id."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+    if p in _children:
+        _children.remove(p)
+
+
+def _cleanup(*_):
+    for p in list(_children):
+        kill(p, grace=2.0)
+
+
+atexit.register(_cleanup)
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def accepts(port):
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def request(port, path="/", headers=None, method="GET", timeout=10.0, conn=None):
+    own = conn is None
+    conn = conn or http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+    try:
+        conn.request(method, path, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        if own:
+            conn.close()
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+# --------------------------------------------------------------------------- Envoy configuration
+
+ROUTER = {"name": "envoy.filters.http.router",
+          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+FAR_FUTURE = 4102444800  # 2100-01-01
+
+
+def direct(status=200, body="ok\n", content_type="text/plain"):
+    return {"match": {"prefix": "/"},
+            "direct_response": {"status": status, "body": {"inline_string": body}},
+            "response_headers_to_add": [{"header": {"key": "content-type", "value": content_type}}]}
+
+
+def listener(name, port, filters, route):
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": LOOPBACK, "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": name,
+                "route_config": {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": [route]}]},
+                "http_filters": filters + [ROUTER],
+            }}]}],
+    }
+
+
+def wasm(name, vm_id, path, configuration):
+    """The same wasm settings tokengate ships with (envoy/envoy.yaml): V8, a vm_id, fail closed."""
+    return {"name": name, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {
+            "name": name, "root_id": name,
+            "vm_config": {"vm_id": vm_id, "runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": str(path)}}},
+            "fail_open": False,
+            "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": configuration},
+        }}}
+
+
+def ext_authz(authz_port):
+    return {"name": "envoy.filters.http.ext_authz", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "failure_mode_allow": False,
+        "http_service": {"server_uri": {"uri": f"http://{LOOPBACK}:{authz_port}", "cluster": "authz", "timeout": "2s"}},
+    }}
+
+
+def fault_delay(ms):
+    return {"name": "envoy.filters.http.fault", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+        "delay": {"fixed_delay": f"{ms / 1000:.3f}s", "percentage": {"numerator": 100, "denominator": "HUNDRED"}},
+    }}
+
+
+def cluster(name, port):
+    return {"name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": port}}}}]}]}}
+
+
+IDP_ANSWER = json.dumps({"active": True, "scope": "read", "sub": "bench-user", "client_id": "bench-client",
+                         "exp": FAR_FUTURE})
+
+
+def tokengate_config(max_entries=None):
+    """envoy/tokengate.json, with cached answers that outlive the run (see README)."""
+    cfg = json.loads((REPO / "envoy/tokengate.json").read_text())
+    cfg["introspection"]["cluster"] = "idp"
+    cfg.setdefault("cache", {})["max_ttl_s"] = 86400
+    if max_entries is not None:
+        cfg["cache"]["max_entries"] = max_entries
+    return json.dumps(cfg)
+
+
+LADDER = [
+    ("B  no-op (floor)", ""),
+    ("+ whole header map", "map"),
+    ("+ sha256", "map,sha256"),
+    ("+ clock read", "map,sha256,time"),
+    ("+ clock read in on_done", "map,sha256,time,done"),
+    ("+ 2 counter increments", "map,sha256,time,done,metrics"),
+    ("+ 3 header writes", "map,sha256,time,done,metrics,headers"),
+]
+
+
+class Envoy:
+    def __init__(self, workdir, name, envoy_bin, cpu, concurrency, log_level):
+        self.workdir, self.name, self.envoy_bin, self.cpu = workdir, name, envoy_bin, cpu
+        self.concurrency, self.log_level = concurrency, log_level
+        self.admin_port = free_port()
+        self.listeners, self.clusters, self.ports = [], [], {}
+        self.proc = None
+
+    def add(self, name, filters, route):
+        port = free_port()
+        self.ports[name] = port
+        self.listeners.append(listener(name, port, filters, route))
+        return port
+
+    def bootstrap(self):
+        return {"admin": {"address": {"socket_address": {"address": LOOPBACK, "port_value": self.admin_port}}},
+                "static_resources": {"listeners": self.listeners, "clusters": self.clusters}}
+
+    def start(self, timeout=60.0):
+        cfg = self.workdir / f"{self.name}.json"
+        cfg.write_text(json.dumps(self.bootstrap(), indent=1))
+        self.log = self.workdir / f"{self.name}.log"
+        self.proc = spawn(["taskset", "-c", self.cpu, self.envoy_bin, "-c", cfg, "--concurrency", self.concurrency,
+                           "--disable-hot-restart", "--log-level", self.log_level], self.log)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"envoy {self.name} exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                live = request(self.admin_port, "/ready", timeout=1)[1].strip() == b"LIVE"
+            except OSError:
+                live = False
+            if live and all(accepts(p) for p in self.ports.values()):
+                return self
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"envoy {self.name} not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.1)
+
+    def stop(self):
+        if self.proc:
+            kill(self.proc)
+            self.proc = None
+
+    def stats(self, regex):
+        _, body = request(self.admin_port, "/stats?filter=" + regex, timeout=10)
+        out = {}
+        for line in body.decode().splitlines():
+            name, _, value = line.partition(": ")
+            try:
+                out[name] = int(value)
+            except ValueError:
+                pass
+        return out
+
+    def stat(self, name):
+        return self.stats("^" + re.escape(name) + "$").get(name, 0)
+
+    def cpu_ns(self):
+        """(on-CPU, waiting-for-CPU) time of every Envoy thread so far, in ns (schedstat)."""
+        run = wait = 0
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            try:
+                fields = (task / "schedstat").read_text().split()
+                run, wait = run + int(fields[0]), wait + int(fields[1])
+            except (OSError, ValueError, IndexError):
+                pass
+        return run, wait
+
+    def rss_kib(self):
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        get = lambda key: int(re.search(rf"^{key}:\s+(\d+) kB", status, re.M).group(1))
+        return get("VmRSS"), get("VmHWM")
+
+
+def envoy_version(envoy_bin):
+    out = subprocess.run([str(envoy_bin), "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"version: \S+/(\S+)/", out)
+    return m.group(1) if m else out.strip()[:80]
+
+
+# --------------------------------------------------------------------------- load
+
+
+class Wrk:
+    def __init__(self, k, load_cpu, workdir):
+        self.k, self.load_cpu, self.workdir = k, load_cpu, workdir
+
+    def run(self, port, seconds, script="static.lua", headers=(), env=None, connections=None, threads=None,
+            until_files=None, timeout_s=None):
+        """Runs wrk pinned to the load core; returns its JSON summary plus its own CPU use."""
+        connections = connections or self.k["CONNECTIONS"]
+        threads = threads or self.k["THREADS"]
+        argv = ["taskset", "-c", self.load_cpu, "wrk", "-t", threads, "-c", connections, "-d", f"{seconds}s",
+                "--timeout", "5s", "-s", LUA / script]
+        for h in headers:
+            argv += ["-H", h]
+        argv.append(f"http://{LOOPBACK}:{port}/")
+        e = dict(os.environ, BENCH_LUA_DIR=str(LUA), **(env or {}))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.monotonic()
+        p = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e,
+                             text=True, start_new_session=True, preexec_fn=_die_with_parent)
+        _children.append(p)
+        if until_files:
+            # A run that ends by itself: each thread drops a file when done;
+            # wrk's main thread then still sleeps, so wake it with SIGINT.
+            deadline = time.monotonic() + (timeout_s or seconds)
+            while p.poll() is None and time.monotonic() < deadline:
+                if all(f.exists() for f in until_files):
+                    break
+                time.sleep(0.05)
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGINT)
+        out, _ = p.communicate()
+        _children.remove(p)
+        wall = time.monotonic() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        m = re.search(r"^BENCH_JSON (.*)$", out, re.M)
+        if not m:
+            raise RuntimeError(f"wrk printed no summary (exit {p.returncode}):\n{out[-2000:]}")
+        r = json.loads(m.group(1))
+        r["wrk_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        r["wall_s"] = wall
+        r["rps"] = r["requests"] / (r["duration_us"] / 1e6) if r["duration_us"] else 0.0
+        r["errors"] = r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["status_errors"] + r["timeouts"]
+        return r
+
+
+# --------------------------------------------------------------------------- phases
+
+
+VARIANT_INFO = {
+    "A": "bare Envoy, direct response",
+    "B": "+ no-op wasm (reads Authorization + 1 shared-data key)",
+    "C": "+ tokengate, 1 cached token",
+    "C2": "+ tokengate, 1,000 cached tokens rotated",
+    "D": "+ ext_authz (HTTP) to an Envoy listener answering 200",
+}
+
+
+def throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, with_ladder):
+    e = Envoy(workdir, "throughput", envoy_bin, envoy_cpu, 1, k["LOG_LEVEL"])
+    idp_port = e.add("idp", [], direct(body=IDP_ANSWER, content_type="application/json"))
+    authz_port = e.add("authz", [], direct(body=""))
+    e.clusters += [cluster("idp", idp_port), cluster("authz", authz_port)]
+    e.add("A", [], direct())
+    e.add("B", [wasm("noop", "noop", noop, "")], direct())
+    e.add("C", [wasm("tokengate", "tokengate", tokengate, tokengate_config())], direct())
+    e.ports["C2"] = e.ports["C"]  # the same listener, other tokens
+    e.add("D", [ext_authz(authz_port)], direct())
+    if with_ladder:
+        for i, (_, steps) in enumerate(LADDER[1:], 1):
+            e.add(f"L{i}", [wasm(f"noop{i}", "noop", noop, steps)], direct())
+    return e.start()
+
+
+def check_ok(port, token, what):
+    status, body = request(port, headers=bearer(token))
+    if status != 200:
+        raise RuntimeError(f"{what}: expected 200, got {status}: {body[:300]!r}")
+
+
+def warm(e, k):
+    """Caches the hot token and the rotation's tokens (one introspection each)."""
+    for v in ("A", "B", "C", "D"):
+        check_ok(e.ports[v], "bench-hot-token", f"variant {v}")
+    before = e.stat("cluster.idp.upstream_rq_total")
+    conn = http.client.HTTPConnection(LOOPBACK, e.ports["C"], timeout=10)
+    try:
+        for i in range(k["ROTATE_TOKENS"]):
+            status, body = request(0, headers=bearer(f"bench-rot-{i:06d}"), conn=conn)
+            if status != 200:
+                raise RuntimeError(f"warming token {i}: {status} {body[:200]!r}")
+    finally:
+        conn.close()
+    return e.stat("cluster.idp.upstream_rq_total") - before
+
+
+def measure(e, wrk, variant, port, seconds, warmup, rotate_tokens):
+    if variant == "C2":
+        kw = dict(script="rotate.lua", env={"BENCH_TOKENS": str(rotate_tokens), "BENCH_TOKEN_PREFIX": "bench-rot-"})
+    else:
+        kw = dict(headers=["Authorization: Bearer bench-hot-token"])
+    if warmup:
+        wrk.run(port, warmup, **kw)
+    idp0 = e.stat("cluster.idp.upstream_rq_total")
+    cpu0, t0 = e.cpu_ns(), time.monotonic()
+    r = wrk.run(port, seconds, **kw)
+    cpu1, t1 = e.cpu_ns(), time.monotonic()
+    r["introspections"] = e.stat("cluster.idp.upstream_rq_total") - idp0
+    r["envoy_cpu_us_per_req"] = (cpu1[0] - cpu0[0]) / 1e3 / max(r["requests"], 1)
+    r["envoy_cpu_util"] = (cpu1[0] - cpu0[0]) / 1e9 / (t1 - t0)
+    # Time Envoy's threads were runnable but another process had the core: the noise gauge.
+    r["envoy_wait_util"] = (cpu1[1] - cpu0[1]) / 1e9 / (t1 - t0)
+    r["wrk_cpu_util"] = r["wrk_cpu_s"] / r["wall_s"]
+    return r
+
+
+def phase_throughput(k, e, wrk, log):
+    rounds = []
+    for rnd in range(1, k["ROUNDS"] + 1):
+        row = {}
+        for v in k["VARIANTS"]:
+            r = measure(e, wrk, v, e.ports[v], k["SECONDS"], k["WARMUP"], k["ROTATE_TOKENS"])
+            row[v] = r
+            log(f"  round {rnd} {v:>2}: {r['rps']:9.0f} req/s  p50 {r['p50_us']:6d} µs  p99 {r['p99_us']:6d} µs  "
+                f"envoy {r['envoy_cpu_us_per_req']:6.2f} µs/req ({r['envoy_cpu_util'] * 100:3.0f}% cpu, "
+                f"{r['envoy_wait_util'] * 100:3.0f}% waiting)  "
+                f"wrk {r['wrk_cpu_util'] * 100:3.0f}% cpu  errors {r['errors']}  introspections {r['introspections']}")
+        rounds.append(row)
+    return rounds
+
+
+def phase_ladder(k, e, wrk, log):
+    steps = [(label, "B" if i == 0 else f"L{i}") for i, (label, _) in enumerate(LADDER)]
+    steps.append(("= tokengate (C)", "C"))
+    rounds = []
+    for rnd in range(1, k["LADDER_ROUNDS"] + 1):
+        row = {}
+        for label, name in steps:
+            r = measure(e, wrk, name, e.ports[name], k["LADDER_SECONDS"], k["WARMUP"], k["ROTATE_TOKENS"])
+            row[name] = r
+            log(f"  ladder round {rnd} {label:<26} {r['envoy_cpu_us_per_req']:6.2f} µs/req  {r['rps']:9.0f} req/s  "
+                f"errors {r['errors']}")
+        rounds.append(row)
+    return {"steps": steps, "rounds": rounds}
+
+
+def phase_perf(k, e, wrk, log, workdir):
+    """CPU samples of the Envoy process by DSO during A, B and C."""
+    if not shutil.which("perf"):
+        return {"error": "perf is not installed"}
+    out = {}
+    for v in ("A", "B", "C"):
+        data = workdir / f"perf-{v}.data"
+        rec = spawn(["perf", "record", "-e", "cpu-clock", "-F", "1999", "-p", e.proc.pid, "-o", data],
+                    workdir / f"perf-{v}.log")
+        time.sleep(0.5)
+        wrk.run(e.ports[v], k["PERF_SECONDS"], headers=["Authorization: Bearer bench-hot-token"])
+        os.kill(rec.pid, signal.SIGINT)
+        try:
+            rec.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        kill(rec)
+        rep = subprocess.run(["perf", "report", "-i", str(data), "--sort", "dso", "--stdio", "--percent-limit", "0.5"],
+                             capture_output=True, text=True)
+        if rep.returncode != 0 or not data.exists():
+            return {"error": f"perf report failed: {(rep.stderr or (workdir / f'perf-{v}.log').read_text())[-500:]}"}
+        samples = re.search(r"of event 'cpu-clock'.*?\n# Event count \(approx\.\): (\d+)", rep.stdout, re.S)
+        rows = []
+        for line in rep.stdout.splitlines():
+            m = re.match(r"\s+([\d.]+)%\s+(.+?)\s*$", line)
+            if m:
+                rows.append((m.group(2), float(m.group(1))))
+        out[v] = {"dso": rows, "events": int(samples.group(1)) if samples else None}
+        log(f"  perf {v}: " + ", ".join(f"{d} {p:.1f}%" for d, p in rows[:6]))
+    return out
+
+
+def burst_envoy(k, workdir, envoy_bin, tokengate, envoy_cpu):
+    e = Envoy(workdir, "burst", envoy_bin, envoy_cpu, k["BURST_CONCURRENCY"], k["LOG_LEVEL"])
+    delay = [fault_delay(k["IDP_DELAY_MS"])] if k["IDP_DELAY_MS"] > 0 else []
+    idp_port = e.add("idp", delay, direct(body=IDP_ANSWER, content_type="application/json"))
+    e.clusters.append(cluster("idp", idp_port))
+    e.add("tokengate", [wasm("tokengate", "tokengate", tokengate, tokengate_config())], direct())
+    return e.start()
+
+
+def phase_burst(k, e, log):
+    port = e.ports["tokengate"]
+    check_ok(port, "burst-warmup", "burst warm-up")  # the VMs are up and the callout path is open
+    results = []
+    for b in range(1, k["BURSTS"] + 1):
+        token = f"burst-{os.getpid()}-{b}-{time.time_ns()}"
+        n, m = k["BURST_REQUESTS"], k["BURST_CONNECTIONS"]
+        conns = [http.client.HTTPConnection(LOOPBACK, port, timeout=30) for _ in range(m)]
+        for c in conns:
+            c.connect()
+        cx_regex = rf"^listener\.127\.0\.0\.1_{port}\.worker_\d+\.downstream_cx_total$"
+        cx0 = e.stats(cx_regex)
+        idp0 = e.stat("cluster.idp.upstream_rq_total")
+        tg0 = e.stats(r"^tokengate\.(cache|introspection)\.")
+        ticket = iter(range(n))
+        lock = threading.Lock()
+        statuses = {}
+        go = threading.Barrier(m + 1)
+
+        def client(conn):
+            go.wait()
+            while True:
+                with lock:
+                    if next(ticket, None) is None:
+                        return
+                try:
+                    status, _ = request(0, headers=bearer(token), conn=conn)
+                except OSError as exc:
+                    status = type(exc).__name__
+                with lock:
+                    statuses[status] = statuses.get(status, 0) + 1
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in conns]
+        for t in threads:
+            t.start()
+        t0 = time.monotonic()
+        go.wait()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - t0
+        for c in conns:
+            c.close()
+        time.sleep(0.5)
+        cx1 = e.stats(cx_regex)
+        tg1 = e.stats(r"^tokengate\.(cache|introspection)\.")
+        workers = sum(1 for name, v in cx1.items() if v - cx0.get(name, 0) > 0)
+        r = {"token": b, "requests": n, "connections": m, "statuses": statuses, "elapsed_s": elapsed,
+             "introspections": e.stat("cluster.idp.upstream_rq_total") - idp0, "workers_used": workers,
+             "tokengate": {name: v - tg0.get(name, 0) for name, v in tg1.items() if v - tg0.get(name, 0)}}
+        results.append(r)
+        log(f"  burst {b}: {n} requests / {m} connections on {workers} workers in {elapsed:.2f}s: "
+            f"introspections {r['introspections']}, statuses {statuses}")
+    return results
+
+
+def rss_envoy(k, workdir, envoy_bin, tokengate, envoy_cpu):
+    e = Envoy(workdir, "rss", envoy_bin, envoy_cpu, k["RSS_CONCURRENCY"], k["LOG_LEVEL"])
+    idp_port = e.add("idp", [], direct(body=IDP_ANSWER, content_type="application/json"))
+    e.clusters.append(cluster("idp", idp_port))
+    e.add("tokengate", [wasm("tokengate", "tokengate", tokengate, tokengate_config(k["RSS_MAX_ENTRIES"]))], direct())
+    return e.start()
+
+
+def phase_rss(k, e, wrk, log, workdir):
+    port = e.ports["tokengate"]
+    check_ok(port, "rss-warmup", "rss warm-up")
+    time.sleep(1)
+    rss, hwm = e.rss_kib()
+    milestones = [{"tokens": 0, "rss_kib": rss, "hwm_kib": hwm, "introspections": 0}]
+    log(f"  rss baseline: {rss / 1024:.1f} MiB")
+    samples = [(0, rss)]
+    stop = threading.Event()
+    idp_base = e.stat("cluster.idp.upstream_rq_total")
+
+    def sampler():
+        while not stop.wait(1.0):
+            try:
+                samples.append((e.stat("cluster.idp.upstream_rq_total") - idp_base, e.rss_kib()[0]))
+            except (OSError, AttributeError):
+                pass
+
+    threading.Thread(target=sampler, daemon=True).start()
+    done_tokens = 0
+    threads = k["THREADS"]
+    try:
+        for i, target in enumerate(k["RSS_MILESTONES"]):
+            todo = target - done_tokens
+            if todo <= 0:
+                continue
+            quota = -(-todo // threads)
+            marks = workdir / f"rss-{i}"
+            marks.mkdir(exist_ok=True)
+            files = [marks / f"done-{t}" for t in range(threads)]
+            # Per-thread quota; the Lua script drops a file per thread when done (see distinct.lua).
+            r = wrk.run(port, 3600, script="distinct.lua", until_files=files, timeout_s=3600,
+                        env={"BENCH_QUOTA": str(quota), "BENCH_TOKEN_PREFIX": f"rss{i}-", "BENCH_MARK_DIR": str(marks)})
+            done_tokens += quota * threads
+            time.sleep(2)
+            rss, hwm = e.rss_kib()
+            intro = e.stat("cluster.idp.upstream_rq_total") - idp_base
+            m = {"tokens": target, "rss_kib": rss, "hwm_kib": hwm, "introspections": intro, "rps": r["rps"],
+                 "errors": r["errors"], "p99_us": r["p99_us"]}
+            milestones.append(m)
+            log(f"  rss after {target:>8} distinct tokens: {rss / 1024:7.1f} MiB (peak {hwm / 1024:.1f}), "
+                f"introspections {intro}, {r['rps']:.0f} req/s, errors {r['errors']}")
+    finally:
+        stop.set()
+    tg = e.stats(r"^tokengate\.")
+    return {"max_entries": k["RSS_MAX_ENTRIES"], "concurrency": k["RSS_CONCURRENCY"], "milestones": milestones,
+            "samples": samples, "tokengate_stats": tg}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def summarize(rounds, variants):
+    out = {}
+    for v in variants:
+        rs = [r[v] for r in rounds if v in r]
+        if not rs:
+            continue
+        out[v] = {key: med([r[key] for r in rs]) for key in
+                  ("rps", "p50_us", "p90_us", "p99_us", "envoy_cpu_us_per_req", "envoy_cpu_util", "envoy_wait_util",
+                   "wrk_cpu_util")}
+        out[v]["rps_min"] = min(r["rps"] for r in rs)
+        out[v]["rps_max"] = max(r["rps"] for r in rs)
+        out[v]["errors"] = sum(r["errors"] for r in rs)
+        out[v]["introspections"] = sum(r["introspections"] for r in rs)
+    return out
+
+
+def fmt_us(us):
+    return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
+
+
+def mark(ok):
+    return "met" if ok else "**not met**"
+
+
+def report(res, k):
+    L = []
+    meta = res["meta"]
+    L.append("# tokengate benchmark")
+    L.append("")
+    noisy = k["PROFILE"] != "full" or max(meta["loadavg_start"][0], meta["loadavg_end"][0]) > 0.5
+    if noisy:
+        L.append(f"> **Indicative only**: profile `{k['PROFILE']}`, load average {meta['loadavg_start'][0]:.2f} at the "
+                 f"start and {meta['loadavg_end'][0]:.2f} at the end. Use `BENCH_PROFILE=full` on a quiet machine "
+                 "for numbers to quote.")
+        L.append("")
+    L.append(f"{meta['date']} · tokengate `{meta['commit']}` · Envoy {meta['envoy']} (V8) · {meta['cpu_model']} "
+             f"({meta['ncpu']} cores) · Linux {meta['kernel']}")
+    L.append("")
+    L.append(f"Envoy pinned to core {meta['envoy_cpu']}, load generator (wrk {k['THREADS']} threads, "
+             f"{k['CONNECTIONS']} keep-alive connections) and this script to core {meta['load_cpu']}, all on "
+             f"127.0.0.1. Throughput variants share one Envoy with **one worker** (`--concurrency 1`): the ratios "
+             f"are per-core costs. Every listener answers with a direct response, so only the filter differs. "
+             f"{k['ROUNDS']} rounds of {k['SECONDS']} s per variant (after {k['WARMUP']} s of warm-up), variants "
+             f"alternating within each round; medians across rounds.")
+    L.append("")
+    summ = res.get("summary") or {}
+    if summ:
+        L.append("## Throughput and latency (medians)")
+        L.append("")
+        L.append("| variant | | req/s (min–max) | p50 | p90 | p99 | Envoy CPU µs/req | Envoy on core | Envoy waiting for core | wrk on core | errors |")
+        L.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for v, s in summ.items():
+            L.append(f"| {v} | {VARIANT_INFO[v]} | {s['rps']:,.0f} ({s['rps_min']:,.0f}–{s['rps_max']:,.0f}) | "
+                     f"{fmt_us(s['p50_us'])} | {fmt_us(s['p90_us'])} | {fmt_us(s['p99_us'])} | "
+                     f"{s['envoy_cpu_us_per_req']:.2f} | {s['envoy_cpu_util'] * 100:.0f}% | "
+                     f"{s['envoy_wait_util'] * 100:.0f}% | {s['wrk_cpu_util'] * 100:.0f}% | {s['errors']} |")
+        L.append("")
+        L.append("*Envoy on core*: share of the wall time Envoy's threads ran; *waiting for core*: share they were "
+                 "runnable while something else had the core (other processes on the machine: noise).")
+        L.append("")
+        if any(s["wrk_cpu_util"] > 0.9 for s in summ.values()):
+            L.append("A variant whose wrk core is over 90% busy may be limited by the load generator; its Envoy "
+                     "CPU µs/req is the figure to compare.")
+            L.append("")
+        introspected = summ.get("C", {}).get("introspections", 0) + summ.get("C2", {}).get("introspections", 0)
+        L.append(f"Introspections during the measured C/C2 runs: {introspected} (all tokens were cached beforehand).")
+        L.append("")
+    ratios = res.get("ratios") or []
+    targets = res.get("targets") or []
+    if ratios:
+        L.append("## Ratios")
+        L.append("")
+        L.append("| ratio | by req/s | by Envoy CPU per request (inverse) |")
+        L.append("| --- | ---: | ---: |")
+        for name, by_rps, by_cpu in ratios:
+            L.append(f"| {name} | {by_rps:.3f} | {by_cpu:.3f} |")
+        L.append("")
+        if "A" in summ:
+            base = summ["A"]["envoy_cpu_us_per_req"]
+            parts = ", ".join(f"{v} +{summ[v]['envoy_cpu_us_per_req'] - base:.2f} µs" for v in summ if v != "A")
+            L.append(f"Added Envoy CPU per request over bare Envoy ({base:.2f} µs): {parts}.")
+            L.append("")
+    if targets:
+        L.append("## Targets")
+        L.append("")
+        L.append("| target | measured | |")
+        L.append("| --- | --- | --- |")
+        for name, value, ok in targets:
+            L.append(f"| {name} | {value} | {mark(ok) if ok is not None else 'not measured'} |")
+        L.append("")
+    lad = res.get("ladder")
+    if lad:
+        L.append("## Where tokengate's cost goes: the profile ladder")
+        L.append("")
+        L.append("The no-op filter (bench/noop) with tokengate's cache-hit steps added one at a time, then tokengate "
+                 f"itself; Envoy CPU per request, median of {len(lad['rounds'])} rounds of {k['LADDER_SECONDS']} s.")
+        L.append("")
+        L.append("| step | Envoy CPU µs/req | step cost µs | req/s |")
+        L.append("| --- | ---: | ---: | ---: |")
+        prev = None
+        for label, name in lad["steps"]:
+            cpu = med([r[name]["envoy_cpu_us_per_req"] for r in lad["rounds"]])
+            rps = med([r[name]["rps"] for r in lad["rounds"]])
+            step = "" if prev is None else f"{cpu - prev:+.2f}"
+            L.append(f"| {label} | {cpu:.2f} | {step} | {rps:,.0f} |")
+            prev = cpu
+        L.append("")
+        L.append("The last step (tokengate minus the full ladder) is tokengate's own Rust work on a hit: header-map "
+                 "decoding into owned Strings, bearer parsing, the denylist memo and local-cache hash lookups, Rc "
+                 "clones, policy decision, claim-header vector building.")
+        L.append("")
+    perf = res.get("perf")
+    if perf:
+        L.append("## CPU by DSO (perf record, Envoy's core)")
+        L.append("")
+        if "error" in perf:
+            L.append(f"perf did not work here: {perf['error']}")
+        else:
+            names = []
+            for v in perf:
+                for d, _ in perf[v]["dso"]:
+                    if d not in names:
+                        names.append(d)
+            L.append("| DSO | " + " | ".join(perf) + " |")
+            L.append("| --- |" + " ---: |" * len(perf))
+            for d in names:
+                cells = [f"{dict(perf[v]['dso']).get(d, 0):.1f}%" for v in perf]
+                L.append(f"| {d} | " + " | ".join(cells) + " |")
+            L.append("")
+            L.append("Envoy's binary is stripped, so perf names DSOs, not functions; V8's JIT code (the compiled "
+                     "wasm and its host-call trampolines) shows as anonymous memory (`[JIT]`/`[unknown]`/`//anon`).")
+        L.append("")
+    bursts = res.get("burst")
+    if bursts:
+        L.append("## Cold burst: one new token")
+        L.append("")
+        L.append(f"A fresh Envoy with `--concurrency {k['BURST_CONCURRENCY']}`; each burst sends "
+                 f"{k['BURST_REQUESTS']} requests over {k['BURST_CONNECTIONS']} already-open connections, all with "
+                 f"one token never seen before; the IdP listener answers after {k['IDP_DELAY_MS']} ms, so the burst "
+                 "arrives while the introspection is in flight. Introspections: `cluster.idp.upstream_rq_total`.")
+        L.append("")
+        L.append("| burst | workers reached | introspections | statuses | time | coalesced / local hits / shared hits |")
+        L.append("| ---: | ---: | ---: | --- | ---: | --- |")
+        for b in bursts:
+            t = b["tokengate"]
+            co = t.get("tokengate.cache.coalesced", 0)
+            lh = t.get("tokengate.cache.hit.local", 0)
+            sh = t.get("tokengate.cache.hit.shared", 0)
+            st = ", ".join(f"{s}: {c}" for s, c in sorted(b["statuses"].items(), key=str))
+            L.append(f"| {b['token']} | {b['workers_used']} | {b['introspections']} | {st} | {b['elapsed_s']:.2f} s | "
+                     f"{co} / {lh} / {sh} |")
+        L.append("")
+    rss = res.get("rss")
+    if rss:
+        L.append("## Memory: Envoy RSS as distinct tokens pass through")
+        L.append("")
+        L.append(f"A fresh Envoy with `--concurrency {rss['concurrency']}`, `cache.max_entries` {rss['max_entries']:,}; "
+                 "an Envoy listener answers every introspection with an active token; wrk sends tokens never sent "
+                 "before (bench/lua/distinct.lua). VmRSS from `/proc/<pid>/status`, 2 s after each milestone.")
+        L.append("")
+        L.append("| distinct tokens | introspections | VmRSS | peak (VmHWM) | miss-path req/s | errors |")
+        L.append("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        for m in rss["milestones"]:
+            rps = f"{m['rps']:,.0f}" if "rps" in m else ""
+            L.append(f"| {m['tokens']:,} | {m['introspections']:,} | {m['rss_kib'] / 1024:.1f} MiB | "
+                     f"{m['hwm_kib'] / 1024:.1f} MiB | {rps} | {m.get('errors', '')} |")
+        L.append("")
+    sizes = res.get("wasm")
+    if sizes:
+        L.append("## Release wasm size")
+        L.append("")
+        for name, n in sizes.items():
+            L.append(f"- {name}: {n:,} bytes ({n / 1024:.1f} KiB)")
+        L.append("")
+    if res.get("rounds"):
+        L.append("## Every round")
+        L.append("")
+        L.append("| round | variant | req/s | p50 | p90 | p99 | Envoy CPU µs/req | errors |")
+        L.append("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for i, row in enumerate(res["rounds"], 1):
+            for v, r in row.items():
+                L.append(f"| {i} | {v} | {r['rps']:,.0f} | {fmt_us(r['p50_us'])} | {fmt_us(r['p90_us'])} | "
+                         f"{fmt_us(r['p99_us'])} | {r['envoy_cpu_us_per_req']:.2f} | {r['errors']} |")
+        L.append("")
+    L.append("## Method notes")
+    L.append("")
+    L.append("- The tokengate configuration is envoy/tokengate.json with `cache.max_ttl_s` raised to 86400, so no "
+             "cached answer expires in the middle of a run (the hit path does not depend on the TTL). The IdP "
+             "answer is `" + IDP_ANSWER.replace("|", "\\|") + "`, so the three claim headers are set on every "
+             "request, as in production.")
+    L.append("- D's authorization service is another listener of the same Envoy, so its cost is on the same core: "
+             "an external authorizer has to run somewhere, and on a 2-core machine the other core is the load "
+             "generator's.")
+    L.append("- Latency is wrk's (closed loop, 32 connections): it tracks throughput and is not an open-loop SLO "
+             "figure.")
+    L.append("- Envoy CPU µs/req is the CPU time of all Envoy threads (`/proc/<pid>/task/*/schedstat`) during the "
+             "measured run divided by the requests served: it holds even when the load generator, not Envoy, is "
+             "the limit.")
+    L.append("")
+    return "\n".join(L)
+
+
+def ratios_and_targets(res):
+    s = res.get("summary") or {}
+    ratios, targets = [], []
+
+    def pair(a, b):
+        if a in s and b in s:
+            return s[a]["rps"] / s[b]["rps"], s[b]["envoy_cpu_us_per_req"] / s[a]["envoy_cpu_us_per_req"]
+        return None
+
+    for name, a, b in (("tokengate / no-op (C/B)", "C", "B"), ("tokengate / bare (C/A)", "C", "A"),
+                       ("tokengate / ext_authz (C/D)", "C", "D"), ("tokengate 1k tokens / no-op (C2/B)", "C2", "B"),
+                       ("no-op / bare (B/A)", "B", "A"), ("ext_authz / bare (D/A)", "D", "A")):
+        p = pair(a, b)
+        if p:
+            ratios.append((name, *p))
+    p = pair("C", "B")
+    targets.append(("tokengate cache hit ≥ 0.95 × no-op throughput", f"{p[0]:.3f}" if p else "–",
+                    p[0] >= 0.95 if p else None))
+    p = pair("C", "D")
+    targets.append(("tokengate ≥ 3 × ext_authz throughput", f"{p[0]:.2f}×" if p else "–", p[0] >= 3 if p else None))
+    bursts = res.get("burst")
+    if bursts:
+        worst = max(b["introspections"] for b in bursts)
+        targets.append(("1 introspection for a cold burst", f"max {worst} over {len(bursts)} bursts", worst == 1))
+    else:
+        targets.append(("1 introspection for a cold burst", "–", None))
+    rss = res.get("rss")
+    if rss:
+        ms = [m for m in rss["milestones"] if m["tokens"] >= rss["max_entries"]]
+        if len(ms) >= 2:
+            growth = (ms[-1]["rss_kib"] - ms[0]["rss_kib"]) / 1024
+            rel = growth * 1024 / ms[0]["rss_kib"]
+            targets.append((f"RSS flat once max_entries ({rss['max_entries']:,}) is reached",
+                            f"{growth:+.1f} MiB ({rel * 100:+.1f}%) from {ms[0]['tokens']:,} to {ms[-1]['tokens']:,} tokens",
+                            rel < 0.05))
+        else:
+            targets.append(("RSS flat once max_entries is reached", "no two milestones at or past max_entries", None))
+    else:
+        targets.append(("RSS flat once max_entries is reached", "–", None))
+    size = (res.get("wasm") or {}).get("tokengate.wasm")
+    targets.append(("wasm ≤ 512 KiB", f"{size / 1024:.1f} KiB" if size else "–", size <= 512 * 1024 if size else None))
+    return ratios, targets
+
+
+def chart(res, k, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is missing (make bench-deps)"
+    s = res.get("summary") or {}
+    panels = [p for p in ("rps", "lat", "cpu", "rss") if (p != "rss" and s) or (p == "rss" and res.get("rss"))]
+    if not panels:
+        return "nothing to draw"
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6))
+    axes = [axes] if len(panels) == 1 else list(axes)
+    colors = {"A": "#888888", "B": "#4c72b0", "C": "#55a868", "C2": "#8fd18f", "D": "#c44e52"}
+    vs = list(s)
+    for ax, p in zip(axes, panels):
+        if p == "rps":
+            vals = [s[v]["rps"] for v in vs]
+            err = [[s[v]["rps"] - s[v]["rps_min"] for v in vs], [s[v]["rps_max"] - s[v]["rps"] for v in vs]]
+            ax.bar(vs, vals, yerr=err, capsize=4, color=[colors.get(v) for v in vs])
+            for i, v in enumerate(vals):
+                ax.text(i, v, f"{v / 1000:.1f}k", ha="center", va="bottom", fontsize=8)
+            ax.set_title("requests/s, 1 worker (median, min–max)")
+        elif p == "lat":
+            import numpy as np
+            x = np.arange(len(vs))
+            for j, (key, label) in enumerate((("p50_us", "p50"), ("p90_us", "p90"), ("p99_us", "p99"))):
+                ax.bar(x + (j - 1) * 0.27, [s[v][key] / 1000 for v in vs], 0.27, label=label)
+            ax.set_xticks(x, vs)
+            ax.set_ylabel("ms")
+            ax.legend()
+            ax.set_title("latency, 32 connections (median)")
+        elif p == "cpu":
+            lad = res.get("ladder")
+            if lad:
+                labels = [lbl for lbl, _ in lad["steps"]]
+                vals = [med([r[n]["envoy_cpu_us_per_req"] for r in lad["rounds"]]) for _, n in lad["steps"]]
+                ax.barh(range(len(labels)), vals, color="#4c72b0")
+                ax.set_yticks(range(len(labels)), labels, fontsize=8)
+                ax.invert_yaxis()
+                base = s.get("A", {}).get("envoy_cpu_us_per_req")
+                if base:
+                    ax.axvline(base, color="#888888", ls="--", label=f"bare Envoy {base:.1f} µs")
+                    ax.legend(fontsize=8)
+                ax.set_xlabel("Envoy CPU µs per request")
+                ax.set_title("profile ladder: cost per step")
+            else:
+                ax.bar(vs, [s[v]["envoy_cpu_us_per_req"] for v in vs], color=[colors.get(v) for v in vs])
+                ax.set_title("Envoy CPU µs per request")
+        elif p == "rss":
+            rss = res["rss"]
+            pts = sorted(rss["samples"])
+            ax.plot([t for t, _ in pts], [r / 1024 for _, r in pts], color="#4c72b0", lw=1)
+            ms = rss["milestones"]
+            ax.plot([m["introspections"] for m in ms], [m["rss_kib"] / 1024 for m in ms], "o", color="#c44e52")
+            for m in ms[1:]:
+                ax.annotate(f"{m['tokens']:,}: {m['rss_kib'] / 1024:.0f} MiB", (m["introspections"], m["rss_kib"] / 1024),
+                            textcoords="offset points", xytext=(-10, 8), fontsize=8, ha="right")
+            ax.axvline(rss["max_entries"], color="#888888", ls="--", label=f"max_entries {rss['max_entries']:,}")
+            ax.set_xscale("symlog", linthresh=1000)
+            ax.set_ylim(bottom=0)
+            ax.set_xlabel("distinct tokens introspected")
+            ax.set_ylabel("Envoy VmRSS, MiB")
+            ax.legend(fontsize=8, loc="lower right")
+            ax.set_title(f"memory, --concurrency {rss['concurrency']}")
+    fig.suptitle(f"tokengate benchmark ({k['PROFILE']} profile, {res['meta']['date']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return None
+
+
+# --------------------------------------------------------------------------- main
+
+
+def cpu_model():
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        return m.group(1).strip() if m else platform.processor()
+    except OSError:
+        return platform.processor()
+
+
+def commit():
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def main():
+    k = knobs()
+    envoy_bin, tokengate, noop = paths()
+    envoy_cpu, load_cpu = pick_cpus(k)
+    os.sched_setaffinity(0, {load_cpu})
+    out_dir = Path(k["OUT"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    workdir = BENCH / "work" / stamp
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    res = {"meta": {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": commit(),
+        "envoy": envoy_version(envoy_bin), "cpu_model": cpu_model(), "ncpu": os.cpu_count(),
+        "kernel": platform.release(), "envoy_cpu": envoy_cpu, "load_cpu": load_cpu,
+        "loadavg_start": os.getloadavg(), "knobs": k, "workdir": str(workdir)}}
+    # Snapshots: other builds may rewrite target/ while the benchmark runs.
+    tokengate = Path(shutil.copy(tokengate, workdir / "tokengate.wasm"))
+    noop = Path(shutil.copy(noop, workdir / "bench_noop.wasm"))
+    res["wasm"] = {"tokengate.wasm": tokengate.stat().st_size, "bench_noop.wasm (for reference)": noop.stat().st_size}
+    log(f"bench: profile {k['PROFILE']}, phases {','.join(k['PHASES'])}, Envoy on core {envoy_cpu}, load on core "
+        f"{load_cpu}, logs in {workdir}")
+    wrk = Wrk(k, load_cpu, workdir)
+    phases = k["PHASES"]
+    if any(p in phases for p in ("throughput", "ladder", "perf")):
+        e = throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, "ladder" in phases)
+        try:
+            n = warm(e, k)
+            log(f"warm: {k['ROTATE_TOKENS']} rotation tokens cached with {n} introspections")
+            if "throughput" in phases:
+                log("throughput (one worker):")
+                res["rounds"] = phase_throughput(k, e, wrk, log)
+                res["summary"] = summarize(res["rounds"], k["VARIANTS"])
+            if "ladder" in phases:
+                log("profile ladder:")
+                res["ladder"] = phase_ladder(k, e, wrk, log)
+            if "perf" in phases and k["PERF"]:
+                log("perf:")
+                res["perf"] = phase_perf(k, e, wrk, log, workdir)
+        finally:
+            e.stop()
+    if "burst" in phases:
+        log(f"cold bursts (--concurrency {k['BURST_CONCURRENCY']}):")
+        e = burst_envoy(k, workdir, envoy_bin, tokengate, envoy_cpu)
+        try:
+            res["burst"] = phase_burst(k, e, log)
+        finally:
+            e.stop()
+    if "rss" in phases:
+        log(f"memory (--concurrency {k['RSS_CONCURRENCY']}, max_entries {k['RSS_MAX_ENTRIES']}):")
+        e = rss_envoy(k, workdir, envoy_bin, tokengate, envoy_cpu)
+        try:
+            res["rss"] = phase_rss(k, e, wrk, log, workdir)
+        finally:
+            e.stop()
+    res["meta"]["loadavg_end"] = os.getloadavg()
+    res["ratios"], res["targets"] = ratios_and_targets(res)
+    md = report(res, k)
+    (out_dir / "results.md").write_text(md)
+    (out_dir / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    err = chart(res, k, out_dir / "results.png")
+    print()
+    print(md)
+    if err:
+        print(f"chart: {err}")
+    else:
+        print(f"wrote {out_dir / 'results.md'}, {out_dir / 'results.png'}, {out_dir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+//! `cache::SharedCache` over a store pre-filled with arbitrary bytes: shared
+//! data is written by every worker (and by older versions of the module), so
+//! a bucket may hold anything. Then a sequence of cache operations, each
+//! checked against what it promises. Also `LocalCache`.
+#![no_main]
+use fuzzkit::{byte, int, pool_hash, text, POOL};
+use libfuzzer_sys::arbitrary::Unstructured;
+use libfuzzer_sys::fuzz_target;
+use serde_json::{json, Value};
+use std::rc::Rc;
+use tokengate::cache::{bucket_count, hex, Claim, LocalCache, Lookup, SharedCache, SLOTS};
+use tokengate::config;
+use tokengate::introspection::{Answer, Claims};
+use tokengate::store::{Guard, MemoryStore, Store};
+
+fn answer(u: &mut Unstructured) -> Answer {
+    match byte(u) % 3 {
+        0 => Answer::Inactive,
+        1 => Answer::Active(Claims::default()),
+        _ => Answer::Active(Claims {
+            scope: Some(text(u, 300)),
+            sub: Some(text(u, 20)),
+            exp: Some(int(u, 0, u64::MAX)),
+            ..Default::default()
+        }),
+    }
+}
+
+/// A bucket as some writer might have left it: well-formed slots (in the
+/// documented encoding) mixed with junk, or plain bytes.
+fn bucket(u: &mut Unstructured) -> Vec<u8> {
+    if byte(u) % 4 == 0 {
+        let n = int(u, 0, 64) as usize;
+        return u.bytes(n.min(u.len())).unwrap_or_default().to_vec();
+    }
+    let mut slots = Vec::new();
+    for _ in 0..int(u, 0, 12) {
+        let hash = match byte(u) % 5 {
+            4 => Value::String(text(u, 10)),
+            i => Value::String(hex(&pool_hash(i as usize))),
+        };
+        let until = json!(int(u, 0, 20_000));
+        let state = match byte(u) % 6 {
+            0 => json!("p"),
+            1 => json!({"f": {"at": int(u, 0, 20_000)}}),
+            2 => json!({"a": "Inactive"}),
+            3 => json!({"a": {"Active": {"scope": text(u, 8), "exp": int(u, 0, 30)}}}),
+            4 => json!({"x": 1}),
+            _ => json!(text(u, 4)),
+        };
+        slots.push(json!({"h": hash, "u": until, "s": state}));
+    }
+    serde_json::to_vec(&slots).unwrap_or_default()
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut u = Unstructured::new(data);
+    let cfg = config::Cache {
+        max_entries: int(&mut u, 1, 16),
+        max_entry_bytes: int(&mut u, 256, 1024) as usize,
+        ..Default::default()
+    };
+    let buckets = bucket_count(cfg.max_entries);
+    let key = |i: u64| format!("tokengate.cache.{buckets}.{i}");
+    let store = MemoryStore::new();
+    let mut initial = Vec::new();
+    for i in 0..buckets {
+        let value = (byte(&mut u) % 3 != 0).then(|| bucket(&mut u));
+        if let Some(v) = &value {
+            store.set(&key(i), v, Guard::Absent).expect("fresh key");
+        }
+        initial.push(value);
+    }
+    let cache = SharedCache::new(&store, &cfg);
+    let mut local = LocalCache::new(int(&mut u, 0, 3) as usize);
+    let mut now = int(&mut u, 0, 20_000);
+
+    for _ in 0..32 {
+        if u.is_empty() {
+            break;
+        }
+        now += int(&mut u, 0, 3_000);
+        let which = byte(&mut u) as usize % POOL.len();
+        let h = pool_hash(which);
+        match byte(&mut u) % 6 {
+            0 => {
+                cache.lookup(&h, now).expect("memory store");
+            }
+            1 => {
+                let until = now + int(&mut u, 1, 5_000);
+                match cache.claim(&h, now, until).expect("memory store") {
+                    Claim::Owner => assert_eq!(cache.lookup(&h, now).expect("store"), Lookup::Pending),
+                    Claim::Pending => assert_eq!(cache.lookup(&h, now).expect("store"), Lookup::Pending),
+                    Claim::Hit { answer, until_ms } => {
+                        assert!(until_ms > now);
+                        assert_eq!(cache.lookup(&h, now).expect("store"), Lookup::Hit { answer, until_ms });
+                    }
+                }
+            }
+            2 => {
+                let a = answer(&mut u);
+                let until = now + int(&mut u, 1, 5_000);
+                if cache.store_answer(&h, &a, until, now).expect("memory store") {
+                    assert_eq!(cache.lookup(&h, now).expect("store"), Lookup::Hit { answer: a, until_ms: until });
+                } else {
+                    assert_ne!(cache.lookup(&h, now).expect("store"), Lookup::Pending, "an uncacheable answer leaves no marker");
+                }
+            }
+            3 => {
+                let before = cache.lookup(&h, now).expect("store");
+                cache.fail(&h, now).expect("memory store");
+                let after = cache.lookup(&h, now).expect("store");
+                if matches!(before, Lookup::Hit { .. }) {
+                    assert_eq!(after, before, "a failure never replaces an answer");
+                } else if after != (Lookup::Failed { at_ms: now }) {
+                    // Left alone only for a live answer (in a bucket some other
+                    // writer left with duplicates).
+                    assert_ne!(before, Lookup::Miss, "a failure is not recorded");
+                }
+            }
+            4 => {
+                cache.release(&h, now).expect("memory store");
+                assert_ne!(cache.lookup(&h, now).expect("store"), Lookup::Pending);
+            }
+            _ => {
+                let until = now + int(&mut u, 0, 2_000);
+                local.insert(h, Rc::new(answer(&mut u)), until, now);
+                if let Some(entry) = local.get(&h, now) {
+                    assert!(entry.until_ms > now);
+                }
+            }
+        }
+        // Whatever was there, every bucket we rewrote is a bounded list of slots.
+        for (i, before) in initial.iter().enumerate() {
+            let Some(v) = store.get(&key(i as u64)).expect("store") else { continue };
+            if before.as_deref() != Some(v.value.as_slice()) {
+                match serde_json::from_slice::<Value>(&v.value) {
+                    Ok(Value::Array(slots)) => assert!(slots.len() <= SLOTS, "{} slots", slots.len()),
+                    other => panic!("a rewritten bucket is not a list: {other:?}"),
+                }
+            }
+        }
+    }
+    assert!(store.key_count() as u64 <= buckets, "a key outside the buckets");
+});

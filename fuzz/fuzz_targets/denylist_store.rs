@@ -1,0 +1,161 @@
+//! `denylist::Denylist` and `DenyView` over a store pre-filled with arbitrary
+//! bytes, then a sequence of revocations, undos and checks. The view a worker
+//! keeps must always agree with a direct read of the denylist.
+#![no_main]
+use fuzzkit::{byte, int, pick, pool_hash, text, POOL};
+use libfuzzer_sys::arbitrary::Unstructured;
+use libfuzzer_sys::fuzz_target;
+use serde_json::{json, Value};
+use tokengate::cache::{hex, TokenHash};
+use tokengate::config;
+use tokengate::denylist::{DenyView, Denylist, Kind};
+use tokengate::introspection::Claims;
+use tokengate::store::{Guard, MemoryStore, Store};
+
+const NAMES: [&str; 3] = ["app", "alice", "bob"];
+
+fn token_key(hash: &TokenHash) -> String {
+    // The documented key scheme: bucket = first two bytes of the hash mod 1024.
+    format!("tokengate.deny.tokens.{}", u16::from_be_bytes([hash[0], hash[1]]) % 1024)
+}
+
+fn records(u: &mut Unstructured) -> Vec<u8> {
+    if byte(u) % 4 == 0 {
+        let n = int(u, 0, 64) as usize;
+        return u.bytes(n.min(u.len())).unwrap_or_default().to_vec();
+    }
+    let mut list = Vec::new();
+    for _ in 0..int(u, 0, 6) {
+        let (id, kind) = match byte(u) % 5 {
+            0 => (format!("client:{}", pick(u, &NAMES)), "client"),
+            1 => (format!("sub:{}", pick(u, &NAMES)), "sub"),
+            2 => (format!("client:{}", pick(u, &NAMES)), "sub"),
+            3 => (text(u, 12), "token"),
+            _ => (hex(&pool_hash(byte(u) as usize)), "token"),
+        };
+        list.push(json!({
+            "id": id, "kind": kind,
+            "revoked_at": int(u, 0, 200), "expires_at": int(u, 0, 400), "reason": text(u, 6),
+        }));
+    }
+    serde_json::to_vec(&list).unwrap_or_default()
+}
+
+/// Whether the view must call these claims revoked, from a direct read.
+fn oracle(list: &Denylist<'_, MemoryStore>, claims: &Claims, now: u64) -> bool {
+    let principals = list.principals(now).expect("store");
+    let issued = claims.iat.unwrap_or(0);
+    let hit = |kind: Kind, prefix: &str, name: &Option<String>| {
+        let Some(name) = name else { return false };
+        let id = format!("{prefix}{name}");
+        // The last record for an id wins, as in the view's map.
+        principals
+            .iter()
+            .rev()
+            .find(|r| r.kind == kind && r.id == id)
+            .is_some_and(|r| r.expires_at > now && issued <= r.revoked_at)
+    };
+    hit(Kind::Client, "client:", &claims.client_id) || hit(Kind::Subject, "sub:", &claims.sub)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut u = Unstructured::new(data);
+    let limits = config::Denylist {
+        max_tokens: int(&mut u, 1, 64) as usize,
+        max_principals: int(&mut u, 1, 4) as usize,
+        token_ttl_s: int(&mut u, 1, 100),
+        principal_ttl_s: int(&mut u, 1, 100),
+    };
+    let store = MemoryStore::new();
+    for i in 0..POOL.len() {
+        if byte(&mut u) % 2 == 0 {
+            let _ = store.set(&token_key(&pool_hash(i)), &records(&mut u), Guard::Absent);
+        }
+    }
+    if byte(&mut u) % 2 == 0 {
+        store.set("tokengate.deny.principals", &records(&mut u), Guard::Absent).expect("fresh key");
+    }
+    if byte(&mut u) % 2 == 0 {
+        let gen = match byte(&mut u) % 3 {
+            0 => u64::MAX.to_string(),
+            1 => int(&mut u, 0, 5).to_string(),
+            _ => text(&mut u, 6),
+        };
+        store.set("tokengate.deny.gen", gen.as_bytes(), Guard::Absent).expect("fresh key");
+    }
+    let list = Denylist::new(&store, &limits);
+    let mut view = DenyView::default();
+    let mut now = int(&mut u, 0, 300);
+
+    for _ in 0..24 {
+        if u.is_empty() {
+            break;
+        }
+        now += int(&mut u, 0, 40);
+        let generation = list.generation().expect("store");
+        let mut changed = false;
+        match byte(&mut u) % 6 {
+            0 => {
+                let items: Vec<(TokenHash, u64)> =
+                    (0..int(&mut u, 0, 4)).map(|_| (pool_hash(byte(&mut u) as usize), now + int(&mut u, 1, 200))).collect();
+                let reason = text(&mut u, 300);
+                let out = list.revoke_tokens(&items, &reason, now).expect("memory store");
+                assert_eq!(out.revoked.len() + out.full.len(), items.len());
+                for h in &out.revoked {
+                    let r = list.token_record(h, now).expect("store").expect("a revoked token has a live record");
+                    assert!(r.reason.chars().count() <= 200 && !r.reason.chars().any(char::is_control));
+                }
+                changed = true;
+            }
+            1 => {
+                let kind = if byte(&mut u) % 2 == 0 { Kind::Client } else { Kind::Subject };
+                let name = *pick(&mut u, &NAMES);
+                if let Ok(record) = list.revoke_principal(kind, name, "fuzz", now) {
+                    assert!(record.expires_at > now);
+                    changed = true;
+                }
+            }
+            2 => {
+                let id = match byte(&mut u) % 4 {
+                    0 => hex(&pool_hash(byte(&mut u) as usize)).to_uppercase(),
+                    1 => format!("client:{}", pick(&mut u, &NAMES)),
+                    2 => format!("sub:{}", pick(&mut u, &NAMES)),
+                    _ => text(&mut u, 70),
+                };
+                changed = list.undo(&id, now).expect("memory store");
+                if changed && !id.contains(':') {
+                    let h = (0..POOL.len()).map(pool_hash).find(|h| hex(h).eq_ignore_ascii_case(&id));
+                    if let Some(h) = h {
+                        assert_eq!(list.token_record(&h, now).expect("store"), None, "undone but still revoked");
+                    }
+                }
+            }
+            3 => {
+                let all = list.list(now).expect("store");
+                assert!(all.iter().all(|r| r.expires_at > now));
+                assert!(all.windows(2).all(|w| w[0].revoked_at >= w[1].revoked_at), "newest first");
+            }
+            _ => {}
+        }
+        if changed {
+            assert_ne!(list.generation().expect("store"), generation, "a change must move the generation");
+        }
+        // The worker's view agrees with a direct read, token by token and principal by principal.
+        view.refresh(&list, now).expect("store");
+        for i in 0..POOL.len() {
+            let h = pool_hash(i);
+            let direct = list.token_record(&h, now).expect("store").is_some();
+            assert_eq!(view.token_revoked(&list, &h, now).expect("store"), direct, "view and denylist disagree on a token");
+        }
+        for name in NAMES {
+            let claims = Claims {
+                client_id: Some(name.to_string()),
+                sub: Some(name.to_string()),
+                iat: Some(int(&mut u, 0, now + 1)),
+                ..Default::default()
+            };
+            assert_eq!(view.principal_revoked(&claims, now), oracle(&list, &claims, now), "view and denylist disagree on {name}");
+        }
+    }
+    let _: Option<Value> = None;
+});

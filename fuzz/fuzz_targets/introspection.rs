@@ -1,0 +1,82 @@
+//! `introspection::parse_answer` (and `check_response`): whatever the
+//! authorization server, or something pretending to be it, answers.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use tokengate::cache;
+use tokengate::config;
+use tokengate::introspection::{check_response, is_header_safe, parse_answer, Answer, IntrospectionError};
+use tokengate::policy;
+
+fn wanted(claim: &str) -> bool {
+    matches!(claim, "username" | "aud" | "sub" | "scope") || claim.len() == 3
+}
+
+fuzz_target!(|data: &[u8]| {
+    // The status and size judgement first, from the first bytes.
+    if let [a, b, c, ..] = data {
+        let status = match a % 4 {
+            0 => None,
+            _ => Some(u32::from(*a) * 3 + u32::from(*b)),
+        };
+        let size = usize::from(*c) * 97;
+        let max = usize::from(*b) * 101;
+        match check_response(status, size, max) {
+            Ok(()) => assert!(status == Some(200) && size <= max),
+            Err(IntrospectionError::TooLarge) => assert!(status == Some(200) && size > max),
+            Err(_) => assert_ne!(status, Some(200)),
+        }
+    }
+
+    let answer = match parse_answer(data, &wanted) {
+        Ok(a) => a,
+        Err(e) => {
+            assert!(!e.reason().is_empty() && !e.description().is_empty());
+            return;
+        }
+    };
+    let object: Value = serde_json::from_slice(data).expect("an accepted answer is JSON");
+    match &answer {
+        Answer::Inactive => assert_eq!(object["active"], Value::Bool(false)),
+        Answer::Active(claims) => {
+            assert_eq!(object["active"], Value::Bool(true));
+            for (name, value) in &claims.extra {
+                assert!(wanted(name) && !matches!(name.as_str(), "scope" | "client_id" | "sub"), "{name}");
+                assert!(is_header_safe(value), "an extra claim must be header-safe");
+            }
+            // Claim headers are always safe to set.
+            let map: BTreeMap<String, String> = [("sub", "x-sub"), ("scope", "x-scope"), ("username", "x-user"), ("aud", "x-aud")]
+                .into_iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect();
+            for (_, v) in policy::claim_headers(claims, &map) {
+                assert!(is_header_safe(v));
+            }
+        }
+    }
+    // The answer survives the cache's encoding unchanged.
+    let encoded = serde_json::to_vec(&answer).expect("an answer encodes");
+    let decoded: Answer = serde_json::from_slice(&encoded).expect("an encoded answer decodes");
+    assert_eq!(decoded, answer);
+
+    // Caching and the policy: never past `exp`, never panicking, whatever the times.
+    let now_ms = data.len() as u64 * 1_234_567_891;
+    let cfg = config::Cache::default();
+    let exp = match &answer {
+        Answer::Active(c) => c.exp,
+        Answer::Inactive => None,
+    };
+    if let Some(until) = cache::cache_until_ms(&answer, &cfg, now_ms) {
+        assert!(until > now_ms);
+        if let Some(exp) = exp {
+            assert!(until <= exp.saturating_mul(1000), "cached past exp");
+        }
+    }
+    for now_s in [0, now_ms / 1000, exp.unwrap_or(0), exp.unwrap_or(0).saturating_sub(1), u64::MAX] {
+        let decision = policy::decide(&answer, &["read".to_string()], now_s);
+        if decision.is_ok() {
+            assert!(exp.is_none_or(|e| e > now_s), "allowed at or past exp");
+        }
+    }
+});

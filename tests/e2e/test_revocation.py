@@ -1,0 +1,902 @@
+"""Revocation, seen from the admin API's client and from the data plane.
+
+A real Envoy (--concurrency 4) serves the data listener and the admin listener of
+envoy/envoy.yaml with the same vm_id; everything an admin call writes must hold on
+every worker as soon as the call returns. Tests taking `idp` run against the mock
+IdP and against oidc-provider. Revocations are global to an Envoy, so every test
+uses fresh tokens (and, for client and subject revocations, names no other test
+uses, or it undoes them).
+
+The Envoys here are this module's own (`gates`), with an upstream that records
+the paths it receives (`recorder`), so that "the upstream never saw an admin
+request" is checked where it would show.
+
+Figures (item 7: RSS, list size, bulk time) are printed and recorded as
+properties: run with -s or -rP to see them.
+"""
+import base64
+import collections
+import concurrent.futures
+import copy
+import hashlib
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+import yaml
+
+import harness
+from conftest import CONCURRENCY
+from harness import (
+    ENVOY_TEMPLATE,
+    LOOPBACK,
+    PLUGIN_CONFIG,
+    SERVERS,
+    Envoy,
+    bearer,
+    burst,
+    deep_diff,
+    free_port,
+    merge,
+    request,
+    wait_for_port,
+    wait_until,
+)
+
+ADMIN_TOKEN = "admin-demo-token"
+ADMIN = bearer(ADMIN_TOKEN)
+ADMIN_REALM = "tokengate-admin"
+REALM = "tokengate"
+PREFIX = "/tokengate"
+FORM = "application/x-www-form-urlencoded"
+SHIPPED = json.loads(PLUGIN_CONFIG.read_text())
+# Defaults of src/config.rs, which envoy/envoy.yaml does not override.
+TOKEN_TTL_S = 86_400  # denylist.token_ttl_s: life of a record whose token's exp is unknown
+PRINCIPAL_TTL_S = 86_400  # denylist.principal_ttl_s
+MAX_BODY_BYTES = 1024 * 1024  # admin.max_body_bytes
+REVOKED = "tokengate.requests.denied.revoked"
+UPSTREAM_CALLS = "cluster.upstream.upstream_rq_total"
+
+
+def sha256(token):
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def shipped_admin_additions():
+    """What envoy/envoy.yaml's admin listener adds to envoy/tokengate.json (its `admin` section)."""
+    template = yaml.safe_load(ENVOY_TEMPLATE.read_text())
+    listener = harness._named(template["static_resources"]["listeners"], "tokengate_admin")
+    (plugin,) = harness._wasm_plugins(listener)
+    additions = deep_diff(SHIPPED, json.loads(plugin["configuration"]["value"]))
+    assert additions.get("admin", {}).get("token_sha256") == sha256(ADMIN_TOKEN), additions
+    return additions
+
+
+# --------------------------------------------------------------------------- the upstream
+
+
+RECORDER_SCRIPT = r"""
+import json, sys, threading
+sys.path.insert(0, sys.argv[1])
+import echo_upstream as echo
+
+log, lock = open(sys.argv[3], "a", buffering=1), threading.Lock()
+
+class Recording(echo.EchoHandler):
+    def echo(self):
+        # Method and path only: headers and bodies may hold tokens.
+        with lock:
+            log.write(json.dumps({"method": self.command, "path": self.path}) + "\n")
+        super().echo()
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = echo
+
+echo.EchoHandler = Recording
+sys.argv = [sys.argv[0], "--port", sys.argv[2]]
+sys.exit(echo.main())
+"""
+
+
+class RecordingUpstream:
+    """tests/servers/echo_upstream.py, also writing each request's method and path to a file."""
+
+    def __init__(self, procs, workdir):
+        self.port = free_port()
+        self.log = Path(workdir) / f"recording-upstream-{self.port}.jsonl"
+        self.log.touch()
+        self.proc = procs.start(
+            "recording-upstream",
+            [sys.executable, "-c", RECORDER_SCRIPT, SERVERS, self.port, self.log],
+            Path(workdir) / f"recording-upstream-{self.port}.log",
+        )
+        wait_for_port(self.proc, self.port)
+
+    def requests(self):
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line]
+
+
+def looks_like_admin(path):
+    """Whether the upstream got something aimed at the admin API, however disguised."""
+    decoded = urllib.parse.unquote(urllib.parse.unquote(path)).lower().replace("\\", "/")
+    return "tokengate" in decoded
+
+
+# --------------------------------------------------------------------------- the admin API
+
+
+class AdminApi:
+    """The admin listener of one Envoy."""
+
+    def __init__(self, envoy, listener="tokengate_admin"):
+        self.port = envoy.listener_port(listener)
+
+    def call(self, method, path, auth=ADMIN, body=None, content_type=None, timeout=30.0):
+        headers = dict(auth or {})
+        if content_type:
+            headers["Content-Type"] = content_type
+        return request(self.port, path, headers, method, body, timeout)
+
+    def revoke_form(self, token, auth=ADMIN, path=f"{PREFIX}/revoke", **extra):
+        body = urllib.parse.urlencode({"token": token, **extra}).encode()
+        return self.call("POST", path, auth, body, FORM)
+
+    def revoke_json(self, obj, auth=ADMIN, path=f"{PREFIX}/revoke", timeout=30.0):
+        return self.call("POST", path, auth, json.dumps(obj).encode(), "application/json", timeout)
+
+    def revocations(self):
+        resp = self.call("GET", f"{PREFIX}/revocations")
+        assert resp.status == 200, resp
+        return resp.json()
+
+    def listed(self):
+        """{id: record} of every live revocation."""
+        return {r["id"]: r for r in self.revocations()["revocations"]}
+
+    def undo(self, revocation_id, auth=ADMIN):
+        return self.call("DELETE", f"{PREFIX}/revocations/{urllib.parse.quote(revocation_id, safe='')}", auth)
+
+
+def assert_ok(resp):
+    assert resp.status == 200, resp
+    assert resp.header("Content-Type") == "application/json", resp.headers
+    return resp.json()
+
+
+def assert_admin_refused(resp, status, error=None, what=""):
+    """An admin error: the status, a JSON body naming the error, no upstream answer."""
+    assert resp.status == status, f"{what}: {resp}"
+    body = resp.json()
+    assert {"error", "error_description"} <= body.keys(), body
+    if error:
+        assert body["error"] == error, body
+    assert "method" not in body, "the upstream answered"
+    return body
+
+
+def assert_admin_challenge(resp, what=""):
+    assert_admin_refused(resp, 401, what=what)
+    assert resp.header_all("WWW-Authenticate") == [f'Bearer realm="{ADMIN_REALM}"'], (what, resp.headers)
+
+
+def assert_invalid_token(resp, realm=REALM):
+    """What a client with a revoked token sees: 401, RFC 6750 invalid_token."""
+    assert resp.status == 401, resp
+    (challenge,) = resp.header_all("WWW-Authenticate")
+    assert challenge.startswith("Bearer "), challenge
+    assert f'realm="{realm}"' in challenge and 'error="invalid_token"' in challenge, challenge
+    body = resp.json()
+    assert body["error"] == "invalid_token", body
+    assert "method" not in body, "the upstream answered"
+
+
+def statuses_over_connections(envoy, token, n=2 * CONCURRENCY, path="/"):
+    """n requests, each on its own connection (so on more than one worker)."""
+    return [envoy.get(path, bearer(token)).status for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- every worker
+
+
+def worker_connections(envoy, listener="data"):
+    """{worker index: connections accepted} of one listener, from Envoy's per-worker stats."""
+    prefix = f"listener.{LOOPBACK}_{envoy.listener_port(listener)}.worker_"
+    return {
+        int(name[len(prefix):].split(".")[0]): value
+        for name, value in envoy.stats().items()
+        if name.startswith(prefix) and name.endswith(".downstream_cx_total")
+    }
+
+
+def burst_on_every_worker(envoy, token, expect, n=400, connections=32, tries=3):
+    """A burst whose every answer must be `expect`, repeated (up to `tries`) until every worker
+    has served part of it: the kernel spreads connections over the workers, but by hash."""
+    served, results = set(), []
+    for _ in range(tries):
+        before = worker_connections(envoy)
+        statuses = burst(envoy.port, n=n, connections=connections, headers=bearer(token))
+        after = worker_connections(envoy)
+        counts = dict(collections.Counter(statuses))
+        assert counts == {expect: n}, f"want {n} x {expect}, got {counts}"
+        results.append(statuses)
+        served |= {w for w, total in after.items() if total > before.get(w, 0)}
+        if len(served) == CONCURRENCY:
+            return results
+    pytest.fail(f"after {tries} bursts only workers {sorted(served)} of {CONCURRENCY} served a request")
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def issue(idp, client_id=None, sub=None, scope="read", ttl=None):
+    if idp.kind == "oidc":
+        return idp.issue_token(scope=scope, client_id=client_id, ttl=ttl)
+    return idp.issue_token(scope=scope, client_id=client_id or "app-a", sub=sub or "user-1", ttl=ttl)
+
+
+def odd_token():
+    """A token using every b64token character class, so form and JSON decoding are exercised."""
+    return "rv+/~._-" + secrets.token_urlsafe(16) + "+/=="
+
+
+def unique(name):
+    return f"{name}-{secrets.token_hex(4)}"
+
+
+def sleep_until(unix_time):
+    time.sleep(max(0.0, unix_time - time.time()))
+
+
+# --------------------------------------------------------------------------- Envoys
+
+
+@pytest.fixture(scope="module")
+def recorder(procs, workdir):
+    return RecordingUpstream(procs, workdir)
+
+
+class Gates:
+    """This module's Envoys: the shipped listeners (data + tokengate_admin, same vm_id),
+    pointed at an IdP and at the recording upstream; one per (IdP, admin overrides)."""
+
+    def __init__(self, procs, workdir, recorder):
+        self.procs, self.workdir, self.recorder = procs, workdir, recorder
+        self._envoys = {}
+
+    def get(self, idp, admin_overrides=None, name=None):
+        key = (idp.kind, idp.port, json.dumps(admin_overrides, sort_keys=True), name)
+        envoy = self._envoys.get(key)
+        if envoy is None or not envoy.alive():
+            data = idp.plugin_config()
+            admin = merge(merge(data, shipped_admin_additions()), {"admin": admin_overrides or {}})
+            envoy = Envoy(
+                self.procs,
+                self.workdir,
+                idp_port=idp.port,
+                upstream_port=self.recorder.port,
+                plugin_config=data,
+                listener_configs={"tokengate_admin": admin},
+                concurrency=CONCURRENCY,
+                name=name or f"envoy-revocation-{idp.kind}",
+            ).start()
+            self._envoys[key] = envoy
+        return envoy
+
+    def stop_all(self):
+        for envoy in self._envoys.values():
+            envoy.stop()
+
+
+@pytest.fixture(scope="module")
+def gates(procs, workdir, recorder):
+    cache = Gates(procs, workdir, recorder)
+    yield cache
+    cache.stop_all()
+
+
+@pytest.fixture
+def gate(gates, idp):
+    return gates.get(idp)
+
+
+# --------------------------------------------------------------------------- 1. every worker, at once
+
+
+def test_revoked_token_is_refused_by_every_worker_as_soon_as_the_admin_call_returns(gate, idp):
+    token = issue(idp)
+    api = AdminApi(gate)
+    assert gate.get("/", bearer(token)).status == 200
+    local_hits = gate.metric("tokengate.cache.hit.local")
+    burst_on_every_worker(gate, token, expect=200)
+    assert gate.metric("tokengate.cache.hit.local") > local_hits, "every worker answers from its own cache"
+
+    revoked_before = gate.metric(REVOKED)
+    body = assert_ok(api.revoke_form(token, token_type_hint="access_token"))
+    # No wait: the next request after the admin answer must already be refused, everywhere.
+    bursts = burst_on_every_worker(gate, token, expect=401)
+    assert body == {"revoked": 1, "ids": [sha256(token)]}
+    assert gate.metric(REVOKED) - revoked_before >= sum(len(b) for b in bursts)
+    assert_invalid_token(gate.get("/", bearer(token)))
+
+
+# --------------------------------------------------------------------------- 2. bulk, client, subject
+
+
+def test_bulk_revocation_refuses_every_listed_token_and_no_other(gate, idp):
+    api = AdminApi(gate)
+    doomed = [issue(idp) for _ in range(3)]
+    kept = issue(idp)
+    if idp.kind == "mock":
+        odd = odd_token()
+        idp.register_active(odd)
+        doomed.append(odd)
+    for token in doomed + [kept]:
+        assert gate.get("/", bearer(token)).status == 200
+
+    body = assert_ok(api.revoke_json({"tokens": doomed, "reason": "bulk: leaked in a CI log"}))
+    assert body["revoked"] == len(doomed)
+    assert sorted(body["ids"]) == sorted(sha256(t) for t in doomed)
+    for token in doomed:
+        statuses = statuses_over_connections(gate, token)
+        assert statuses == [401] * len(statuses), statuses
+        assert_invalid_token(gate.get("/", bearer(token)))
+    assert statuses_over_connections(gate, kept) == [200] * (2 * CONCURRENCY)
+    listed = api.listed()
+    assert all(listed[sha256(t)]["reason"] == "bulk: leaked in a CI log" for t in doomed)
+
+
+def test_rfc7009_form_revokes_any_token_even_one_never_seen(gate, idp):
+    api = AdminApi(gate)
+    never_seen = secrets.token_urlsafe(32)
+    assert assert_ok(api.revoke_form(never_seen)) == {"revoked": 1, "ids": [sha256(never_seen)]}
+    assert api.listed()[sha256(never_seen)]["kind"] == "token"
+    if idp.kind == "mock":
+        # A token with + / = in it: the form's percent-encoding must be undone exactly.
+        odd = odd_token()
+        idp.register_active(odd)
+        assert gate.get("/", bearer(odd)).status == 200
+        assert assert_ok(api.revoke_form(odd, token_type_hint="access_token")) == {"revoked": 1, "ids": [sha256(odd)]}
+        assert_invalid_token(gate.get("/", bearer(odd)))
+
+
+def _principal_names(idp):
+    if idp.kind == "oidc":
+        # oidc-provider's clients are fixed (server.mjs): app-b is this test's, app-a stands by.
+        return "app-b", "app-a"
+    return unique("client"), unique("bystander")
+
+
+def test_client_revocation_refuses_its_earlier_tokens_only(gate, idp, request):
+    api = AdminApi(gate)
+    client, bystander = _principal_names(idp)
+    request.addfinalizer(lambda: api.undo(f"client:{client}"))
+    seen, unseen, other = issue(idp, client), issue(idp, client), issue(idp, bystander)
+    for token in (seen, other):
+        assert gate.get("/", bearer(token)).status == 200
+
+    asked = time.time()
+    body = assert_ok(api.revoke_json({"client_id": client, "reason": "client secret leaked"}))
+    answered = time.time()
+    revocation = body["revocation"]
+    assert body["revoked"] == 1
+    assert (revocation["id"], revocation["kind"], revocation["reason"]) == (f"client:{client}", "client", "client secret leaked")
+    assert int(asked) <= revocation["revoked_at"] <= answered
+    assert revocation["expires_at"] == revocation["revoked_at"] + PRINCIPAL_TTL_S
+
+    # Cached (seen) or not, a token the client got before the revocation is refused everywhere.
+    for token in (seen, unseen):
+        statuses = statuses_over_connections(gate, token)
+        assert statuses == [401] * len(statuses), statuses
+        assert_invalid_token(gate.get("/", bearer(token)))
+    assert statuses_over_connections(gate, other) == [200] * (2 * CONCURRENCY), "another client is unaffected"
+    assert api.listed()[f"client:{client}"] == revocation
+
+    # iat has a resolution of one second: a token issued in a later second is not covered.
+    sleep_until(revocation["revoked_at"] + 1.05)
+    later = issue(idp, client)
+    assert idp.introspect(later)["iat"] > revocation["revoked_at"]
+    assert statuses_over_connections(gate, later) == [200] * (2 * CONCURRENCY)
+    assert_invalid_token(gate.get("/", bearer(seen)))
+
+    # Undone, the client's earlier tokens pass again.
+    undone = api.undo(f"client:{client}")
+    assert (undone.status, undone.body) == (204, b""), undone
+    assert statuses_over_connections(gate, seen) == [200] * (2 * CONCURRENCY)
+
+
+def test_subject_revocation_refuses_its_earlier_tokens_only(gate, idp, request):
+    if idp.kind == "oidc":
+        pytest.skip("oidc-provider's client-credentials tokens carry no sub (tests/idp/server.mjs)")
+    api = AdminApi(gate)
+    subject, other_subject = unique("user"), unique("user")
+    request.addfinalizer(lambda: api.undo(f"sub:{subject}"))
+    own_a = issue(idp, client_id=unique("client"), sub=subject)
+    own_b = issue(idp, client_id=unique("client"), sub=subject)
+    client = unique("client")
+    other = issue(idp, client_id=client, sub=other_subject)
+    assert gate.get("/", bearer(own_a)).status == 200
+
+    body = assert_ok(api.revoke_json({"sub": subject, "reason": "account closed"}))
+    revocation = body["revocation"]
+    assert (revocation["id"], revocation["kind"], revocation["reason"]) == (f"sub:{subject}", "sub", "account closed")
+    for token in (own_a, own_b):  # whatever client they were issued to
+        statuses = statuses_over_connections(gate, token)
+        assert statuses == [401] * len(statuses), statuses
+    assert_invalid_token(gate.get("/", bearer(own_b)))
+    assert statuses_over_connections(gate, other) == [200] * (2 * CONCURRENCY)
+
+    sleep_until(revocation["revoked_at"] + 1.05)
+    later = issue(idp, client_id=client, sub=subject)
+    assert statuses_over_connections(gate, later) == [200] * (2 * CONCURRENCY)
+
+
+# --------------------------------------------------------------------------- 3. list and undo
+
+
+def test_list_shows_hashes_and_undo_lets_the_token_back_in_everywhere(gate, idp):
+    api = AdminApi(gate)
+    seen, unseen = issue(idp), secrets.token_urlsafe(32)
+    assert gate.get("/", bearer(seen)).status == 200
+    exp = idp.introspect(seen)["exp"]
+
+    asked = time.time()
+    assert_ok(api.revoke_json({"tokens": [seen], "reason": "laptop stolen"}))
+    assert_ok(api.revoke_form(unseen))
+    answered = time.time()
+
+    resp = api.call("GET", f"{PREFIX}/revocations")
+    listing = assert_ok(resp)
+    assert listing["count"] == len(listing["revocations"])
+    for token in (seen, unseen):
+        for form in {token, urllib.parse.quote(token, safe=""), urllib.parse.quote_plus(token)}:
+            assert form.encode() not in resp.body, "a raw token is in the list"
+    records = {r["id"]: r for r in listing["revocations"]}
+    for record in records.values():
+        assert set(record) == {"id", "kind", "revoked_at", "expires_at", "reason"}, record
+    mine = records[sha256(seen)]
+    assert (mine["kind"], mine["reason"]) == ("token", "laptop stolen")
+    assert int(asked) <= mine["revoked_at"] <= answered
+    assert mine["expires_at"] == exp, "a token whose exp is cached keeps its record until exp"
+    never_seen = records[sha256(unseen)]
+    assert (never_seen["kind"], never_seen["reason"]) == ("token", "rfc7009")
+    assert never_seen["expires_at"] == never_seen["revoked_at"] + TOKEN_TTL_S
+
+    burst_on_every_worker(gate, seen, expect=401, n=200, tries=3)
+    undone_before = gate.metric("tokengate.revocations.undone")
+    resp = api.undo(sha256(seen))
+    assert (resp.status, resp.body) == (204, b""), resp
+    burst_on_every_worker(gate, seen, expect=200)
+    assert sha256(seen) not in api.listed()
+    assert gate.metric("tokengate.revocations.undone") == undone_before + 1
+
+    assert_admin_refused(api.undo(sha256(seen)), 404, "not_found")
+    assert_admin_refused(api.undo(sha256(secrets.token_urlsafe(32))), 404, "not_found")
+    assert_admin_refused(api.undo("client:" + unique("never-revoked")), 404, "not_found")
+    assert sha256(unseen) in api.listed(), "undoing one revocation leaves the others"
+
+
+# --------------------------------------------------------------------------- 4. the admin credential
+
+
+def _basic(user, password):
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+BAD_CREDENTIALS = {
+    "none": None,
+    "wrong-bearer": bearer("not-the-admin-token"),
+    "basic": _basic("admin", ADMIN_TOKEN),
+    "no-scheme": {"Authorization": ADMIN_TOKEN},
+    "configured-hash": bearer(sha256(ADMIN_TOKEN)),
+}
+
+
+def test_admin_routes_need_the_admin_credential(gate, idp):
+    api = AdminApi(gate)
+    victim = issue(idp)
+    already = secrets.token_urlsafe(32)
+    assert_ok(api.revoke_form(already))
+    assert gate.get("/", bearer(victim)).status == 200
+    client = _principal_names(idp)[0] if idp.kind == "mock" else "app-c"
+    credentials = dict(BAD_CREDENTIALS, **{"valid-access-token": bearer(victim)})
+
+    for name, auth in credentials.items():
+        attempts = [
+            api.revoke_form(victim, auth=auth),
+            api.revoke_json({"tokens": [victim]}, auth=auth),
+            api.revoke_json({"client_id": client}, auth=auth),
+            api.call("GET", f"{PREFIX}/revocations", auth),
+            api.undo(sha256(already), auth=auth),
+            api.call("POST", f"{PREFIX}/nowhere", auth, b"x", FORM),  # unknown route: still 401 first
+        ]
+        for i, resp in enumerate(attempts):
+            assert_admin_challenge(resp, what=f"{name} #{i}")
+    listed = api.listed()
+    assert sha256(victim) not in listed and f"client:{client}" not in listed
+    assert sha256(already) in listed, "an unauthorized DELETE undid a revocation"
+    assert statuses_over_connections(gate, victim) == [200] * (2 * CONCURRENCY)
+
+
+def test_data_listener_does_not_serve_the_admin_api(gate, idp, recorder):
+    api = AdminApi(gate)
+    victim, caller = issue(idp), issue(idp)
+    already = secrets.token_urlsafe(32)
+    assert_ok(api.revoke_form(already))
+    data = AdminApi(gate, listener="data")
+
+    # The admin credential is no access token: the data listener checks it as one.
+    assert_invalid_token(data.revoke_form(victim))
+    assert_invalid_token(data.call("GET", f"{PREFIX}/revocations"))
+    # With a valid access token an admin path is an ordinary request: it goes upstream.
+    for resp, method, path in [
+        (data.revoke_form(victim, auth=bearer(caller)), "POST", f"{PREFIX}/revoke"),
+        (data.revoke_json({"client_id": "app-a"}, auth=bearer(caller)), "POST", f"{PREFIX}/revoke"),
+        (data.call("GET", f"{PREFIX}/revocations", bearer(caller)), "GET", f"{PREFIX}/revocations"),
+        (data.undo(sha256(already), auth=bearer(caller)), "DELETE", f"{PREFIX}/revocations/{sha256(already)}"),
+    ]:
+        assert resp.status == 200, resp
+        echoed = resp.json()
+        assert (echoed["method"], echoed["path"]) == (method, path), "answered by the upstream, not the admin API"
+    listed = api.listed()
+    assert sha256(victim) not in listed and "client:app-a" not in listed
+    assert sha256(already) in listed
+    assert statuses_over_connections(gate, victim) == [200] * (2 * CONCURRENCY)
+
+
+# --------------------------------------------------------------------------- 5. what the admin API refuses
+
+
+# Paths that reach the filter as they are (Envoy's normalize_path keeps case and %2F, and
+# merge_slashes only merges): the filter refuses them, though the credential is right.
+REFUSED_PATHS = {
+    "/TOKENGATE/revoke": 400,
+    "/TokenGate/Revoke": 400,
+    "/tokengate%2Frevoke": 400,
+    "/tokengate%2frevoke": 400,
+    "/tokengate/revoke/": 400,
+    "/tokengate/revocations/..%2Frevoke": 400,
+    "/tokengate/revoke;x": 404,
+    "/tokengate/revoke%3Fx": 404,
+}
+# Paths Envoy itself refuses (400, before any filter runs).
+ENVOY_REFUSED_PATHS = ["/tokengate/revoke%00", "/tokengate/revoke#x", "/tokengate/%2e%2e/%2e%2e/../tokengate/revoke"]
+# Paths Envoy makes canonical before any filter runs (the shipped admin listener sets
+# normalize_path and merge_slashes): the filter sees /tokengate/revoke itself.
+NORMALISED_PATHS = [
+    "//tokengate/revoke",
+    "/tokengate//revoke",
+    "/tokengate/../tokengate/revoke",
+    "/tokengate/./revoke",
+    "/tokengate/%72evoke",
+    "/%74okengate/revoke",
+    "/tokengate/%2e%2e/tokengate/revoke",
+    "/tokengate\\revoke",
+]
+
+
+@pytest.fixture
+def mock_gate(gates, mock_idp_server):
+    return gates.get(mock_idp_server)
+
+
+def _victim(idp, envoy):
+    token = issue(idp)
+    assert envoy.get("/victim-check", bearer(token)).status == 200
+    return token
+
+
+def _upstream_seen_since(recorder, mark):
+    return recorder.requests()[mark:]
+
+
+def test_disguised_admin_paths_never_bypass_the_credential_or_reach_the_upstream(mock_gate, mock_idp_server, recorder):
+    idp, envoy, api = mock_idp_server, mock_gate, AdminApi(mock_gate)
+    mark, upstream_calls = len(recorder.requests()), envoy.counter(UPSTREAM_CALLS)
+    paths = list(REFUSED_PATHS) + ENVOY_REFUSED_PATHS + NORMALISED_PATHS
+    victims = {path: _victim(idp, envoy) for path in paths}
+
+    for path, victim in victims.items():
+        for auth in (None, bearer("not-the-admin-token"), _basic("admin", ADMIN_TOKEN), ADMIN):
+            resp = api.revoke_form(victim, auth=auth, path=path)
+            if path in ENVOY_REFUSED_PATHS:
+                assert (resp.status, resp.body) == (400, b""), f"{path}: {resp}"  # Envoy's own 400
+            elif auth is not ADMIN:
+                assert_admin_challenge(resp, what=path)
+            elif path in REFUSED_PATHS:
+                assert_admin_refused(resp, REFUSED_PATHS[path], what=path)
+            else:
+                # With the credential this is /tokengate/revoke once Envoy has normalised it.
+                assert assert_ok(resp) == {"revoked": 1, "ids": [sha256(victim)]}, path
+
+    listed = api.listed()
+    for path, victim in victims.items():
+        revoked = path in NORMALISED_PATHS
+        assert (sha256(victim) in listed) == revoked, path
+        assert envoy.get("/victim-check", bearer(victim)).status == (401 if revoked else 200), path
+    seen = _upstream_seen_since(recorder, mark)
+    assert [r for r in seen if looks_like_admin(r["path"])] == [], "an admin request reached the upstream"
+    assert {r["path"] for r in seen} <= {"/victim-check"}
+    assert envoy.counter(UPSTREAM_CALLS) - upstream_calls == len(seen)
+
+
+def test_admin_routes_answer_wrong_methods_unknown_routes_and_bad_bodies(mock_gate, mock_idp_server, recorder):
+    idp, envoy, api = mock_idp_server, mock_gate, AdminApi(mock_gate)
+    mark = len(recorder.requests())
+    victim = _victim(idp, envoy)
+    form = urllib.parse.urlencode({"token": victim}).encode()
+
+    resp = api.call("GET", f"{PREFIX}/revoke")
+    assert_admin_refused(resp, 405, "method_not_allowed")
+    assert resp.header("Allow") == "POST"
+    assert_admin_refused(api.call("PUT", f"{PREFIX}/revoke", body=form, content_type=FORM), 405)
+    assert_admin_refused(api.call("POST", f"{PREFIX}/revocations", body=form, content_type=FORM), 405)
+    assert_admin_refused(api.call("GET", f"{PREFIX}/revocations/{sha256(victim)}"), 405)
+    assert_admin_refused(api.call("POST", f"{PREFIX}/revoked", body=form, content_type=FORM), 404, "not_found")
+    assert_admin_refused(api.call("GET", PREFIX), 404)
+
+    assert_admin_refused(api.call("POST", f"{PREFIX}/revoke", body=form, content_type="text/plain"), 415)
+    assert_admin_refused(api.call("POST", f"{PREFIX}/revoke", body=form), 415)
+    assert_admin_refused(api.call("POST", f"{PREFIX}/revoke", body=form, content_type="multipart/form-data; boundary=x"), 415)
+    bad = [
+        (b'{"tokens": ["' + victim.encode() + b'"]', "application/json"),
+        (b'{"tokens": []}', "application/json"),
+        (b'{"token": "' + victim.encode() + b'"}', "application/json"),
+        (b'{"tokens": ["' + victim.encode() + b'"], "sub": "x"}', "application/json"),
+        (b'{"tokens": ["has space"]}', "application/json"),
+        (b"token_type_hint=access_token", FORM),
+        (form + b"&" + form, FORM),
+        (b"", FORM),
+    ]
+    for body, content_type in bad:
+        assert_admin_refused(api.call("POST", f"{PREFIX}/revoke", body=body, content_type=content_type), 400)
+
+    # Over admin.max_body_bytes: declared up front, and streamed without a length.
+    big = b"token=" + victim.encode() + b"&pad=" + b"x" * MAX_BODY_BYTES
+    assert_admin_refused(api.call("POST", f"{PREFIX}/revoke", body=big, content_type=FORM), 413, "request_too_large")
+    status, _ = chunked_post(api.port, f"{PREFIX}/revoke", big, {**ADMIN, "Content-Type": FORM})
+    assert status == 413
+
+    assert sha256(victim) not in api.listed()
+    assert envoy.get("/victim-check", bearer(victim)).status == 200
+    seen = _upstream_seen_since(recorder, mark)
+    assert [r for r in seen if looks_like_admin(r["path"])] == [], "an admin request reached the upstream"
+
+
+def chunked_post(port, path, body, headers, chunk=64 * 1024):
+    """POST with Transfer-Encoding: chunked; (status, head). A server may answer before the
+    whole body is sent and close: sending then fails, and the answer is read all the same."""
+    head = f"POST {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nTransfer-Encoding: chunked\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    with socket.create_connection((LOOPBACK, port), timeout=10) as s:
+        try:
+            s.sendall(head.encode())
+            for i in range(0, len(body), chunk):
+                piece = body[i:i + chunk]
+                s.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            s.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass
+        data = b""
+        while b"\r\n" not in data:
+            more = s.recv(4096)
+            if not more:
+                break
+            data += more
+    status_line = data.split(b"\r\n", 1)[0].decode()
+    return int(status_line.split()[1]), data
+
+
+def test_bulk_over_max_bulk_tokens_is_refused_whole(gates, mock_idp_server, recorder):
+    limit = 5
+    envoy = gates.get(mock_idp_server, admin_overrides={"max_bulk_tokens": limit})
+    api = AdminApi(envoy)
+    mark = len(recorder.requests())
+    victims = [_victim(mock_idp_server, envoy) for _ in range(limit + 1)]
+
+    body = assert_admin_refused(api.revoke_json({"tokens": victims}), 413, "too_many_tokens")
+    assert str(limit) in body["error_description"]
+    assert api.revocations()["count"] == 0, "a refused bulk revokes nothing"
+    assert [envoy.get("/victim-check", bearer(t)).status for t in victims] == [200] * len(victims)
+
+    body = assert_ok(api.revoke_json({"tokens": victims[:limit]}))
+    assert body["revoked"] == limit
+    assert [envoy.get("/victim-check", bearer(t)).status for t in victims] == [401] * limit + [200]
+    seen = _upstream_seen_since(recorder, mark)
+    assert [r for r in seen if looks_like_admin(r["path"])] == []
+
+
+# --------------------------------------------------------------------------- 6. configuration update
+
+
+class LdsEnvoy(Envoy):
+    """The harness Envoy with its listeners served by file-based LDS: the bootstrap keeps
+    clusters and admin; the listeners go to lds.yaml in a watched directory, replaced by
+    an atomic rename for each update (Envoy's documented way for filesystem xDS)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lds_dir = self.workdir / f"{self.name}-{self.port}-lds"
+        self.lds_dir.mkdir(parents=True, exist_ok=True)
+        self.lds_path = self.lds_dir / "lds.yaml"
+        self.listeners = None
+
+    def bootstrap(self):
+        config = super().bootstrap()
+        self.listeners = config["static_resources"].pop("listeners")
+        self.push_listeners(self.listeners, "v1")
+        config["node"] = {"id": "tokengate-e2e", "cluster": "tokengate-e2e"}
+        config["dynamic_resources"] = {
+            "lds_config": {
+                "resource_api_version": "V3",
+                "path_config_source": {"path": str(self.lds_path), "watched_directory": {"path": str(self.lds_dir)}},
+            }
+        }
+        return config
+
+    def push_listeners(self, listeners, version):
+        resources = [{"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", **l} for l in listeners]
+        staged = self.lds_dir / f".lds-{version}.yaml"
+        staged.write_text(yaml.safe_dump({"version_info": version, "resources": resources}, sort_keys=False))
+        os.rename(staged, self.lds_path)  # atomic: Envoy never reads half a file
+
+    def plugin_configs(self):
+        """{listener name: plugin configuration} as Envoy's /config_dump has them active."""
+        dump = self.admin("/config_dump?resource=dynamic_listeners").json()
+        out = {}
+        for entry in dump["configs"]:
+            listener = entry.get("active_state", {}).get("listener")
+            if listener:
+                (plugin,) = harness._wasm_plugins(listener)
+                out[listener["name"]] = json.loads(plugin["configuration"]["value"])
+        return out
+
+
+def _vm_stats(envoy):
+    stats = envoy.stats()
+    return {k: stats.get(k) for k in ("wasm.envoy.wasm.runtime.v8.created", "wasm.envoy.wasm.runtime.v8.active")}
+
+
+def test_denylist_survives_a_plugin_configuration_update(procs, workdir, mock_idp_server, recorder, record_property):
+    idp = mock_idp_server
+    data = idp.plugin_config()
+    envoy = LdsEnvoy(
+        procs, workdir, idp.port, recorder.port, data,
+        listener_configs={"tokengate_admin": merge(data, shipped_admin_additions())},
+        concurrency=CONCURRENCY, name="envoy-lds", component_log_level="wasm:debug",
+    ).start()
+    try:
+        api = AdminApi(envoy)
+        assert envoy.stats()["listener_manager.lds.version_text"] == '"v1"'
+        # Both have read and write: only the revocation can refuse `revoked` under either config.
+        revoked, kept = issue(idp, scope="read write"), issue(idp, scope="read write")
+        narrow = issue(idp, scope="read")
+        for token in (revoked, kept, narrow):
+            assert envoy.get("/", bearer(token)).status == 200
+        assert_ok(api.revoke_form(revoked))
+        burst_on_every_worker(envoy, revoked, expect=401, n=200)
+
+        # The change: another claim header, and one more required scope; same vm_id, same code.
+        change = {"claims_to_headers": {"client_id": "x-auth-client-app"}, "required_scopes": ["read", "write"]}
+        updated = copy.deepcopy(envoy.listeners)
+        new_configs = {}
+        for listener in updated:
+            (plugin,) = harness._wasm_plugins(listener)
+            config = json.loads(plugin["configuration"]["value"])
+            config["claims_to_headers"].pop("client_id")
+            config = merge(config, change)
+            plugin["configuration"]["value"] = json.dumps(config)
+            new_configs[listener["name"]] = config
+        vms_before = _vm_stats(envoy)
+        envoy.push_listeners(updated, "v2")
+        wait_until(lambda: envoy.stats()["listener_manager.lds.version_text"] == '"v2"', 10, what="LDS v2")
+        stats = envoy.stats()
+        assert (stats["listener_manager.lds.update_success"], stats["listener_manager.lds.update_rejected"]) == (2, 0)
+        wait_until(lambda: envoy.plugin_configs() == new_configs, 10, what="the new plugin configurations to be active")
+        wait_until(lambda: envoy.get("/", bearer(narrow)).status == 403, 10, what="the new policy on the data listener")
+        vms_after = _vm_stats(envoy)
+
+        # The new configuration is in effect on every worker ...
+        burst_on_every_worker(envoy, narrow, expect=403, n=200)
+        headers = envoy.get("/", bearer(kept)).json()["headers"]
+        assert headers.get("x-auth-client-app") == "app-a" and "x-auth-client-id" not in headers, headers
+        # ... and the revocation written under the old one still holds there.
+        burst_on_every_worker(envoy, revoked, expect=401)
+        assert_invalid_token(envoy.get("/", bearer(revoked)))
+        assert sha256(revoked) in api.listed()
+        # The updated admin listener still writes what the updated data listener reads.
+        assert_ok(api.revoke_form(kept))
+        burst_on_every_worker(envoy, kept, expect=401, n=200)
+
+        figures = {"vm_stats_before_update": vms_before, "vm_stats_after_update": vms_after}
+        print(f"\n[revocation] LDS update: {figures}")
+        record_property("lds_update", json.dumps(figures))
+    finally:
+        envoy.stop()
+
+
+# --------------------------------------------------------------------------- 7. ten thousand
+
+
+def rss_kib(envoy):
+    for line in Path(f"/proc/{envoy.proc.popen.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_ten_thousand_revoked_tokens(gates, mock_idp_server, record_property):
+    idp = mock_idp_server
+    envoy = gates.get(idp, name="envoy-revocation-10k")
+    api = AdminApi(envoy)
+    n = 10_000
+    tokens = [secrets.token_urlsafe(32) for _ in range(n)]
+    sample = tokens[:: n // 200]
+    kept = [secrets.token_urlsafe(32) for _ in range(20)]
+    for token in sample + kept:
+        idp.register_active(token)  # the IdP says active: only the denylist can refuse them
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        before = list(pool.map(lambda t: envoy.get("/", bearer(t)).status, sample + kept))
+    assert before == [200] * len(before)
+    rss_before = rss_kib(envoy)
+
+    body = json.dumps({"tokens": tokens, "reason": "mass revocation"}).encode()
+    started = time.monotonic()
+    resp = api.call("POST", f"{PREFIX}/revoke", body=body, content_type="application/json", timeout=60)
+    bulk_s = time.monotonic() - started
+    answer = assert_ok(resp)
+    assert answer["revoked"] == n
+    assert answer["ids"] and set(answer["ids"]) <= {sha256(t) for t in tokens}
+    rss_after_bulk = rss_kib(envoy)
+
+    started = time.monotonic()
+    listing = api.call("GET", f"{PREFIX}/revocations", timeout=60)
+    list_s = time.monotonic() - started
+    listed = assert_ok(listing)
+    assert listed["count"] >= n and listed["count"] == len(listed["revocations"])
+    ids = {r["id"] for r in listed["revocations"]}
+    assert {sha256(t) for t in tokens} <= ids
+    rss_after_list = rss_kib(envoy)
+
+    revoked_before, calls_before = envoy.metric(REVOKED), idp.introspections()["count"]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        after = list(pool.map(lambda t: envoy.get("/", bearer(t)).status, sample))
+        still = list(pool.map(lambda t: envoy.get("/", bearer(t)).status, kept))
+    assert after == [401] * len(sample)
+    assert envoy.metric(REVOKED) - revoked_before == len(sample), "each was refused as revoked"
+    assert idp.introspections()["count"] == calls_before, "a revoked token costs no introspection"
+    assert still == [200] * len(kept)
+    burst_on_every_worker(envoy, sample[0], expect=401, n=200)
+    rss_after = rss_kib(envoy)
+
+    # The bound. Shared data holds each record once (JSON, ~150 bytes here; at most 64 hex + 200
+    # reason chars + keys, call it 512 B): 10,000 x 512 B = 5 MiB. Wasm linear memory never shrinks,
+    # and each VM that handles an admin call keeps its peak: the bulk call's VM parses a body of at
+    # most admin.max_body_bytes (1 MiB) into at most admin.max_bulk_tokens (10,000) strings, the list
+    # call's VM holds every record and its JSON (~1.5 MB here) at once, a few times over as
+    # serde_json values. Allowing 16x the list for each of those two VMs, 2 x 16 x 1.5 MB = 48 MiB,
+    # plus 16 MiB of slack for Envoy's own buffers and allocator: 69 MiB. A denylist that kept a
+    # copy per worker, grew per request, or kept per-token keys and values many times its records
+    # would go past it.
+    bound_kib = (5 + 48 + 16) * 1024
+    figures = {
+        "tokens": n,
+        "bulk_body_bytes": len(body),
+        "bulk_call_s": round(bulk_s, 3),
+        "list_call_s": round(list_s, 3),
+        "list_response_bytes": len(listing.body),
+        "rss_before_kib": rss_before,
+        "rss_after_bulk_kib": rss_after_bulk,
+        "rss_after_list_kib": rss_after_list,
+        "rss_after_kib": rss_after,
+        "rss_delta_kib": rss_after - rss_before,
+        "rss_bound_kib": bound_kib,
+    }
+    print(f"\n[revocation] 10k denylist: {json.dumps(figures)}")
+    for key, value in figures.items():
+        record_property(key, value)
+    assert rss_after - rss_before < bound_kib, figures
