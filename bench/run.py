@@ -521,7 +521,8 @@ def phase_perf(k, e, wrk, log, workdir):
         for line in rep.stdout.splitlines():
             m = re.match(r"\s+([\d.]+)%\s+(.+?)\s*$", line)
             if m:
-                rows.append((m.group(2), float(m.group(1))))
+                dso = re.sub(r"^\[JIT\] tid \d+$", "[JIT] (V8 code: wasm + trampolines)", m.group(2))
+                rows.append((dso, float(m.group(1))))
         out[v] = {"dso": rows, "events": int(samples.group(1)) if samples else None}
         log(f"  perf {v}: " + ", ".join(f"{d} {p:.1f}%" for d, p in rows[:6]))
     return out
