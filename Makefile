@@ -88,3 +88,33 @@ oci:
 	@envoy/istio/build-oci.sh preflight
 	@$(MAKE) --no-print-directory build
 	envoy/istio/build-oci.sh build $(WASM) $(OCI_IMAGE)
+
+# ----------------------------------------------------------------- benchmark (issue 6)
+# `make bench`: tokengate against bare Envoy, a no-op wasm filter and ext_authz,
+# plus cold-burst coalescing, RSS under distinct tokens and the wasm size.
+# Not part of `make test`. Everything lives in bench/; see bench/README.md.
+# Knobs (environment): BENCH_PROFILE=smoke|full (default smoke: short, for
+# checking the harness), BENCH_ROUNDS, BENCH_SECONDS, BENCH_PHASES, ...
+BENCH_VENV := $(DEPS)/bench-venv
+NOOP_WASM  := bench/noop/target/wasm32-wasip1/release/bench_noop.wasm
+
+.PHONY: bench bench-deps bench-noop
+
+## bench: the benchmark; writes bench/results.md and bench/results.png
+bench: build bench-noop bench-deps
+	$(BENCH_VENV)/bin/python bench/run.py
+
+## bench-noop: the no-op proxy-wasm filter (variant B and the profile ladder)
+bench-noop: toolchain
+	cd bench/noop && cargo build --release --target wasm32-wasip1 --locked
+
+## bench-deps: wrk and perf (Debian), matplotlib (PyPI, in $(BENCH_VENV)), Envoy
+bench-deps: envoy $(BENCH_VENV)/.installed
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	@command -v taskset >/dev/null || apt-get install -y -qq util-linux
+	@command -v perf >/dev/null || { apt-get update -qq && apt-get install -y -qq linux-perf; } || echo "perf unavailable: the perf phase will be skipped"
+
+$(BENCH_VENV)/.installed: bench/requirements.txt
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	touch $@

@@ -49,19 +49,19 @@ PROFILES = {
     # Short: builds and checks the harness; numbers are indicative only.
     "smoke": dict(
         ROUNDS=2, SECONDS=3, WARMUP=1, LADDER_ROUNDS=2, LADDER_SECONDS=3, PERF_SECONDS=3,
-        BURSTS=2, RSS_MILESTONES="1000,10000,100000", RSS_MAX_ENTRIES=10000,
+        BURSTS=2, RSS_MILESTONES="1000,10000,30000", RSS_MAX_ENTRIES=10000,
     ),
     # The real run (about 25 minutes on a quiet 2-core machine).
     "full": dict(
         ROUNDS=5, SECONDS=20, WARMUP=3, LADDER_ROUNDS=3, LADDER_SECONDS=10, PERF_SECONDS=10,
-        BURSTS=5, RSS_MILESTONES="10000,100000,1000000", RSS_MAX_ENTRIES=100000,
+        BURSTS=5, RSS_MILESTONES="10000,100000,500000,1000000", RSS_MAX_ENTRIES=100000,
     ),
 }
 COMMON = dict(
     CONNECTIONS=32, THREADS=2, VARIANTS="A,B,C,C2,D", ROTATE_TOKENS=1000,
     BURST_REQUESTS=400, BURST_CONNECTIONS=32, IDP_DELAY_MS=50, BURST_CONCURRENCY=4,
-    RSS_CONCURRENCY=4, PHASES="throughput,ladder,perf,burst,rss", PERF=1,
-    ENVOY_CPU="", LOAD_CPU="", OUT=str(BENCH), LOG_LEVEL="warn",
+    RSS_CONCURRENCY=4, PHASES="throughput,ladder,perf,miss,burst,rss", PERF=1,
+    ENVOY_CPU="", LOAD_CPU="", OUT=str(BENCH), LOG_LEVEL="warn", AUTHZ="separate",
 )
 
 
@@ -75,6 +75,8 @@ def knobs():
         if raw is None or name == "PROFILE":
             continue
         k[name] = type(default)(raw) if isinstance(default, (int, float)) and not isinstance(default, bool) else raw
+    if k["AUTHZ"] not in ("separate", "same"):
+        sys.exit("BENCH_AUTHZ must be `separate` (the authz service on the load core) or `same` (on Envoy's)")
     k["VARIANTS"] = [v.strip() for v in str(k["VARIANTS"]).split(",") if v.strip()]
     k["PHASES"] = [p.strip() for p in str(k["PHASES"]).split(",") if p.strip()]
     k["RSS_MILESTONES"] = [int(x) for x in str(k["RSS_MILESTONES"]).split(",") if x.strip()]
@@ -242,6 +244,13 @@ def cluster(name, port):
                 {"endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": port}}}}]}]}}
 
 
+def buffer_body():
+    """Reads the whole request before the direct response: Envoy closes an HTTP/1.1 connection whose
+    response went out before its request body was read, which would make every callout a new connection."""
+    return {"name": "envoy.filters.http.buffer", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": 65536}}
+
+
 IDP_ANSWER = json.dumps({"active": True, "scope": "read", "sub": "bench-user", "client_id": "bench-client",
                          "exp": FAR_FUTURE})
 
@@ -403,14 +412,22 @@ VARIANT_INFO = {
     "B": "+ no-op wasm (reads Authorization + 1 shared-data key)",
     "C": "+ tokengate, 1 cached token",
     "C2": "+ tokengate, 1,000 cached tokens rotated",
-    "D": "+ ext_authz (HTTP) to an Envoy listener answering 200",
+    "D": "+ ext_authz (HTTP service) to an Envoy answering 200",
 }
 
 
-def throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, with_ladder):
+def authz_envoy(k, workdir, envoy_bin, load_cpu):
+    """D's authorization service in an Envoy of its own on the load core: the gateway's core then pays
+    only for the ext_authz client side, as it would with a remote authorizer."""
+    a = Envoy(workdir, "authz", envoy_bin, load_cpu, 1, k["LOG_LEVEL"])
+    a.add("authz", [], direct(body=""))
+    return a.start()
+
+
+def throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, with_ladder, with_miss, authz=None):
     e = Envoy(workdir, "throughput", envoy_bin, envoy_cpu, 1, k["LOG_LEVEL"])
-    idp_port = e.add("idp", [], direct(body=IDP_ANSWER, content_type="application/json"))
-    authz_port = e.add("authz", [], direct(body=""))
+    idp_port = e.add("idp", [buffer_body()], direct(body=IDP_ANSWER, content_type="application/json"))
+    authz_port = authz.ports["authz"] if authz else e.add("authz", [], direct(body=""))
     e.clusters += [cluster("idp", idp_port), cluster("authz", authz_port)]
     e.add("A", [], direct())
     e.add("B", [wasm("noop", "noop", noop, "")], direct())
@@ -420,6 +437,8 @@ def throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, with_lad
     if with_ladder:
         for i, (_, steps) in enumerate(LADDER[1:], 1):
             e.add(f"L{i}", [wasm(f"noop{i}", "noop", noop, steps)], direct())
+    if with_miss:
+        e.add("M0", [wasm("noop_callout", "noop", noop, "callout")], direct())
     return e.start()
 
 
@@ -495,6 +514,34 @@ def phase_ladder(k, e, wrk, log):
     return {"steps": steps, "rounds": rounds}
 
 
+def phase_miss(k, e, wrk, log):
+    """Envoy CPU per request when every request is a cache miss, against the floor of one callout."""
+    rounds = []
+    for rnd in range(1, k["LADDER_ROUNDS"] + 1):
+        row = {}
+        for name in ("M0", "M1"):
+            if name == "M0":
+                kw = dict(headers=["Authorization: Bearer bench-hot-token"])
+                port = e.ports["M0"]
+            else:
+                # Tokens never seen before, for the whole run (distinct.lua with no quota).
+                kw = dict(script="distinct.lua", env={"BENCH_QUOTA": "1000000000",
+                                                      "BENCH_TOKEN_PREFIX": f"miss{rnd}-{time.time_ns()}-"})
+                port = e.ports["C"]
+            idp0 = e.stat("cluster.idp.upstream_rq_total")
+            cpu0, t0 = e.cpu_ns(), time.monotonic()
+            r = wrk.run(port, k["LADDER_SECONDS"], **kw)
+            cpu1, t1 = e.cpu_ns(), time.monotonic()
+            r["introspections"] = e.stat("cluster.idp.upstream_rq_total") - idp0
+            r["envoy_cpu_us_per_req"] = (cpu1[0] - cpu0[0]) / 1e3 / max(r["requests"], 1)
+            r["envoy_wait_util"] = (cpu1[1] - cpu0[1]) / 1e9 / (t1 - t0)
+            row[name] = r
+            log(f"  miss round {rnd} {name}: {r['envoy_cpu_us_per_req']:7.1f} µs/req  {r['rps']:8.0f} req/s  "
+                f"callouts {r['introspections']}  errors {r['errors']}  waiting {r['envoy_wait_util'] * 100:.0f}%")
+        rounds.append(row)
+    return rounds
+
+
 def phase_perf(k, e, wrk, log, workdir):
     """CPU samples of the Envoy process by DSO during A, B and C."""
     if not shutil.which("perf"):
@@ -528,10 +575,14 @@ def phase_perf(k, e, wrk, log, workdir):
     return out
 
 
+# tokengate's own counters, as Envoy's /stats names them.
+TG_STATS = r"^wasmcustom\.tokengate\.(cache|introspection|requests)\."
+
+
 def burst_envoy(k, workdir, envoy_bin, tokengate, envoy_cpu):
     e = Envoy(workdir, "burst", envoy_bin, envoy_cpu, k["BURST_CONCURRENCY"], k["LOG_LEVEL"])
     delay = [fault_delay(k["IDP_DELAY_MS"])] if k["IDP_DELAY_MS"] > 0 else []
-    idp_port = e.add("idp", delay, direct(body=IDP_ANSWER, content_type="application/json"))
+    idp_port = e.add("idp", delay + [buffer_body()], direct(body=IDP_ANSWER, content_type="application/json"))
     e.clusters.append(cluster("idp", idp_port))
     e.add("tokengate", [wasm("tokengate", "tokengate", tokengate, tokengate_config())], direct())
     return e.start()
@@ -544,13 +595,13 @@ def phase_burst(k, e, log):
     for b in range(1, k["BURSTS"] + 1):
         token = f"burst-{os.getpid()}-{b}-{time.time_ns()}"
         n, m = k["BURST_REQUESTS"], k["BURST_CONNECTIONS"]
+        cx_regex = rf"^listener\.127\.0\.0\.1_{port}\.worker_\d+\.downstream_cx_total$"
+        cx0 = e.stats(cx_regex)
         conns = [http.client.HTTPConnection(LOOPBACK, port, timeout=30) for _ in range(m)]
         for c in conns:
             c.connect()
-        cx_regex = rf"^listener\.127\.0\.0\.1_{port}\.worker_\d+\.downstream_cx_total$"
-        cx0 = e.stats(cx_regex)
         idp0 = e.stat("cluster.idp.upstream_rq_total")
-        tg0 = e.stats(r"^tokengate\.(cache|introspection)\.")
+        tg0 = e.stats(TG_STATS)
         ticket = iter(range(n))
         lock = threading.Lock()
         statuses = {}
@@ -581,11 +632,12 @@ def phase_burst(k, e, log):
             c.close()
         time.sleep(0.5)
         cx1 = e.stats(cx_regex)
-        tg1 = e.stats(r"^tokengate\.(cache|introspection)\.")
+        tg1 = e.stats(TG_STATS)
         workers = sum(1 for name, v in cx1.items() if v - cx0.get(name, 0) > 0)
         r = {"token": b, "requests": n, "connections": m, "statuses": statuses, "elapsed_s": elapsed,
              "introspections": e.stat("cluster.idp.upstream_rq_total") - idp0, "workers_used": workers,
-             "tokengate": {name: v - tg0.get(name, 0) for name, v in tg1.items() if v - tg0.get(name, 0)}}
+             "tokengate": {name.removeprefix("wasmcustom."): v - tg0.get(name, 0) for name, v in tg1.items()
+                           if v - tg0.get(name, 0)}}
         results.append(r)
         log(f"  burst {b}: {n} requests / {m} connections on {workers} workers in {elapsed:.2f}s: "
             f"introspections {r['introspections']}, statuses {statuses}")
@@ -594,7 +646,7 @@ def phase_burst(k, e, log):
 
 def rss_envoy(k, workdir, envoy_bin, tokengate, envoy_cpu):
     e = Envoy(workdir, "rss", envoy_bin, envoy_cpu, k["RSS_CONCURRENCY"], k["LOG_LEVEL"])
-    idp_port = e.add("idp", [], direct(body=IDP_ANSWER, content_type="application/json"))
+    idp_port = e.add("idp", [buffer_body()], direct(body=IDP_ANSWER, content_type="application/json"))
     e.clusters.append(cluster("idp", idp_port))
     e.add("tokengate", [wasm("tokengate", "tokengate", tokengate, tokengate_config(k["RSS_MAX_ENTRIES"]))], direct())
     return e.start()
@@ -631,20 +683,23 @@ def phase_rss(k, e, wrk, log, workdir):
             marks.mkdir(exist_ok=True)
             files = [marks / f"done-{t}" for t in range(threads)]
             # Per-thread quota; the Lua script drops a file per thread when done (see distinct.lua).
+            cpu0 = e.cpu_ns()[0]
             r = wrk.run(port, 3600, script="distinct.lua", until_files=files, timeout_s=3600,
                         env={"BENCH_QUOTA": str(quota), "BENCH_TOKEN_PREFIX": f"rss{i}-", "BENCH_MARK_DIR": str(marks)})
+            cpu_us = (e.cpu_ns()[0] - cpu0) / 1e3 / max(r["requests"], 1)
             done_tokens += quota * threads
             time.sleep(2)
             rss, hwm = e.rss_kib()
             intro = e.stat("cluster.idp.upstream_rq_total") - idp_base
             m = {"tokens": target, "rss_kib": rss, "hwm_kib": hwm, "introspections": intro, "rps": r["rps"],
+                 "envoy_cpu_us_per_req": cpu_us,
                  "errors": r["errors"], "p99_us": r["p99_us"]}
             milestones.append(m)
             log(f"  rss after {target:>8} distinct tokens: {rss / 1024:7.1f} MiB (peak {hwm / 1024:.1f}), "
-                f"introspections {intro}, {r['rps']:.0f} req/s, errors {r['errors']}")
+                f"introspections {intro}, {r['rps']:.0f} req/s, Envoy {cpu_us:.0f} µs/req, errors {r['errors']}")
     finally:
         stop.set()
-    tg = e.stats(r"^tokengate\.")
+    tg = {name.removeprefix("wasmcustom."): v for name, v in e.stats(TG_STATS).items()}
     return {"max_entries": k["RSS_MAX_ENTRIES"], "concurrency": k["RSS_CONCURRENCY"], "milestones": milestones,
             "samples": samples, "tokengate_stats": tg}
 
@@ -767,6 +822,24 @@ def report(res, k):
                  "decoding into owned Strings, bearer parsing, the denylist memo and local-cache hash lookups, Rc "
                  "clones, policy decision, claim-header vector building.")
         L.append("")
+    miss = res.get("miss")
+    if miss:
+        m0 = med([r["M0"]["envoy_cpu_us_per_req"] for r in miss])
+        m1 = med([r["M1"]["envoy_cpu_us_per_req"] for r in miss])
+        r0 = med([r["M0"]["rps"] for r in miss])
+        r1 = med([r["M1"]["rps"] for r in miss])
+        L.append("## The miss path (one worker)")
+        L.append("")
+        L.append("Every request a cache miss (tokens never seen before), against the floor of any filter that "
+                 "calls out: the no-op with one introspection-shaped callout per request (`callout` step). The "
+                 "IdP is a listener of the same Envoy, so both include serving the callout.")
+        L.append("")
+        L.append("| | Envoy CPU µs/req | req/s |")
+        L.append("| --- | ---: | ---: |")
+        L.append(f"| no-op + 1 callout per request | {m0:.1f} | {r0:,.0f} |")
+        L.append(f"| tokengate, every request a miss | {m1:.1f} | {r1:,.0f} |")
+        L.append(f"| tokengate's own miss work | {m1 - m0:+.1f} | |")
+        L.append("")
     perf = res.get("perf")
     if perf:
         L.append("## CPU by DSO (perf record, Envoy's core)")
@@ -816,12 +889,20 @@ def report(res, k):
                  "an Envoy listener answers every introspection with an active token; wrk sends tokens never sent "
                  "before (bench/lua/distinct.lua). VmRSS from `/proc/<pid>/status`, 2 s after each milestone.")
         L.append("")
-        L.append("| distinct tokens | introspections | VmRSS | peak (VmHWM) | miss-path req/s | errors |")
-        L.append("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        L.append("| distinct tokens | introspections | VmRSS | peak (VmHWM) | miss-path req/s | Envoy CPU µs/req | errors |")
+        L.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for m in rss["milestones"]:
             rps = f"{m['rps']:,.0f}" if "rps" in m else ""
+            cpu = f"{m['envoy_cpu_us_per_req']:.0f}" if "envoy_cpu_us_per_req" in m else ""
             L.append(f"| {m['tokens']:,} | {m['introspections']:,} | {m['rss_kib'] / 1024:.1f} MiB | "
-                     f"{m['hwm_kib'] / 1024:.1f} MiB | {rps} | {m.get('errors', '')} |")
+                     f"{m['hwm_kib'] / 1024:.1f} MiB | {rps} | {cpu} | {m.get('errors', '')} |")
+        L.append("")
+        L.append("A miss costs one introspection callout (to a listener of the same Envoy, so its cost is on the "
+                 "same core), a shared-data claim and a store (CAS rewrites of a JSON bucket), and a denylist "
+                 "bucket read. Bounded structures fill at different points: the shared cache's buckets "
+                 "(max_entries / 8 keys of up to 8 entries) fill over a few times max_entries; each worker's "
+                 "local cache (4,096 answers) at once; each worker's denylist memo (65,536 hashes) after "
+                 "65,536 × workers tokens. RSS is flat once all three are full.")
         L.append("")
     sizes = res.get("wasm")
     if sizes:
@@ -846,9 +927,13 @@ def report(res, k):
              "cached answer expires in the middle of a run (the hit path does not depend on the TTL). The IdP "
              "answer is `" + IDP_ANSWER.replace("|", "\\|") + "`, so the three claim headers are set on every "
              "request, as in production.")
-    L.append("- D's authorization service is another listener of the same Envoy, so its cost is on the same core: "
-             "an external authorizer has to run somewhere, and on a 2-core machine the other core is the load "
-             "generator's.")
+    if k["AUTHZ"] == "separate":
+        L.append("- D's authorization service is a second Envoy (one worker, a direct 200) pinned to the load "
+                 "generator's core, so Envoy's core pays only for the ext_authz client side, as with a remote "
+                 "authorizer (`BENCH_AUTHZ=same` puts it on Envoy's core instead).")
+    else:
+        L.append("- D's authorization service is another listener of the same Envoy (`BENCH_AUTHZ=same`), so its "
+                 "cost is on Envoy's core too.")
     L.append("- Latency is wrk's (closed loop, 32 connections): it tracks throughput and is not an open-loop SLO "
              "figure.")
     L.append("- Envoy CPU µs/req is the CPU time of all Envoy threads (`/proc/<pid>/task/*/schedstat`) during the "
@@ -888,11 +973,14 @@ def ratios_and_targets(res):
     if rss:
         ms = [m for m in rss["milestones"] if m["tokens"] >= rss["max_entries"]]
         if len(ms) >= 2:
-            growth = (ms[-1]["rss_kib"] - ms[0]["rss_kib"]) / 1024
-            rel = growth * 1024 / ms[0]["rss_kib"]
-            targets.append((f"RSS flat once max_entries ({rss['max_entries']:,}) is reached",
-                            f"{growth:+.1f} MiB ({rel * 100:+.1f}%) from {ms[0]['tokens']:,} to {ms[-1]['tokens']:,} tokens",
-                            rel < 0.05))
+            def growth(a, b):
+                return f"{(b['rss_kib'] - a['rss_kib']) / 1024:+.1f} MiB from {a['tokens']:,} to {b['tokens']:,} tokens"
+            last = (ms[-1]["rss_kib"] - ms[-2]["rss_kib"]) / ms[-2]["rss_kib"]
+            text = growth(ms[-2], ms[-1]) + f" ({last * 100:+.1f}%)"
+            if len(ms) > 2:
+                text += "; " + growth(ms[0], ms[-1])
+            targets.append((f"RSS flat once max_entries ({rss['max_entries']:,}) is reached (last step < 2%)",
+                            text, last < 0.02))
         else:
             targets.append(("RSS flat once max_entries is reached", "no two milestones at or past max_entries", None))
     else:
@@ -1021,8 +1109,10 @@ def main():
         f"{load_cpu}, logs in {workdir}")
     wrk = Wrk(k, load_cpu, workdir)
     phases = k["PHASES"]
-    if any(p in phases for p in ("throughput", "ladder", "perf")):
-        e = throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, "ladder" in phases)
+    if any(p in phases for p in ("throughput", "ladder", "perf", "miss")):
+        authz = authz_envoy(k, workdir, envoy_bin, load_cpu) if k["AUTHZ"] == "separate" else None
+        e = throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, "ladder" in phases, "miss" in phases,
+                             authz)
         try:
             n = warm(e, k)
             log(f"warm: {k['ROTATE_TOKENS']} rotation tokens cached with {n} introspections")
@@ -1030,14 +1120,22 @@ def main():
                 log("throughput (one worker):")
                 res["rounds"] = phase_throughput(k, e, wrk, log)
                 res["summary"] = summarize(res["rounds"], k["VARIANTS"])
+                pools = e.stats(r"^cluster\.(idp|authz)\.upstream_(cx|rq)_total$")
+                res["pools"] = pools
+                log("  upstream connections reused: " + ", ".join(f"{n} {v}" for n, v in sorted(pools.items())))
             if "ladder" in phases:
                 log("profile ladder:")
                 res["ladder"] = phase_ladder(k, e, wrk, log)
             if "perf" in phases and k["PERF"]:
                 log("perf:")
                 res["perf"] = phase_perf(k, e, wrk, log, workdir)
+            if "miss" in phases:
+                log("miss path (one worker):")
+                res["miss"] = phase_miss(k, e, wrk, log)
         finally:
             e.stop()
+            if authz:
+                authz.stop()
     if "burst" in phases:
         log(f"cold bursts (--concurrency {k['BURST_CONCURRENCY']}):")
         e = burst_envoy(k, workdir, envoy_bin, tokengate, envoy_cpu)

@@ -23,7 +23,8 @@ const MAX_IDS_IN_ANSWER: usize = 1000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     Revoke,
-    List,
+    /// `?offset=&limit=` page through the list (default: all of it).
+    List { offset: usize, limit: Option<usize> },
     Undo(String),
 }
 
@@ -32,17 +33,26 @@ pub enum Route {
 pub struct Reply {
     pub status: u32,
     pub body: Option<Value>,
+    /// A body already serialised (large lists skip the `Value` tree).
+    pub serialized: Option<String>,
     pub headers: Vec<(&'static str, String)>,
 }
 
 impl Reply {
+    /// The body as sent.
+    pub fn text(&self) -> Option<String> {
+        self.serialized.clone().or_else(|| self.body.as_ref().map(Value::to_string))
+    }
+}
+
+impl Reply {
     fn ok(body: Value) -> Reply {
-        Reply { status: 200, body: Some(body), headers: Vec::new() }
+        Reply { status: 200, body: Some(body), serialized: None, headers: Vec::new() }
     }
 
     pub fn error(status: u32, error: &str, description: impl Into<String>) -> Reply {
         let description: String = description.into();
-        Reply { status, body: Some(json!({"error": error, "error_description": description})), headers: Vec::new() }
+        Reply { status, body: Some(json!({"error": error, "error_description": description})), serialized: None, headers: Vec::new() }
     }
 
     fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
@@ -133,11 +143,13 @@ pub fn route(method: &str, path: &str, prefix: &str) -> Result<Route, Reply> {
     let rest = raw.strip_prefix(prefix).and_then(|r| r.strip_prefix('/'));
     let found = match rest {
         Some("revoke") => Some(Route::Revoke),
-        Some("revocations") => Some(Route::List),
+        Some("revocations") => Some(list_route(path)?),
         Some(r) => match r.strip_prefix("revocations/") {
+            // Ids may hold a percent-encoded '/' (SPIFFE or URL client ids).
             Some(id) if !id.is_empty() && !id.contains('/') => {
                 let id = percent_decode(id);
-                (!id.contains('/') && id != "." && id != "..").then_some(Route::Undo(id))
+                let dot_segment = id.split('/').any(|seg| seg == "." || seg == "..");
+                (!dot_segment).then_some(Route::Undo(id))
             }
             _ => None,
         },
@@ -154,13 +166,48 @@ pub fn route(method: &str, path: &str, prefix: &str) -> Result<Route, Reply> {
     };
     let allowed = match found {
         Route::Revoke => "POST",
-        Route::List => "GET",
+        Route::List { .. } => "GET",
         Route::Undo(_) => "DELETE",
     };
     if method != allowed {
         return Err(Reply::error(405, "method_not_allowed", format!("use {allowed}")).with_header("allow", allowed));
     }
     Ok(found)
+}
+
+/// Most records one list answer carries.
+const MAX_LIST_LIMIT: usize = 10_000;
+
+fn list_route(path: &str) -> Result<Route, Reply> {
+    let query = path.split_once('?').map(|(_, q)| q).unwrap_or_default();
+    let mut route = Route::List { offset: 0, limit: None };
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        let number = || {
+            value.parse::<usize>().map_err(|_| {
+                Reply::error(400, "invalid_request", format!("`{name}` must be a non-negative integer"))
+            })
+        };
+        match (&mut route, name.as_ref()) {
+            (Route::List { offset, .. }, "offset") => *offset = number()?,
+            (Route::List { limit, .. }, "limit") => {
+                let n = number()?;
+                if n == 0 || n > MAX_LIST_LIMIT {
+                    return Err(Reply::error(400, "invalid_request", format!("`limit` must be 1 to {MAX_LIST_LIMIT}")));
+                }
+                *limit = Some(n);
+            }
+            _ => {}
+        }
+    }
+    Ok(route)
+}
+
+#[derive(serde::Serialize)]
+struct ListPage<'r> {
+    count: usize,
+    offset: usize,
+    next_offset: Option<usize>,
+    revocations: &'r [Record],
 }
 
 /// A revocation request, whatever its encoding.
@@ -285,7 +332,10 @@ pub fn handle<S: Store + ?Sized>(
     let mut forward = Vec::new();
     let mut changes = Vec::new();
     let reply = match (route, revoke) {
-        (Route::Revoke, Some(Revoke::Tokens { tokens, reason })) => {
+        (Route::Revoke, Some(Revoke::Tokens { mut tokens, reason })) => {
+            // A token given twice is one revocation.
+            let mut seen = std::collections::HashSet::new();
+            tokens.retain(|t| seen.insert(t.clone()));
             let items: Vec<(TokenHash, u64)> = tokens
                 .iter()
                 .map(|t| {
@@ -318,6 +368,7 @@ pub fn handle<S: Store + ?Sized>(
                         let refused: Vec<String> = done.full.iter().take(MAX_IDS_IN_ANSWER).map(hex).collect();
                         Reply {
                             status: 507,
+                            serialized: None,
                             body: Some(json!({
                                 "error": "denylist_full",
                                 "error_description": "some tokens were not revoked: raise denylist.max_tokens",
@@ -346,11 +397,20 @@ pub fn handle<S: Store + ?Sized>(
             }
         }
         (Route::Revoke, None) => Reply::error(400, "invalid_request", "the request body is missing"),
-        (Route::List, _) => match list.list(now) {
-            Ok(records) => Reply::ok(json!({
-                "count": records.len(),
-                "revocations": records.iter().map(record_json).collect::<Vec<_>>(),
-            })),
+        (Route::List { offset, limit }, _) => match list.list(now) {
+            Ok(records) => {
+                let start = (*offset).min(records.len());
+                let end = limit.map_or(records.len(), |l| start.saturating_add(l).min(records.len()));
+                let page = ListPage {
+                    count: records.len(),
+                    offset: start,
+                    next_offset: (end < records.len()).then_some(end),
+                    revocations: records.get(start..end).unwrap_or_default(),
+                };
+                // Serialised straight from the records: a JSON tree of a
+                // large list would grow this worker's memory for good.
+                Reply { status: 200, body: None, serialized: serde_json::to_string(&page).ok(), headers: Vec::new() }
+            }
             Err(e) => store_failure(DenyError::Store(e)),
         },
         (Route::Undo(id), _) => match list.undo(id, now) {
@@ -358,7 +418,7 @@ pub fn handle<S: Store + ?Sized>(
                 log::info!("revocation {id} undone");
                 let id = if crate::cache::parse_hex(id).is_some() { id.to_ascii_lowercase() } else { id.clone() };
                 changes.push(Change::Undone { id, undone_at: now });
-                Reply { status: 204, body: None, headers: Vec::new() }
+                Reply { status: 204, body: None, serialized: None, headers: Vec::new() }
             }
             Ok(false) => Reply::error(404, "not_found", "no such revocation"),
             Err(e) => store_failure(e),
@@ -416,13 +476,24 @@ mod tests {
     #[test]
     fn routes_need_their_canonical_path_and_method() {
         assert_eq!(route("POST", "/tokengate/revoke", PREFIX), Ok(Route::Revoke));
-        assert_eq!(route("GET", "/tokengate/revocations?x", PREFIX), Ok(Route::List));
+        assert_eq!(route("GET", "/tokengate/revocations?x", PREFIX), Ok(Route::List { offset: 0, limit: None }));
+        assert_eq!(
+            route("GET", "/tokengate/revocations?offset=5&limit=2", PREFIX),
+            Ok(Route::List { offset: 5, limit: Some(2) })
+        );
+        assert_eq!(route("GET", "/tokengate/revocations?limit=0", PREFIX).unwrap_err().status, 400);
+        assert_eq!(route("GET", "/tokengate/revocations?offset=x", PREFIX).unwrap_err().status, 400);
         assert_eq!(route("DELETE", "/tokengate/revocations/client:a%20b", PREFIX), Ok(Route::Undo("client:a b".into())));
         let status = |m: &str, p: &str| route(m, p, PREFIX).unwrap_err().status;
         assert_eq!(status("GET", "/tokengate/revoke"), 405);
         assert_eq!(status("POST", "/tokengate/nope"), 404);
         assert_eq!(status("POST", "/tokengate"), 404);
-        for p in ["//tokengate/revoke", "/TOKENGATE/revoke", "/tokengate%2Frevoke", "/tokengate/x/../revoke", "/tokengate/revocations/a%2Fb"] {
+        assert_eq!(
+            route("DELETE", "/tokengate/revocations/client%3Aspiffe%3A%2F%2Fex.org%2Fapp", PREFIX),
+            Ok(Route::Undo("client:spiffe://ex.org/app".into()))
+        );
+        assert_eq!(status("POST", "/tokengate/revocations/..%2Frevoke"), 400);
+        for p in ["//tokengate/revoke", "/TOKENGATE/revoke", "/tokengate%2Frevoke", "/tokengate/x/../revoke", "/tokengate/revocations/a/b"] {
             assert!(matches!(status("POST", p), 400 | 404), "{p}");
         }
         assert_eq!(status("POST", "//tokengate/revoke"), 400);
@@ -477,7 +548,8 @@ mod tests {
         assert_eq!(done.forward.len(), 1);
         let id = hex(&hash_token(&bearer::from_admin("tok-1")));
 
-        let listed = handle(&Route::List, None, &limits, &store, 101, &no_exp).reply.body.unwrap();
+        let all = Route::List { offset: 0, limit: None };
+        let listed: Value = serde_json::from_str(&handle(&all, None, &limits, &store, 101, &no_exp).reply.text().unwrap()).unwrap();
         let text = listed.to_string();
         assert!(!text.contains("tok-1"), "the raw token never appears");
         assert_eq!(listed["revocations"][0]["id"], id);
@@ -495,8 +567,28 @@ mod tests {
         let limits = config::Denylist::default();
         let revoke = Revoke::Tokens { tokens: vec!["tok".into()], reason: String::new() };
         handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &|_| Some(500));
-        let listed = handle(&Route::List, None, &limits, &store, 101, &|_| None).reply.body.unwrap();
+        let all = Route::List { offset: 0, limit: None };
+        let listed: Value = serde_json::from_str(&handle(&all, None, &limits, &store, 101, &|_| None).reply.text().unwrap()).unwrap();
         assert_eq!(listed["revocations"][0]["expires_at"], 500);
+    }
+
+    #[test]
+    fn list_pages() {
+        let store = MemoryStore::new();
+        let limits = config::Denylist::default();
+        let tokens: Vec<String> = (0..5).map(|i| format!("t{i}")).collect();
+        handle(&Route::Revoke, Some(Revoke::Tokens { tokens, reason: String::new() }), &limits, &store, 1, &|_| None);
+        let page = |offset, limit| -> Value {
+            let r = handle(&Route::List { offset, limit }, None, &limits, &store, 2, &|_| None).reply;
+            serde_json::from_str(&r.text().unwrap()).unwrap()
+        };
+        let first = page(0, Some(2));
+        assert_eq!((first["count"].as_u64(), first["revocations"].as_array().unwrap().len()), (Some(5), 2));
+        assert_eq!(first["next_offset"], 2);
+        let last = page(4, Some(2));
+        assert_eq!(last["revocations"].as_array().unwrap().len(), 1);
+        assert!(last["next_offset"].is_null());
+        assert_eq!(page(9, None)["revocations"].as_array().unwrap().len(), 0);
     }
 
     #[test]

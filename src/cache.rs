@@ -287,9 +287,20 @@ impl<'s, S: Store + ?Sized> SharedCache<'s, S> {
         let hex = hex(hash);
         update(self.store, &self.key(hash), |current| {
             let mut slots = current.map(decode).unwrap_or_default();
-            let before = slots.len();
-            slots.retain(|s| !(s.hash == hex && s.state == State::Pending) && s.alive(now_ms));
-            (slots.len() != before).then(|| encode(&slots))
+            let before = slots.clone();
+            slots.retain(|s| s.alive(now_ms));
+            for slot in slots.iter_mut().filter(|s| s.hash == hex && s.state == State::Pending) {
+                // Keep the stand-in answer (no longer fresh) for the outage.
+                match slot.kept.take() {
+                    Some(answer) => {
+                        slot.state = State::Answer(answer);
+                        slot.until = now_ms;
+                    }
+                    None => slot.until = 0,
+                }
+            }
+            slots.retain(|s| s.alive(now_ms));
+            (slots != before).then(|| encode(&slots))
         })?;
         Ok(())
     }
@@ -551,6 +562,23 @@ mod tests {
         let off = SharedCache::new(&s, &cfg);
         off.store_answer(&h(2), &answer, 5_000, 0, 0).unwrap();
         assert_eq!(off.lookup_stale(&h(2), 6_000).unwrap(), None);
+    }
+
+    /// Found by fuzz/cache_store: `release` (a request that went away while
+    /// it refreshed the token, or a send that failed) drops the `Pending`
+    /// marker together with the stand-in answer it kept, so the requests that
+    /// follow during the outage get 503 instead of the stale answer.
+    #[test]
+    fn release_keeps_the_stand_in() {
+        let s = MemoryStore::new();
+        let cfg = config::Cache { stale_if_error_s: 10, ..cfg(100) };
+        let c = SharedCache::new(&s, &cfg);
+        let answer = active(Some(100));
+        c.store_answer(&h(1), &answer, 5_000, 15_000, 0).unwrap();
+        assert_eq!(c.claim(&h(1), 6_000, 9_000).unwrap(), Claim::Owner);
+        c.release(&h(1), 6_100).unwrap();
+        assert_eq!(c.lookup_stale(&h(1), 6_200).unwrap(), Some(answer));
+        assert_eq!(c.lookup(&h(1), 6_200).unwrap(), Lookup::Miss, "no marker is left behind");
     }
 
     #[test]

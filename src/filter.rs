@@ -371,9 +371,9 @@ impl Filter {
         if reply.status >= 400 {
             worker.metrics.admin_rejected.inc();
         }
-        let body = reply.body.as_ref().map(|b| b.to_string()).unwrap_or_default();
+        let body = reply.text().unwrap_or_default();
         let mut headers: Vec<(&str, &str)> = vec![("cache-control", "no-store")];
-        if reply.body.is_some() {
+        if !body.is_empty() {
             headers.push(("content-type", "application/json"));
         }
         for (name, value) in &reply.headers {

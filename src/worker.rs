@@ -320,7 +320,7 @@ impl Worker {
         };
         let flight = self.state.borrow_mut().flights.remove(&hash);
         if let Some(flight) = flight {
-            self.resolve(&flight.waiters, &verdict);
+            self.resolve(&hash, &flight.waiters, &verdict);
         }
         self.retune_tick();
     }
@@ -361,14 +361,17 @@ impl Worker {
     }
 
     /// Answers every parked request of a flight.
-    fn resolve(&self, waiters: &[u32], verdict: &Verdict) {
+    fn resolve(&self, hash: &TokenHash, waiters: &[u32], verdict: &Verdict) {
         let now_s = now_ms() / 1000;
         // Waiters were checked against the denylist when they arrived; a
-        // client or subject revoked since then is caught here.
-        let list = self.denylist();
-        if let Err(e) = self.deny.borrow_mut().refresh(&list, now_s) {
-            log::warn!("denylist read failed: {e:?}");
-        }
+        // token, client or subject revoked while they waited is caught here.
+        let revoked = match self.token_revoked(hash, now_s) {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("denylist read failed: {e:?}");
+                true
+            }
+        };
         for &ctx in waiters {
             if self.state.borrow_mut().waiting.remove(&ctx).is_none() {
                 continue;
@@ -377,7 +380,9 @@ impl Worker {
             if hostcalls::set_effective_context(ctx).is_err() {
                 continue;
             }
-            if self.finish(verdict, now_s) {
+            if revoked {
+                self.deny(&Denial::Revoked);
+            } else if self.finish(verdict, now_s) {
                 let _ = hostcalls::resume_http_request();
             }
         }
@@ -546,7 +551,7 @@ impl Worker {
     fn land(&self, hash: TokenHash, verdict: &Verdict) {
         let flight = self.state.borrow_mut().flights.remove(&hash);
         if let Some(flight) = flight {
-            self.resolve(&flight.waiters, verdict);
+            self.resolve(&hash, &flight.waiters, verdict);
         }
     }
 

@@ -12,6 +12,16 @@ fuzz_target!(|data: &[u8]| {
     let max = if head & 0x80 == 0 { MAX_TOKEN_BYTES } else { 16 };
     let values: Vec<&[u8]> = if count == 0 { Vec::new() } else { rest.splitn(count, |&b| b == 0).collect() };
 
+    // The `access_token` query parameter (RFC 6750 §2.3), on the same bytes as a path.
+    if let Ok(path) = std::str::from_utf8(rest) {
+        if let Ok(Some(token)) = bearer::from_query(path, max) {
+            assert!(bearer::is_presentable(token.as_str(), max));
+            // hide_credentials strips it: what goes upstream carries no query token.
+            let stripped = bearer::strip_query_token(path);
+            assert_eq!(bearer::from_query(&stripped, max), Ok(None), "a query token survives stripping: {path:?}");
+        }
+    }
+
     match bearer::parse(&values, max) {
         Ok(token) => {
             assert_eq!(values.len(), 1, "a token from several Authorization headers");

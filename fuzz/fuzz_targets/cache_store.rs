@@ -48,7 +48,15 @@ fn bucket(u: &mut Unstructured) -> Vec<u8> {
             4 => json!({"x": 1}),
             _ => json!(text(u, 4)),
         };
-        slots.push(json!({"h": hash, "u": until, "s": state}));
+        let mut slot = json!({"h": hash, "u": until, "s": state});
+        // The stale-if-error stand-in: its deadline, and the answer a marker keeps.
+        if byte(u) % 2 == 0 {
+            slot["z"] = json!(int(u, 0, 40_000));
+        }
+        if byte(u) % 3 == 0 {
+            slot["k"] = if byte(u) % 2 == 0 { json!("Inactive") } else { json!({"Active": {"sub": text(u, 6)}}) };
+        }
+        slots.push(slot);
     }
     serde_json::to_vec(&slots).unwrap_or_default()
 }
@@ -82,7 +90,11 @@ fuzz_target!(|data: &[u8]| {
         now += int(&mut u, 0, 3_000);
         let which = byte(&mut u) as usize % POOL.len();
         let h = pool_hash(which);
-        match byte(&mut u) % 6 {
+        // The answer that may stand in for a failing IdP must survive the
+        // markers of a refresh (claim, fail, release), whatever they meet.
+        let stand_in = cache.lookup_stale(&h, now).expect("store");
+        let op = byte(&mut u) % 7;
+        match op {
             0 => {
                 cache.lookup(&h, now).expect("memory store");
             }
@@ -100,8 +112,12 @@ fuzz_target!(|data: &[u8]| {
             2 => {
                 let a = answer(&mut u);
                 let until = now + int(&mut u, 1, 5_000);
-                if cache.store_answer(&h, &a, until, now).expect("memory store") {
-                    assert_eq!(cache.lookup(&h, now).expect("store"), Lookup::Hit { answer: a, until_ms: until });
+                let stale_until = if byte(&mut u) % 2 == 0 { 0 } else { until + int(&mut u, 0, 5_000) };
+                if cache.store_answer(&h, &a, until, stale_until, now).expect("memory store") {
+                    assert_eq!(cache.lookup(&h, now).expect("store"), Lookup::Hit { answer: a.clone(), until_ms: until });
+                    let later = until + int(&mut u, 0, 6_000);
+                    let expected = (stale_until > later).then_some(a);
+                    assert_eq!(cache.lookup_stale(&h, later).expect("store"), expected, "stand-in at {later}");
                 } else {
                     assert_ne!(cache.lookup(&h, now).expect("store"), Lookup::Pending, "an uncacheable answer leaves no marker");
                 }
@@ -122,12 +138,25 @@ fuzz_target!(|data: &[u8]| {
                 cache.release(&h, now).expect("memory store");
                 assert_ne!(cache.lookup(&h, now).expect("store"), Lookup::Pending);
             }
+            5 => {
+                // Without writes a stand-in only ever goes away.
+                let later = now + int(&mut u, 0, 10_000);
+                let then = cache.lookup_stale(&h, later).expect("store");
+                if then.is_some() {
+                    assert_eq!(then, stand_in, "a stand-in appeared from nowhere");
+                }
+            }
             _ => {
                 let until = now + int(&mut u, 0, 2_000);
                 local.insert(h, Rc::new(answer(&mut u)), until, now);
                 if let Some(entry) = local.get(&h, now) {
                     assert!(entry.until_ms > now);
                 }
+            }
+        }
+        if matches!(op, 1 | 3 | 4) {
+            if let Some(before) = stand_in {
+                assert_eq!(cache.lookup_stale(&h, now).expect("store"), Some(before), "op {op} lost the stand-in");
             }
         }
         // Whatever was there, every bucket we rewrote is a bounded list of slots.

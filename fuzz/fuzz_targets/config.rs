@@ -35,11 +35,14 @@ fuzz_target!(|data: &[u8]| {
     for answer in [&active, &Answer::Inactive] {
         if let Some(until) = cache::cache_until_ms(answer, &config.cache, now_ms) {
             assert!(until > now_ms);
-            shared.store_answer(&hash, answer, until, now_ms).expect("store");
+            let stale = cache::stale_until_ms(answer, &config.cache, until);
+            assert!(stale == 0 || stale <= (NOW_S + 60) * 1000, "stale past exp");
+            shared.store_answer(&hash, answer, until, stale, now_ms).expect("store");
         }
     }
     if let Some(until) = cache::cache_until_ms(&active, &config.cache, now_ms) {
-        shared.store_answer(&hash, &active, until, now_ms).expect("store");
+        let stale = cache::stale_until_ms(&active, &config.cache, until);
+        shared.store_answer(&hash, &active, until, stale, now_ms).expect("store");
         assert!(matches!(shared.lookup(&hash, now_ms).expect("store"), Lookup::Hit { .. }));
     }
 

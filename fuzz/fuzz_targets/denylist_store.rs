@@ -103,7 +103,8 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(out.revoked.len() + out.full.len(), items.len());
                 for h in &out.revoked {
                     let r = list.token_record(h, now).expect("store").expect("a revoked token has a live record");
-                    assert!(r.reason.chars().count() <= 200 && !r.reason.chars().any(char::is_control));
+                    // A new record has the clipped reason; an older one keeps its own.
+                    assert!(r.reason.chars().count() <= 200);
                 }
                 changed = true;
             }

@@ -14,6 +14,8 @@ import json
 import os
 import random
 import re
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -493,7 +495,8 @@ class Envoy:
     `data` gets `plugin_config`. Another template listener (e.g. `tokengate_admin`) gets
     `listener_configs[name]` if given, else `plugin_config` plus whatever the template's
     own configuration for it adds to envoy/tokengate.json (for the admin listener: its
-    `admin` section), so the test's IdP settings reach every filter.
+    `admin` section), so the test's IdP settings reach every filter. `extra_clusters`
+    (Envoy cluster dicts, e.g. `Etcd.envoy_cluster()`) are added beside the template's.
     """
 
     _base_ids = itertools.count(random.randint(1, 10_000) * 1000)
@@ -513,6 +516,7 @@ class Envoy:
         wasm=None,
         with_filter=True,
         name="envoy",
+        extra_clusters=(),
     ):
         self.procs = procs
         self.workdir = Path(workdir)
@@ -527,6 +531,7 @@ class Envoy:
         self.wasm = wasm or os.environ.get("TOKENGATE_WASM") or str(REPO / "target/wasm32-wasip1/release/tokengate.wasm")
         self.with_filter = with_filter
         self.name = name
+        self.extra_clusters = [copy.deepcopy(c) for c in extra_clusters]
         self.template = yaml.safe_load(ENVOY_TEMPLATE.read_text())
         self.ports = {x["name"]: free_port() for x in self.template["static_resources"]["listeners"]}
         self.ports.update({x.name: x.port for x in self.extra_listeners})
@@ -557,6 +562,7 @@ class Envoy:
         clusters = config["static_resources"]["clusters"]
         _set_cluster_port(_named(clusters, "idp"), self.idp_port)
         _set_cluster_port(_named(clusters, "upstream"), self.upstream_port)
+        clusters.extend(copy.deepcopy(c) for c in self.extra_clusters)
         return config
 
     def _plugin_config_for(self, listener):
@@ -586,6 +592,13 @@ class Envoy:
     # ----- lifecycle -----
 
     def start(self, timeout=30.0):
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self):
+        """Start the process without waiting: launch several, then `wait_ready()` each.
+        Call it from a thread that outlives the Envoy (the main thread): the process dies
+        with the thread that started it (PR_SET_PDEATHSIG)."""
         if self.with_filter and not Path(self.wasm).is_file():
             raise RuntimeError(f"the wasm module is missing: {self.wasm} (run `make build`)")
         self.config_path.write_text(yaml.safe_dump(self.bootstrap(), sort_keys=False))
@@ -602,6 +615,10 @@ class Envoy:
         # Envoy leaves its hot-restart segment behind even on SIGTERM; it is ours to remove.
         shm = Path(f"/dev/shm/envoy_shared_memory_{self.base_id * 10}")
         self.proc.on_stop.append(lambda: shm.unlink(missing_ok=True))
+        return self
+
+    def wait_ready(self, timeout=30.0):
+        """Wait until admin /ready says LIVE and every listener accepts; stop Envoy if not."""
         try:
             wait_until(self._live, timeout, what=f"{self.name} admin /ready to say LIVE")
             for port in self.ports.values():
@@ -624,6 +641,13 @@ class Envoy:
 
     def stop(self):
         if self.proc:
+            self.procs.stop(self.proc)
+
+    def kill(self):
+        """SIGKILL, as a crash would: no drain, no clean-up by Envoy itself."""
+        if self.proc:
+            Processes._signal(self.proc, signal.SIGKILL)
+            self.proc.popen.wait(10)
             self.procs.stop(self.proc)
 
     def alive(self):
@@ -729,3 +753,233 @@ def _http_manager(listener):
             if f["name"] == "envoy.filters.network.http_connection_manager":
                 return f["typed_config"]
     raise KeyError(f"listener {listener['name']} has no http_connection_manager")
+
+
+# --------------------------------------------------------------------------- etcd
+
+
+class EtcdMember:
+    """One etcd member: its ports, data directory and process (None while stopped)."""
+
+    def __init__(self, name, workdir):
+        self.name = name
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.data_dir = Path(workdir) / name
+        self.proc = None
+
+    @property
+    def client_url(self):
+        return f"http://{LOOPBACK}:{self.client_port}"
+
+    @property
+    def peer_url(self):
+        return f"http://{LOOPBACK}:{self.peer_port}"
+
+    def alive(self):
+        return self.proc is not None and self.proc.alive()
+
+
+class Etcd:
+    """An etcd cluster (default 3 members) on 127.0.0.1, free client and peer ports, data
+    directories under `workdir`. `start()` waits until every member answers /health.
+
+    Envoy reaches it through `envoy_cluster()` (every member an endpoint, with an active
+    HTTP health check on /health so that Envoy stops sending to a stopped member), and the
+    filter through `sync_config()` (the plugin's `cluster_sync` section).
+    """
+
+    def __init__(self, procs, workdir, members=3, name="etcd", etcd_bin=None, extra_args=()):
+        self.procs = procs
+        self.name = name
+        self.workdir = Path(workdir) / f"{name}-{secrets.token_hex(4)}"
+        self.binary = etcd_bin or os.environ.get("ETCD_BIN") or shutil.which("etcd")
+        if not self.binary:
+            raise RuntimeError("etcd is not installed: run `make etcd` (Debian etcd-server)")
+        self.extra_args = list(extra_args)
+        self.members = [EtcdMember(f"{name}{i}", self.workdir) for i in range(members)]
+        self.cluster_token = f"{name}-{secrets.token_hex(4)}"
+
+    @property
+    def endpoints(self):
+        return ",".join(m.client_url for m in self.members)
+
+    def _argv(self, member):
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        return [
+            self.binary,
+            "--name", member.name,
+            "--data-dir", member.data_dir,
+            "--listen-client-urls", member.client_url,
+            "--advertise-client-urls", member.client_url,
+            "--listen-peer-urls", member.peer_url,
+            "--initial-advertise-peer-urls", member.peer_url,
+            "--initial-cluster", initial,
+            # Ignored once the data directory holds the member (a restart rejoins).
+            "--initial-cluster-state", "new",
+            "--initial-cluster-token", self.cluster_token,
+            "--logger", "zap",
+            "--log-outputs", "stderr",
+            *self.extra_args,
+        ]
+
+    def _spawn(self, member):
+        # No ETCD_* from the caller's environment: flags alone configure the member.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+        member.proc = self.procs.start(
+            member.name, self._argv(member), self.workdir / f"{member.name}.log", env=env
+        )
+
+    def start(self, timeout=30.0):
+        for member in self.members:
+            if not member.alive():
+                self._spawn(member)
+        self.wait_healthy(timeout=timeout)
+        return self
+
+    def wait_healthy(self, members=None, timeout=30.0):
+        for member in members or [m for m in self.members if m.alive()]:
+            wait_until(lambda m=member: self.healthy(m), timeout, what=f"{member.name} /health")
+
+    def healthy(self, member):
+        """Whether the member answers /health with {"health": "true"} (it has a leader)."""
+        if not member.alive():
+            raise RuntimeError(f"{member.name} exited:\n{member.proc.log_tail()}")
+        try:
+            resp = get(member.client_port, "/health", timeout=1.0)
+        except OSError:
+            return False
+        return resp.status == 200 and json.loads(resp.body or b"{}").get("health") == "true"
+
+    def stop_member(self, index, sig=signal.SIGTERM):
+        """Stop one member (SIGTERM: a clean stop, an etcd leader hands over first)."""
+        member = self.members[index]
+        if member.proc:
+            if sig != signal.SIGTERM:
+                Processes._signal(member.proc, sig)
+                member.proc.popen.wait(10)
+            self.procs.stop(member.proc)
+            member.proc = None
+        return member
+
+    def kill_member(self, index):
+        return self.stop_member(index, signal.SIGKILL)
+
+    def start_member(self, index, wait=True, timeout=30.0):
+        member = self.members[index]
+        if not member.alive():
+            self._spawn(member)
+        if wait:
+            self.wait_healthy([member], timeout=timeout)
+        return member
+
+    def stop(self):
+        for index in range(len(self.members)):
+            self.stop_member(index)
+
+    # ----- reading etcd (the v3 JSON gateway, no etcdctl needed) -----
+
+    def call(self, path, body, member=None, timeout=3.0):
+        members = [member] if member is not None else [m for m in self.members if m.alive()]
+        last = None
+        for m in members:
+            try:
+                resp = post_json(m.client_port, path, body, timeout=timeout)
+            except OSError as e:
+                last = e
+                continue
+            if resp.status == 200:
+                return resp.json()
+            last = resp
+        raise RuntimeError(f"etcd {path} failed on every member: {last!r}")
+
+    def status(self, member):
+        return self.call("/v3/maintenance/status", {}, member=member)
+
+    def leader_index(self):
+        """The index of the member that leads now."""
+        for i, member in enumerate(self.members):
+            if not member.alive():
+                continue
+            try:
+                status = self.status(member)
+            except RuntimeError:
+                continue
+            if status.get("leader") and status["leader"] == status["header"]["member_id"]:
+                return i
+        return None
+
+    def get_prefix(self, prefix, member=None):
+        """{key: value} under prefix, decoded (values parsed as JSON where they are)."""
+        key = prefix.encode()
+        end = bytearray(key)
+        end[-1] += 1
+        answer = self.call(
+            "/v3/kv/range",
+            {"key": base64.b64encode(key).decode(), "range_end": base64.b64encode(bytes(end)).decode()},
+            member=member,
+        )
+        out = {}
+        for kv in answer.get("kvs", []):
+            value = base64.b64decode(kv.get("value", "")).decode(errors="replace")
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+            out[base64.b64decode(kv["key"]).decode(errors="replace")] = value
+        return out
+
+    def revision(self):
+        return int(self.call("/v3/kv/range", {"key": base64.b64encode(b"\0").decode()})["header"]["revision"])
+
+    def etcdctl_dump(self, prefix):
+        """`etcdctl get --prefix <prefix> -w json`, for bug reports (etcd-client may be absent)."""
+        etcdctl = shutil.which("etcdctl")
+        if not etcdctl:
+            return "(etcdctl not installed)"
+        alive = ",".join(m.client_url for m in self.members if m.alive())
+        cmd = [etcdctl, "--endpoints", alive, "get", "--prefix", prefix, "-w", "json"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, env=dict(os.environ, ETCDCTL_API="3"))
+        return " ".join(str(c) for c in cmd) + "\n" + (done.stdout or done.stderr)
+
+    # ----- what Envoy and the filter need -----
+
+    def envoy_cluster(self, name="etcd", health_check=True, hc_interval_ms=200):
+        """An Envoy cluster with every member as an endpoint.
+
+        With `health_check`, Envoy checks GET /health on each member every hc_interval_ms
+        and sends nothing to a member that fails once (a stopped member refuses at once),
+        until it passes again. Envoy's panic mode is off: by default, with fewer than half
+        of the hosts healthy (one member stopped and another without a leader for a
+        moment), Envoy would send to every host again, the stopped one included.
+        """
+        cluster = {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "0.25s",
+            "lb_policy": "ROUND_ROBIN",
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": m.client_port}}}}
+                    for m in self.members
+                ]}],
+            },
+        }
+        if health_check:
+            interval = f"{hc_interval_ms / 1000:.3f}s"
+            cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+            cluster["health_checks"] = [{
+                "timeout": "0.5s",
+                "interval": interval,
+                "no_traffic_interval": interval,
+                "unhealthy_interval": interval,
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "http_health_check": {"path": "/health"},
+            }]
+        return cluster
+
+    def sync_config(self, cluster="etcd", **overrides):
+        """The plugin's `cluster_sync` section for this cluster."""
+        return {"cluster": cluster, "authority": "etcd", **overrides}

@@ -18,11 +18,16 @@
 //! | `metrics` | two counter increments (`cache.hit.local`, `requests.allowed`)     |
 //! | `headers` | three `replace_header` calls (the claim headers)                   |
 //!
+//! One more step is not on the hit path but is the floor of a miss:
+//! `callout` sends an introspection-shaped HTTP callout to cluster `idp` on
+//! every request, pauses, reads the answer's `:status` and body, and resumes.
+//!
 //! Nothing here can panic on the request path: every host call's error is ignored.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use std::time::Duration;
 use sha2::{Digest, Sha256};
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
@@ -39,6 +44,7 @@ struct Steps {
     done: bool,
     metrics: bool,
     headers: bool,
+    callout: bool,
 }
 
 impl Steps {
@@ -52,8 +58,9 @@ impl Steps {
                 "done" => s.done = true,
                 "metrics" => s.metrics = true,
                 "headers" => s.headers = true,
+                "callout" => s.callout = true,
                 "all" => {
-                    s = Steps { map: true, sha256: true, time: true, done: true, metrics: true, headers: true };
+                    s = Steps { map: true, sha256: true, time: true, done: true, metrics: true, headers: true, ..s };
                 }
                 _ => {}
             }
@@ -112,6 +119,13 @@ fn now_ms() -> u64 {
 }
 
 impl Context for Noop {
+    fn on_http_call_response(&mut self, _token_id: u32, _num_headers: usize, body_size: usize, _trailers: usize) {
+        let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status").ok().flatten();
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten();
+        std::hint::black_box((status, body));
+        let _ = hostcalls::resume_http_request();
+    }
+
     fn on_done(&mut self) -> bool {
         if self.shared.steps.done {
             std::hint::black_box(now_ms());
@@ -151,6 +165,24 @@ impl HttpContext for Noop {
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-auth-subject", Some("bench-user"));
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-auth-client-id", Some("bench-client"));
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-auth-scope", Some("read"));
+        }
+        if steps.callout {
+            let headers = vec![
+                (":method", "POST"),
+                (":path", "/oauth2/introspect"),
+                (":authority", "idp.local"),
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("accept", "application/json"),
+                ("authorization", "Basic Z2F0ZXdheTpnYXRld2F5LXNlY3JldA=="),
+            ];
+            let body = b"token=bench-callout-floor&token_type_hint=access_token";
+            match hostcalls::dispatch_http_call("idp", headers, Some(body), vec![], Duration::from_secs(2)) {
+                Ok(_) => return Action::Pause,
+                Err(_) => {
+                    let _ = hostcalls::send_http_response(503, vec![], Some(b"callout failed"));
+                    return Action::Pause;
+                }
+            }
         }
         Action::Continue
     }
