@@ -400,8 +400,10 @@ impl Worker {
         };
         match decision {
             Ok(claims) => {
+                // The client's copies were removed on arrival, so adding is
+                // enough (and cheaper for Envoy than a replace).
                 for (header, value) in policy::claim_headers(claims, &self.config.claims_to_headers) {
-                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, header, Some(value));
+                    let _ = hostcalls::add_map_value(MapType::HttpRequestHeaders, header, value);
                 }
                 if self.config.hide_credentials {
                     let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, "authorization");
@@ -430,7 +432,6 @@ impl Worker {
     /// Request `ctx` ended; if it had sent a callout that others wait on,
     /// the root re-sends it.
     pub fn forget(&self, ctx: u32) {
-        let now = now_ms();
         let mut state = self.state.borrow_mut();
         let Some(hash) = state.waiting.remove(&ctx) else {
             return;
@@ -456,7 +457,7 @@ impl Worker {
             (true, true) => {
                 state.flights.remove(&hash);
                 drop(state);
-                let _ = self.shared().release(&hash, now);
+                let _ = self.shared().release(&hash, now_ms());
             }
             (true, false) => {
                 drop(state);
