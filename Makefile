@@ -53,12 +53,12 @@ clippy:
 	cargo clippy --locked --all-targets -- -D warnings
 	cargo clippy --locked --release --target wasm32-wasip1 -- -D warnings
 
-## e2e: the end-to-end suite against a real Envoy (--concurrency 4)
-e2e: build deps
+## e2e: the end-to-end suite against a real Envoy (--concurrency 4); cluster sync needs etcd
+e2e: build deps etcd
 	$(PY) -m pytest tests/e2e -q -p no:cacheprovider $(PYTEST_ARGS)
 
 ## test: everything CI runs
-test: clippy unit deploy-check e2e
+test: clippy unit fuzz-short deploy-check e2e
 
 ## run: Envoy + demo authorization server + echo upstream on 127.0.0.1, in the foreground
 run: build deps
@@ -118,3 +118,53 @@ $(BENCH_VENV)/.installed: bench/requirements.txt
 	python3 -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	touch $@
+
+# ----------------------------------------------------------------- hardening (issue 5)
+# Fuzzing: coverage-guided cargo fuzz (libFuzzer) targets in fuzz/, one per
+# parser (fuzz/run.sh says how they run). `make fuzz FUZZ_SECONDS=300` for a
+# real session; `make fuzz-short` is the pass `make test` runs.
+# Soak: tests/soak/soak.py, mixed load and revocations against a 4-worker
+# Envoy (`make soak SOAK_MINUTES=10`); not part of `make test`.
+FUZZ_SECONDS       ?= 60
+FUZZ_SHORT_SECONDS ?= 4
+SOAK_MINUTES       ?= 1
+SOAK_ARGS          ?=
+
+.PHONY: fuzz fuzz-short fuzz-tools soak
+
+## fuzz-tools: cargo-fuzz from crates.io (stable toolchain; fuzz/run.sh sets RUSTC_BOOTSTRAP=1)
+fuzz-tools:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+## fuzz: every fuzz target for FUZZ_SECONDS each
+fuzz: fuzz-tools
+	fuzz/run.sh $(FUZZ_SECONDS)
+
+## fuzz-short: every fuzz target for FUZZ_SHORT_SECONDS each (part of `make test`)
+fuzz-short: fuzz-tools
+	fuzz/run.sh $(FUZZ_SHORT_SECONDS)
+
+## soak: load + revocations for SOAK_MINUTES against the shipped envoy/envoy.yaml
+soak: build envoy pydeps
+	$(PY) tests/soak/soak.py --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
+
+# ----------------------------------------------------------------- cluster sync (issue 7)
+# tests/e2e/test_cluster_sync.py (part of `make e2e`) and `make bench-cluster`
+# run a 3-member etcd cluster on 127.0.0.1 beside 3 Envoys. etcd 3.4 comes
+# from Debian (etcd-server); nothing is installed when `etcd` is on PATH
+# already. bench-cluster is not part of `make test`; see bench/cluster/run.py.
+SUDO               := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+BENCH_CLUSTER_ARGS ?=
+
+.PHONY: etcd bench-cluster
+
+## etcd: etcd 3.4 (Debian etcd-server), unless `etcd` is on PATH
+etcd:
+	@command -v etcd >/dev/null || { \
+	  $(SUDO) apt-get update && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server; }
+	@etcd --version | head -1
+
+## bench-cluster: revocation propagation delay over 100 revocations, 3 etcd + 3 Envoys; writes bench/cluster/results.md
+bench-cluster: build envoy pydeps etcd
+	$(PY) bench/cluster/run.py $(BENCH_CLUSTER_ARGS)

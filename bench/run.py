@@ -49,18 +49,18 @@ PROFILES = {
     # Short: builds and checks the harness; numbers are indicative only.
     "smoke": dict(
         ROUNDS=2, SECONDS=3, WARMUP=1, LADDER_ROUNDS=2, LADDER_SECONDS=3, PERF_SECONDS=3,
-        BURSTS=2, RSS_MILESTONES="1000,10000,30000", RSS_MAX_ENTRIES=10000,
+        BURSTS=2, RSS_MILESTONES="1000,10000,30000", RSS_MAX_ENTRIES=10000, CG_ROUNDS=1, CG_REQUESTS=100,
     ),
     # The real run (about 25 minutes on a quiet 2-core machine).
     "full": dict(
         ROUNDS=5, SECONDS=20, WARMUP=3, LADDER_ROUNDS=3, LADDER_SECONDS=10, PERF_SECONDS=10,
-        BURSTS=5, RSS_MILESTONES="10000,100000,500000,1000000", RSS_MAX_ENTRIES=100000,
+        BURSTS=5, RSS_MILESTONES="10000,100000,500000,1000000", RSS_MAX_ENTRIES=100000, CG_ROUNDS=3, CG_REQUESTS=300,
     ),
 }
 COMMON = dict(
     CONNECTIONS=32, THREADS=2, VARIANTS="A,B,C,C2,D", ROTATE_TOKENS=1000,
     BURST_REQUESTS=400, BURST_CONNECTIONS=32, IDP_DELAY_MS=50, BURST_CONCURRENCY=4,
-    RSS_CONCURRENCY=4, PHASES="throughput,ladder,perf,miss,burst,rss", PERF=1,
+    RSS_CONCURRENCY=4, PHASES="throughput,ladder,perf,miss,callgrind,burst,rss", PERF=1,
     ENVOY_CPU="", LOAD_CPU="", OUT=str(BENCH), LOG_LEVEL="warn", AUTHZ="separate",
 )
 
@@ -273,7 +273,11 @@ LADDER = [
     ("+ clock read in on_done", "map,sha256,time,done"),
     ("+ 2 counter increments", "map,sha256,time,done,metrics"),
     ("+ 3 header writes", "map,sha256,time,done,metrics,headers"),
+    # Not cumulative: the last step with add_header instead of replace_header.
+    ("(alt) adds instead of replaces", "map,sha256,time,done,metrics,headers,add"),
 ]
+LADDER_ALT = len(LADDER) - 1
+LONG_TOKEN = "L" * 1024  # a JWT-sized token (b64token characters)
 
 
 class Envoy:
@@ -294,12 +298,13 @@ class Envoy:
         return {"admin": {"address": {"socket_address": {"address": LOOPBACK, "port_value": self.admin_port}}},
                 "static_resources": {"listeners": self.listeners, "clusters": self.clusters}}
 
-    def start(self, timeout=60.0):
+    def start(self, timeout=60.0, wrapper=()):
         cfg = self.workdir / f"{self.name}.json"
         cfg.write_text(json.dumps(self.bootstrap(), indent=1))
         self.log = self.workdir / f"{self.name}.log"
-        self.proc = spawn(["taskset", "-c", self.cpu, self.envoy_bin, "-c", cfg, "--concurrency", self.concurrency,
-                           "--disable-hot-restart", "--log-level", self.log_level], self.log)
+        self.proc = spawn(["taskset", "-c", self.cpu, *wrapper, self.envoy_bin, "-c", cfg,
+                           "--concurrency", self.concurrency, "--disable-hot-restart", "--log-level", self.log_level],
+                          self.log)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -424,8 +429,9 @@ def authz_envoy(k, workdir, envoy_bin, load_cpu):
     return a.start()
 
 
-def throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, with_ladder, with_miss, authz=None):
-    e = Envoy(workdir, "throughput", envoy_bin, envoy_cpu, 1, k["LOG_LEVEL"])
+def throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, with_ladder, with_miss, authz=None,
+                     name="throughput", wrapper=(), timeout=60.0):
+    e = Envoy(workdir, name, envoy_bin, envoy_cpu, 1, k["LOG_LEVEL"])
     idp_port = e.add("idp", [buffer_body()], direct(body=IDP_ANSWER, content_type="application/json"))
     authz_port = authz.ports["authz"] if authz else e.add("authz", [], direct(body=""))
     e.clusters += [cluster("idp", idp_port), cluster("authz", authz_port)]
@@ -439,7 +445,7 @@ def throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, with_lad
             e.add(f"L{i}", [wasm(f"noop{i}", "noop", noop, steps)], direct())
     if with_miss:
         e.add("M0", [wasm("noop_callout", "noop", noop, "callout")], direct())
-    return e.start()
+    return e.start(timeout=timeout, wrapper=wrapper)
 
 
 def check_ok(port, token, what):
@@ -500,8 +506,9 @@ def phase_throughput(k, e, wrk, log):
 
 
 def phase_ladder(k, e, wrk, log):
-    steps = [(label, "B" if i == 0 else f"L{i}") for i, (label, _) in enumerate(LADDER)]
+    steps = [(label, "B" if i == 0 else f"L{i}") for i, (label, _) in enumerate(LADDER) if i != LADDER_ALT]
     steps.append(("= tokengate (C)", "C"))
+    steps.append((LADDER[LADDER_ALT][0], f"L{LADDER_ALT}"))
     rounds = []
     for rnd in range(1, k["LADDER_ROUNDS"] + 1):
         row = {}
@@ -540,6 +547,123 @@ def phase_miss(k, e, wrk, log):
                 f"callouts {r['introspections']}  errors {r['errors']}  waiting {r['envoy_wait_util'] * 100:.0f}%")
         rounds.append(row)
     return rounds
+
+
+CG_ORDER = (["A", "B"] + [f"L{i}" for i in range(1, LADDER_ALT)] + ["C", f"L{LADDER_ALT}", "C2", "BL", "CL", "D",
+                                                                     "M0", "M1"])
+CG_LABEL = {"A": "A  bare Envoy", "B": "B  no-op (floor)", "C": "C  tokengate, 1 cached token",
+            "C2": "C2 tokengate, 1,000 cached tokens", "D": "D  ext_authz (client side only)",
+            "BL": "B  no-op, 1 KiB token", "CL": "C  tokengate, 1 KiB token",
+            "M0": "M0 no-op + 1 callout (miss floor)", "M1": "M1 tokengate, every request a miss",
+            **{f"L{i}": label for i, (label, _) in enumerate(LADDER) if i}}
+
+
+CG_REF = {"B": "A", "L1": "B", **{f"L{i}": f"L{i - 1}" for i in range(2, LADDER_ALT)}, "C": f"L{LADDER_ALT - 1}",
+          f"L{LADDER_ALT}": f"L{LADDER_ALT - 1}", "C2": "C", "BL": "B", "CL": "C", "D": "A", "M0": "A", "M1": "M0"}
+
+
+def cg_medians(cg):
+    return {v: {"ir": med([r["ir_per_req"] for r in rs]), "jit": med([r["jit_per_req"] for r in rs])}
+            for v, rs in cg["results"].items() if rs}
+
+
+def cg_split(dump):
+    """Instructions of one callgrind dump by where they ran: Envoy's binary (with V8's runtime and
+    builtins), libc, or JIT code (the compiled wasm), from callgrind_annotate's per-function list."""
+    out = subprocess.run(["callgrind_annotate", "--threshold=100", str(dump)], capture_output=True, text=True).stdout
+    split = {"envoy": 0, "libc": 0, "jit": 0}
+    for line in out.splitlines():
+        m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S+?):(\S+) \[(.*)\]\s*$", line)
+        if not m:
+            continue
+        ir, obj = int(m.group(1).replace(",", "")), m.group(4)
+        fn = m.group(3)
+        if "libc" in obj or "libm" in obj or "ld-linux" in obj:
+            split["libc"] += ir
+        elif obj.endswith("/envoy"):
+            split["envoy"] += ir
+        else:
+            # Unnamed: low addresses are Envoy's own text, high ones V8's code space.
+            addr = int(fn, 16) if fn.startswith("0x") else 0
+            split["envoy" if 0 < addr < 0x100000000 else "jit"] += ir
+    return split
+
+
+def phase_callgrind(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, load_cpu, log):
+    """Instructions per request under callgrind: independent of what else the machine runs."""
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        return {"error": "valgrind is not installed"}
+    authz = authz_envoy(k, workdir, envoy_bin, load_cpu)
+    out_pattern = workdir / "callgrind.out.%p"
+    # One file per thread: the worker's is the one that counts (the main thread's timers and stats
+    # flushes are background noise that valgrind's slowness would otherwise inflate).
+    wrapper = ["valgrind", "--tool=callgrind", "--smc-check=all", "--instr-atstart=no", "--separate-threads=yes",
+               f"--callgrind-out-file={out_pattern}"]
+    e = None
+    try:
+        e = throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, True, True, authz, name="callgrind",
+                             wrapper=wrapper, timeout=600)
+        pid = e.proc.pid
+        ctl = lambda *a: subprocess.run(["callgrind_control", *a, str(pid)], capture_output=True, text=True)
+        n, warmup = k["CG_REQUESTS"], 50
+        rot = [f"bench-rot-{i:06d}" for i in range(k["ROTATE_TOKENS"])]
+        for i, t in enumerate(rot):  # cached before, uninstrumented
+            check_ok(e.ports["C"], t, "callgrind warm")
+        results = {v: [] for v in CG_ORDER}
+        dumps = 0
+        for rnd in range(1, k["CG_ROUNDS"] + 1):
+            for v in CG_ORDER:
+                port = e.ports[{"C2": "C", "M1": "C", "BL": "B", "CL": "C"}.get(v, v)]
+                if v == "C2":
+                    tokens = lambda i: rot[i % len(rot)]
+                elif v == "M1":
+                    tokens = lambda i, r=rnd: f"cg-miss-{r}-{i}"
+                elif v in ("BL", "CL"):
+                    tokens = lambda i: LONG_TOKEN
+                else:
+                    tokens = lambda i: "bench-hot-token"
+                conn = http.client.HTTPConnection(LOOPBACK, port, timeout=120)
+                try:
+                    for i in range(warmup):
+                        request(0, headers=bearer(tokens(i) if v != "M1" else f"cg-warm-{rnd}-{i}"), conn=conn)
+                    ctl("-z")
+                    ctl("-i", "on")
+                    for i in range(n):
+                        status, body = request(0, headers=bearer(tokens(i)), conn=conn)
+                        if status != 200:
+                            raise RuntimeError(f"callgrind {v}: {status} {body[:200]!r}")
+                    ctl("-i", "off")
+                    ctl("-d", f"{v}-{rnd}")
+                finally:
+                    conn.close()
+                dumps += 1
+                deadline = time.monotonic() + 30
+                while True:
+                    files = list(workdir.glob(f"callgrind.out.{pid}.{dumps}-*"))
+                    if files or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+                time.sleep(0.5)  # every thread's file written
+                per_thread = {}
+                for f in workdir.glob(f"callgrind.out.{pid}.{dumps}-*"):
+                    text = f.read_text()
+                    if f"dump {v}-{rnd}" not in text:
+                        raise RuntimeError(f"callgrind dump {f} is not {v}-{rnd}")
+                    per_thread[f] = int(re.search(r"^totals: (\d+)", text, re.M).group(1))
+                if not per_thread:
+                    raise RuntimeError(f"callgrind wrote no dump for {v}-{rnd}")
+                worker = max(per_thread, key=per_thread.get)
+                total = per_thread[worker]
+                split = cg_split(worker)
+                results[v].append({"ir_per_req": total / n, "all_threads_per_req": sum(per_thread.values()) / n,
+                                   **{f"{x}_per_req": y / n for x, y in split.items()}})
+                log(f"  callgrind round {rnd} {CG_LABEL[v]:<36} {total / n:10,.0f} instructions/req "
+                    f"(JIT {split['jit'] / max(total, 1) * 100:4.1f}%)")
+    finally:
+        if e:
+            e.stop()
+        authz.stop()
+    return {"requests": k["CG_REQUESTS"], "rounds": k["CG_ROUNDS"], "results": results}
 
 
 def phase_perf(k, e, wrk, log, workdir):
@@ -811,9 +935,13 @@ def report(res, k):
         L.append("| step | Envoy CPU µs/req | step cost µs | req/s |")
         L.append("| --- | ---: | ---: | ---: |")
         prev = None
+        cpus = {}
         for label, name in lad["steps"]:
             cpu = med([r[name]["envoy_cpu_us_per_req"] for r in lad["rounds"]])
+            cpus[name] = cpu
             rps = med([r[name]["rps"] for r in lad["rounds"]])
+            if name == f"L{LADDER_ALT}":
+                prev = cpus.get(f"L{LADDER_ALT - 1}", prev)  # compared with the replaces
             step = "" if prev is None else f"{cpu - prev:+.2f}"
             L.append(f"| {label} | {cpu:.2f} | {step} | {rps:,.0f} |")
             prev = cpu
@@ -822,6 +950,37 @@ def report(res, k):
                  "decoding into owned Strings, bearer parsing, the denylist memo and local-cache hash lookups, Rc "
                  "clones, policy decision, claim-header vector building.")
         L.append("")
+    cg = res.get("callgrind")
+    if cg:
+        L.append("## Instructions per request (callgrind)")
+        L.append("")
+        if "error" in cg:
+            L.append(f"Not measured: {cg['error']}")
+        else:
+            L.append(f"Envoy's worker thread (`--concurrency 1`) under `valgrind --tool=callgrind`, instrumented only while {cg['requests']} "
+                     f"requests go over one keep-alive connection (after 50 uninstrumented ones), median of "
+                     f"{cg['rounds']} rounds. Instructions are independent of whatever else the machine runs, "
+                     "so these are the figures to attribute cost with; they leave out the kernel (socket I/O) "
+                     "and cache misses. *JIT* is V8's code space: the compiled wasm plus V8's wasm-to-host "
+                     "wrappers; the rest is Envoy's C++ (with V8's runtime).")
+            L.append("")
+            L.append("| variant / step | instructions/req | Δ | compared with | in JIT code |")
+            L.append("| --- | ---: | ---: | --- | ---: |")
+            cgm = cg_medians(cg)
+            for v in CG_ORDER:
+                if v not in cgm:
+                    continue
+                ref = CG_REF.get(v)
+                delta = f"{cgm[v]['ir'] - cgm[ref]['ir']:+,.0f}" if ref in cgm else ""
+                L.append(f"| {CG_LABEL[v]} | {cgm[v]['ir']:,.0f} | {delta} | {CG_LABEL.get(ref, '')} | "
+                         f"{cgm[v]['jit']:,.0f} |")
+            L.append("")
+            if all(x in cgm for x in ("A", "B", "C", "D")):
+                L.append(f"By instructions: tokengate/no-op cost {cgm['C']['ir'] / cgm['B']['ir']:.3f} "
+                         f"(throughput ratio ≈ {cgm['B']['ir'] / cgm['C']['ir']:.3f}), tokengate/bare "
+                         f"{cgm['C']['ir'] / cgm['A']['ir']:.2f}, ext_authz client side/tokengate "
+                         f"{cgm['D']['ir'] / cgm['C']['ir']:.2f} (kernel work for D's extra connection not counted).")
+                L.append("")
     miss = res.get("miss")
     if miss:
         m0 = med([r["M0"]["envoy_cpu_us_per_req"] for r in miss])
@@ -1001,8 +1160,12 @@ def chart(res, k, path):
     panels = [p for p in ("rps", "lat", "cpu", "rss") if (p != "rss" and s) or (p == "rss" and res.get("rss"))]
     if not panels:
         return "nothing to draw"
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6))
-    axes = [axes] if len(panels) == 1 else list(axes)
+    cols = 2 if len(panels) > 1 else 1
+    rows = -(-len(panels) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.6 * rows), squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     colors = {"A": "#888888", "B": "#4c72b0", "C": "#55a868", "C2": "#8fd18f", "D": "#c44e52"}
     vs = list(s)
     for ax, p in zip(axes, panels):
@@ -1024,7 +1187,20 @@ def chart(res, k, path):
             ax.set_title("latency, 32 connections (median)")
         elif p == "cpu":
             lad = res.get("ladder")
-            if lad:
+            cg = res.get("callgrind")
+            if cg and "error" not in cg:
+                cgm = cg_medians(cg)
+                order = [v for v in CG_ORDER if v in cgm and v not in ("M0", "M1")]
+                vals = [cgm[v]["ir"] / 1000 for v in order]
+                jit = [cgm[v]["jit"] / 1000 for v in order]
+                ax.barh(range(len(order)), vals, color="#4c72b0", label="Envoy C++ (incl. V8 runtime)")
+                ax.barh(range(len(order)), jit, color="#dd8452", label="JIT: wasm + V8 wrappers")
+                ax.set_yticks(range(len(order)), [CG_LABEL[v] for v in order], fontsize=7)
+                ax.invert_yaxis()
+                ax.set_xlabel("thousand instructions per request (callgrind)")
+                ax.legend(fontsize=7, loc="lower right")
+                ax.set_title("where the cost goes (instructions, noise-free)")
+            elif lad:
                 labels = [lbl for lbl, _ in lad["steps"]]
                 vals = [med([r[n]["envoy_cpu_us_per_req"] for r in lad["rounds"]]) for _, n in lad["steps"]]
                 ax.barh(range(len(labels)), vals, color="#4c72b0")
@@ -1041,16 +1217,19 @@ def chart(res, k, path):
                 ax.set_title("Envoy CPU µs per request")
         elif p == "rss":
             rss = res["rss"]
-            pts = sorted(rss["samples"])
-            ax.plot([t for t, _ in pts], [r / 1024 for _, r in pts], color="#4c72b0", lw=1)
+            pts = sorted(p for p in rss["samples"] if p[0] > 0)
+            ax.plot([t for t, _ in pts], [r / 1024 for _, r in pts], color="#4c72b0", lw=1, label="sampled every second")
             ms = rss["milestones"]
-            ax.plot([m["introspections"] for m in ms], [m["rss_kib"] / 1024 for m in ms], "o", color="#c44e52")
-            for m in ms[1:]:
-                ax.annotate(f"{m['tokens']:,}: {m['rss_kib'] / 1024:.0f} MiB", (m["introspections"], m["rss_kib"] / 1024),
-                            textcoords="offset points", xytext=(-10, 8), fontsize=8, ha="right")
+            ax.axhline(ms[0]["rss_kib"] / 1024, color="#55a868", ls=":", label=f"before any token {ms[0]['rss_kib'] / 1024:.0f} MiB")
+            ms = ms[1:]
+            ax.plot([m["introspections"] for m in ms], [m["rss_kib"] / 1024 for m in ms], "o", color="#c44e52",
+                    label="after each milestone")
+            for m in ms:
+                ax.annotate(f"{m['tokens']:,}\n{m['rss_kib'] / 1024:.0f} MiB", (m["introspections"], m["rss_kib"] / 1024),
+                            textcoords="offset points", xytext=(0, -28), fontsize=8, ha="center")
             ax.axvline(rss["max_entries"], color="#888888", ls="--", label=f"max_entries {rss['max_entries']:,}")
-            ax.set_xscale("symlog", linthresh=1000)
-            ax.set_ylim(bottom=0)
+            ax.set_xscale("log")
+            ax.set_ylim(bottom=0, top=max(r for _, r in rss["samples"]) / 1024 * 1.15)
             ax.set_xlabel("distinct tokens introspected")
             ax.set_ylabel("Envoy VmRSS, MiB")
             ax.legend(fontsize=8, loc="lower right")
@@ -1136,6 +1315,9 @@ def main():
             e.stop()
             if authz:
                 authz.stop()
+    if "callgrind" in phases:
+        log("instructions per request (callgrind, one worker, one connection):")
+        res["callgrind"] = phase_callgrind(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, load_cpu, log)
     if "burst" in phases:
         log(f"cold bursts (--concurrency {k['BURST_CONCURRENCY']}):")
         e = burst_envoy(k, workdir, envoy_bin, tokengate, envoy_cpu)

@@ -25,6 +25,7 @@ const LEADER_KEY: &str = "tokengate.sync.leader";
 const REVISION_KEY: &str = "tokengate.sync.revision";
 const OUTBOX_KEY: &str = "tokengate.sync.outbox";
 const LAST_SYNC_KEY: &str = "tokengate.sync.last_ok";
+const LOADED_KEY: &str = "tokengate.sync.loaded";
 /// etcd refuses a transaction with more operations than this (--max-txn-ops).
 pub const MAX_TXN_OPS: usize = 128;
 /// Keys one range read returns; a page always advances because one
@@ -71,13 +72,29 @@ pub fn lease_ttl_s(changes: &[Change], now: u64) -> u64 {
         .max(1)
 }
 
+/// The last change of each id, in the order the ids first appear: etcd
+/// refuses a transaction that names one key twice.
+pub fn latest_per_id(changes: &[Change]) -> Vec<&Change> {
+    let mut order: Vec<&str> = Vec::new();
+    let mut latest: std::collections::HashMap<&str, &Change> = std::collections::HashMap::new();
+    for change in changes {
+        if latest.insert(change.id(), change).is_none() {
+            order.push(change.id());
+        }
+    }
+    order.iter().filter_map(|id| latest.get(id).copied()).collect()
+}
+
 /// `POST /v3/kv/txn` bodies writing `changes`, at most `MAX_TXN_OPS` each.
+/// Each id ends in exactly one state: a record without a tombstone, or a
+/// tombstone without a record.
 pub fn txns(prefix: &str, changes: &[Change], lease: i64) -> Vec<String> {
     let mut ops = Vec::new();
-    for change in changes {
+    for change in latest_per_id(changes) {
         match change {
             Change::Revoked(r) => {
                 let value = serde_json::to_vec(r).unwrap_or_default();
+                ops.push(json!({"requestDeleteRange": {"key": B64.encode(undone_key(prefix, &r.id))}}));
                 ops.push(json!({"requestPut": {
                     "key": B64.encode(revoked_key(prefix, &r.id)),
                     "value": B64.encode(value),
@@ -222,6 +239,23 @@ pub fn set_next_revision<S: Store + ?Sized>(store: &S, revision: i64, now_ms: u6
     Ok(())
 }
 
+/// Marks the first complete read of etcd done: from now on this process's
+/// denylist holds every revocation made before it started.
+pub fn mark_loaded<S: Store + ?Sized>(store: &S) -> Result<(), StoreError> {
+    update(store, LOADED_KEY, |current| current.is_none().then(|| b"1".to_vec()))?;
+    Ok(())
+}
+
+pub fn is_loaded<S: Store + ?Sized>(store: &S) -> bool {
+    store.get(LOADED_KEY).ok().flatten().is_some_and(|v| v.value == b"1")
+}
+
+/// How many changes wait in the outbox.
+pub fn outbox_len<S: Store + ?Sized>(store: &S) -> usize {
+    let value = store.get(OUTBOX_KEY).ok().flatten();
+    read_outbox(value.as_ref().map(|v| v.value.as_slice())).changes.len()
+}
+
 /// When the last poll succeeded (unix ms; 0: never), for the lag metric.
 pub fn last_sync_ms<S: Store + ?Sized>(store: &S) -> u64 {
     store
@@ -291,15 +325,37 @@ mod tests {
     fn txns_put_records_and_tombstones_in_chunks() {
         let changes: Vec<Change> = (0..200).map(|i| Change::Revoked(record(&format!("client:{i}")))).collect();
         let bodies = txns("tg/", &changes, 42);
-        assert_eq!(bodies.len(), 2);
+        assert_eq!(bodies.len(), 4);
         let first: Value = serde_json::from_str(&bodies[0]).unwrap();
-        let op = &first["success"][0]["requestPut"];
+        assert_eq!(B64.decode(first["success"][0]["requestDeleteRange"]["key"].as_str().unwrap()).unwrap(), b"tg/undone/client:0");
+        let op = &first["success"][1]["requestPut"];
         assert_eq!(B64.decode(op["key"].as_str().unwrap()).unwrap(), b"tg/revoked/client:0");
         assert_eq!(op["lease"], "42");
         let undo = txns("tg/", &[Change::Undone { id: "sub:a".into(), undone_at: 5 }], 1);
         let undo: Value = serde_json::from_str(&undo[0]).unwrap();
         assert_eq!(B64.decode(undo["success"][0]["requestDeleteRange"]["key"].as_str().unwrap()).unwrap(), b"tg/revoked/sub:a");
         assert_eq!(B64.decode(undo["success"][1]["requestPut"]["key"].as_str().unwrap()).unwrap(), b"tg/undone/sub:a");
+    }
+
+    #[test]
+    fn one_id_is_written_once_per_transaction() {
+        let revoke = Change::Revoked(record("client:a"));
+        let undo = Change::Undone { id: "client:a".into(), undone_at: 11 };
+        let other = Change::Revoked(record("client:b"));
+        let changes = [revoke.clone(), other.clone(), undo.clone(), revoke.clone()];
+        assert_eq!(latest_per_id(&changes), vec![&revoke, &other]);
+        let body: Value = serde_json::from_str(&txns("tg/", &changes, 1)[0]).unwrap();
+        let keys: Vec<Vec<u8>> = body["success"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|op| {
+                let inner = op.get("requestPut").or_else(|| op.get("requestDeleteRange")).unwrap();
+                B64.decode(inner["key"].as_str().unwrap()).unwrap()
+            })
+            .collect();
+        let unique: std::collections::HashSet<_> = keys.iter().collect();
+        assert_eq!(unique.len(), keys.len(), "etcd refuses a key named twice in one txn");
     }
 
     #[test]
@@ -371,6 +427,10 @@ mod tests {
     fn revision_bookkeeping() {
         let s = MemoryStore::new();
         assert_eq!(next_revision(&s).unwrap(), 0);
+        assert!(!is_loaded(&s));
+        mark_loaded(&s).unwrap();
+        mark_loaded(&s).unwrap();
+        assert!(is_loaded(&s));
         set_next_revision(&s, 21, 5).unwrap();
         assert_eq!(next_revision(&s).unwrap(), 21);
         assert_eq!(last_sync_ms(&s), 5);

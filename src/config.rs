@@ -61,6 +61,14 @@ pub struct ClusterSync {
     /// Bound on changes waiting for etcd while it is unreachable.
     #[serde(default = "default_max_outbox")]
     pub max_outbox: usize,
+    /// Answer 503 until the first complete read of etcd after a start, so a
+    /// restarted Envoy never lets through what was revoked elsewhere.
+    #[serde(default = "default_true")]
+    pub require_initial_sync: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -34,14 +34,20 @@ fn post(cfg: &ClusterSync, path: &str, body: &str) -> Option<u32> {
 
 /// The body of a 200 answer to the current callout, or `None`.
 fn answer(num_headers: usize, body_size: usize) -> Option<Vec<u8>> {
-    if num_headers == 0 || body_size > MAX_ANSWER_BYTES {
-        return None;
-    }
-    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status").ok().flatten()?;
-    if status != b"200" {
+    if num_headers == 0 || body_size > MAX_ANSWER_BYTES || status() != Some(200) {
         return None;
     }
     hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten()
+}
+
+fn status() -> Option<u32> {
+    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status").ok().flatten()?;
+    std::str::from_utf8(&status).ok()?.parse().ok()
+}
+
+/// etcd refused the request itself (4xx): sending it again cannot help.
+fn refused(num_headers: usize) -> bool {
+    num_headers > 0 && status().is_some_and(|s| (400..500).contains(&s))
 }
 
 /// Writing a batch of changes: a lease grant, then the transactions.
@@ -52,14 +58,17 @@ pub struct EtcdWrite {
 
 enum Stage {
     Granting(u32),
-    Writing { pending: HashSet<u32>, failed: bool },
+    Writing { pending: HashSet<u32>, failed: bool, refused: bool },
 }
 
 /// How a write ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {
     Ok,
+    /// etcd was unreachable or failed: worth another try.
     Failed,
+    /// etcd refused the request: another try would be refused too.
+    Refused,
 }
 
 impl EtcdWrite {
@@ -83,7 +92,7 @@ impl EtcdWrite {
         match &mut self.stage {
             Stage::Granting(_) => {
                 let Some(lease) = body.and_then(|b| cluster_sync::parse_lease(&b).ok()) else {
-                    return Some(Written::Failed);
+                    return Some(if refused(num_headers) { Written::Refused } else { Written::Failed });
                 };
                 let mut pending = HashSet::new();
                 for txn in cluster_sync::txns(&cfg.prefix, &self.changes, lease) {
@@ -94,15 +103,20 @@ impl EtcdWrite {
                         None => return Some(Written::Failed),
                     }
                 }
-                self.stage = Stage::Writing { pending, failed: false };
+                self.stage = Stage::Writing { pending, failed: false, refused: false };
                 None
             }
-            Stage::Writing { pending, failed } => {
+            Stage::Writing { pending, failed, refused: was_refused } => {
                 pending.remove(&token_id);
                 if body.and_then(|b| cluster_sync::parse_txn(&b).ok()).is_none() {
                     *failed = true;
+                    *was_refused |= refused(num_headers);
                 }
-                pending.is_empty().then_some(if *failed { Written::Failed } else { Written::Ok })
+                pending.is_empty().then_some(match (*failed, *was_refused) {
+                    (false, _) => Written::Ok,
+                    (true, true) => Written::Refused,
+                    (true, false) => Written::Failed,
+                })
             }
         }
     }
@@ -117,6 +131,7 @@ pub struct Poller {
     next_poll_ms: u64,
     lag_gauge: u32,
     revision_gauge: u32,
+    outbox_gauge: u32,
 }
 
 impl Poller {
@@ -129,6 +144,7 @@ impl Poller {
             next_poll_ms: 0,
             lag_gauge: gauge("tokengate.sync.lag_ms"),
             revision_gauge: gauge("tokengate.sync.revision"),
+            outbox_gauge: gauge("tokengate.sync.outbox"),
         }
     }
 
@@ -145,6 +161,9 @@ impl Poller {
         let last = cluster_sync::last_sync_ms(&SharedData);
         if last > 0 && self.lag_gauge != 0 {
             let _ = hostcalls::record_metric(self.lag_gauge, now_ms.saturating_sub(last));
+        }
+        if self.outbox_gauge != 0 {
+            let _ = hostcalls::record_metric(self.outbox_gauge, cluster_sync::outbox_len(&SharedData) as u64);
         }
         // A callout Envoy never answered does not block the poller forever.
         if self.poll.is_some_and(|(_, deadline)| now_ms > deadline) {
@@ -186,10 +205,21 @@ impl Poller {
         let (token_id, num_headers, body_size) = answer_of;
         if let Some(flush) = self.flush.as_mut().filter(|f| f.owns(token_id)) {
             if let Some(done) = flush.on_response(cfg, token_id, num_headers, body_size) {
-                if done == Written::Ok {
-                    let _ = cluster_sync::outbox_remove(&SharedData, &flush.changes);
-                } else {
-                    metrics.sync_failures.inc();
+                match done {
+                    Written::Ok => {
+                        let _ = cluster_sync::outbox_remove(&SharedData, &flush.changes);
+                    }
+                    Written::Failed => {
+                        log::warn!("cluster sync: etcd did not take {} queued change(s); retrying", flush.changes.len());
+                        metrics.sync_failures.inc();
+                    }
+                    Written::Refused => {
+                        // Retrying would block everything queued behind it.
+                        log::error!("cluster sync: etcd refused {} queued change(s); dropped", flush.changes.len());
+                        metrics.sync_failures.inc();
+                        metrics.sync_dropped.add(flush.changes.len() as u64);
+                        let _ = cluster_sync::outbox_remove(&SharedData, &flush.changes);
+                    }
                 }
                 self.flush = None;
             }
@@ -217,6 +247,9 @@ impl Poller {
             }
         }
         let _ = cluster_sync::set_next_revision(&SharedData, next_min_revision, now_ms);
+        if !more {
+            let _ = cluster_sync::mark_loaded(&SharedData);
+        }
         if self.revision_gauge != 0 {
             let _ = hostcalls::record_metric(self.revision_gauge, u64::try_from(next_min_revision - 1).unwrap_or(0));
         }

@@ -110,6 +110,10 @@ impl Filter {
                 return Action::Pause;
             }
         };
+        if !worker.denylist_ready() {
+            worker.deny(&Denial::DenylistLoading);
+            return Action::Pause;
+        }
         let hash = cache::hash_token(&token);
         let now = now_ms();
         match worker.token_revoked(&hash, now / 1000) {
@@ -330,6 +334,12 @@ impl Filter {
                 Some(Written::Failed) => {
                     let changes = std::mem::take(&mut write.changes);
                     f.sync_outcome = Some(queue(worker, &changes));
+                    f.sync = None;
+                }
+                Some(Written::Refused) => {
+                    log::error!("cluster sync: etcd refused the change; it stays local only");
+                    worker.metrics.sync_dropped.add(write.changes.len() as u64);
+                    f.sync_outcome = Some("refused");
                     f.sync = None;
                 }
                 None => {}

@@ -15,6 +15,7 @@ pub struct Metrics {
     denied_revoked: Counter,
     denied_insufficient_scope: Counter,
     denied_idp_unavailable: Counter,
+    denied_denylist_loading: Counter,
     pub cache_hit_local: Counter,
     pub cache_hit_shared: Counter,
     pub cache_miss: Counter,
@@ -85,6 +86,7 @@ impl Metrics {
             denied_revoked: c("requests.denied.revoked"),
             denied_insufficient_scope: c("requests.denied.insufficient_scope"),
             denied_idp_unavailable: c("requests.denied.idp_unavailable"),
+            denied_denylist_loading: c("requests.denied.denylist_loading"),
             cache_hit_local: c("cache.hit.local"),
             cache_hit_shared: c("cache.hit.shared"),
             cache_miss: c("cache.miss"),
@@ -128,6 +130,7 @@ impl Metrics {
             Denial::Revoked => self.denied_revoked,
             Denial::InsufficientScope(_) => self.denied_insufficient_scope,
             Denial::IdpUnavailable(_) => self.denied_idp_unavailable,
+            Denial::DenylistLoading => self.denied_denylist_loading,
         }
         .inc();
     }

@@ -16,6 +16,8 @@ pub enum Denial {
     InsufficientScope(String),
     /// The authorization server could not give a usable answer: 503, fail closed.
     IdpUnavailable(&'static str),
+    /// Cluster sync has not yet loaded the revocations made elsewhere: 503.
+    DenylistLoading,
 }
 
 /// The pieces of a local reply.
@@ -36,6 +38,7 @@ impl Denial {
             Denial::Revoked => "revoked",
             Denial::InsufficientScope(_) => "insufficient_scope",
             Denial::IdpUnavailable(_) => "idp_unavailable",
+            Denial::DenylistLoading => "denylist_loading",
         }
     }
 
@@ -47,9 +50,10 @@ impl Denial {
             Denial::Revoked => (401, Some("invalid_token"), "the token has been revoked"),
             Denial::InsufficientScope(_) => (403, Some("insufficient_scope"), "the token lacks a required scope"),
             Denial::IdpUnavailable(d) => (503, None, *d),
+            Denial::DenylistLoading => (503, None, "revocations are still loading from the cluster"),
         };
         let challenge = match (self, code) {
-            (Denial::IdpUnavailable(_), _) => None,
+            (Denial::IdpUnavailable(_) | Denial::DenylistLoading, _) => None,
             (_, None) => Some(format!("Bearer realm=\"{realm}\"")),
             (Denial::InsufficientScope(scope), Some(code)) => Some(format!(
                 "Bearer realm=\"{realm}\", error=\"{code}\", error_description=\"{description}\", scope=\"{scope}\""
@@ -60,7 +64,7 @@ impl Denial {
         };
         let error = match self {
             Denial::MissingToken => "unauthorized",
-            Denial::IdpUnavailable(_) => "temporarily_unavailable",
+            Denial::IdpUnavailable(_) | Denial::DenylistLoading => "temporarily_unavailable",
             _ => code.unwrap_or("unauthorized"),
         };
         Reply { status, challenge, body: json_error(error, description) }

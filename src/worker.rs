@@ -45,6 +45,8 @@ pub struct Worker {
     deny: RefCell<DenyView>,
     /// The etcd poller, where `cluster_sync` is configured.
     sync: Option<RefCell<Poller>>,
+    /// Seen the first complete read of etcd (or none is required).
+    denylist_loaded: std::cell::Cell<bool>,
 }
 
 struct State {
@@ -103,7 +105,22 @@ impl Worker {
             }),
             deny: RefCell::new(DenyView::default()),
             sync: None,
+            denylist_loaded: std::cell::Cell::new(false),
         }
+    }
+
+    /// False while cluster sync must first load what was revoked before this
+    /// Envoy started (`cluster_sync.require_initial_sync`).
+    pub fn denylist_ready(&self) -> bool {
+        if self.denylist_loaded.get() {
+            return true;
+        }
+        let ready = match &self.config.cluster_sync {
+            Some(c) if c.require_initial_sync => crate::cluster_sync::is_loaded(&SharedData),
+            _ => true,
+        };
+        self.denylist_loaded.set(ready);
+        ready
     }
 
     /// Enables cluster sync; `me` names this root among the process's.

@@ -62,6 +62,6 @@ fuzz_target!(|data: &[u8]| {
         let revoke_path = format!("{}/revoke", a.path_prefix);
         assert!(admin::is_admin_path(&revoke_path, &a.path_prefix));
         assert_eq!(admin::route("POST", &revoke_path, &a.path_prefix), Ok(Route::Revoke));
-        assert_eq!(admin::route("GET", &format!("{}/revocations", a.path_prefix), &a.path_prefix), Ok(Route::List));
+        assert_eq!(admin::route("GET", &format!("{}/revocations", a.path_prefix), &a.path_prefix), Ok(Route::List { offset: 0, limit: None }));
     }
 });

@@ -17,6 +17,7 @@
 //! | `done`    | `get_current_time` again in `on_done`                              |
 //! | `metrics` | two counter increments (`cache.hit.local`, `requests.allowed`)     |
 //! | `headers` | three `replace_header` calls (the claim headers)                   |
+//! | `add`     | with `headers`: `add_header` instead (the headers are known absent) |
 //!
 //! One more step is not on the hit path but is the floor of a miss:
 //! `callout` sends an introspection-shaped HTTP callout to cluster `idp` on
@@ -44,6 +45,7 @@ struct Steps {
     done: bool,
     metrics: bool,
     headers: bool,
+    add: bool,
     callout: bool,
 }
 
@@ -58,6 +60,7 @@ impl Steps {
                 "done" => s.done = true,
                 "metrics" => s.metrics = true,
                 "headers" => s.headers = true,
+                "add" => s.add = true,
                 "callout" => s.callout = true,
                 "all" => {
                     s = Steps { map: true, sha256: true, time: true, done: true, metrics: true, headers: true, ..s };
@@ -162,9 +165,14 @@ impl HttpContext for Noop {
             }
         }
         if steps.headers {
-            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-auth-subject", Some("bench-user"));
-            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-auth-client-id", Some("bench-client"));
-            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-auth-scope", Some("read"));
+            let claims = [("x-auth-subject", "bench-user"), ("x-auth-client-id", "bench-client"), ("x-auth-scope", "read")];
+            for (name, value) in claims {
+                let _ = if steps.add {
+                    hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value)
+                } else {
+                    hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
+                };
+            }
         }
         if steps.callout {
             let headers = vec![

@@ -1,0 +1,863 @@
+"""Hardening: the filter under an authorization server that fails in every way,
+hostile clients and a hostile admin API caller, and stale-if-error.
+
+Every check ends the same way: Envoy and every worker's VM still serve (a valid
+token passes on many new connections, so on every worker) and Envoy's log shows
+no wasm failure. What a real panic looks like in Envoy 1.40 (seen with a module
+that indexes out of bounds, see tests/e2e/panic_canary and
+`test_log_scan_catches_a_real_wasm_panic`):
+
+    [critical][wasm] [.../context.cc:1160] wasm log <root> <vm> <id>: panicked at src/lib.rs:20:22:
+    [error][wasm] [.../wasm_vm.cc:38] Function: proxy_on_request_headers failed: Uncaught RuntimeError: unreachable
+    Proxy-Wasm plugin in-VM backtrace: ...
+
+after which that worker answers 503 (fail closed) to every request, for good.
+A VM that fails to load logs "Wasm VM failed ..." and "Plugin configured to
+fail closed failed to load".
+
+The Envoys here are this module's own, on this module's own mock IdP (the
+tests stop and restart it), with `introspection.timeout_ms` = 1000 to keep the
+timeouts short.
+"""
+import hashlib
+import http.client
+import json
+import re
+import secrets
+import socket
+import subprocess
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import CONCURRENCY
+from harness import (
+    ENVOY_TEMPLATE,
+    LOOPBACK,
+    PLUGIN_CONFIG,
+    REPO,
+    Envoy,
+    Listener,
+    MockIdp,
+    bearer,
+    burst,
+    deep_diff,
+    merge,
+    request,
+)
+
+import harness
+import yaml
+from wasm_log import failure_lines
+
+TIMEOUT_MS = 1000
+SLACK_S = 1.0  # the brief: a failing IdP costs the client at most timeout_ms + 1 s
+REALM = "tokengate"
+ADMIN_TOKEN = "admin-demo-token"
+ADMIN = bearer(ADMIN_TOKEN)
+PREFIX = "/tokengate"
+FORM = "application/x-www-form-urlencoded"
+JSON_TYPE = "application/json"
+SHIPPED = json.loads(PLUGIN_CONFIG.read_text())
+CLAIM_HEADERS = SHIPPED["claims_to_headers"]
+MAX_TOKEN_BYTES = 4096
+MAX_BULK_TOKENS = 10_000  # admin.max_bulk_tokens default (envoy/envoy.yaml keeps it)
+MAX_BODY_BYTES = 1024 * 1024  # admin.max_body_bytes default
+# Enough new connections that each of the 4 workers gets some: (3/4)^24 < 0.1 %.
+HEALTH_CONNECTIONS = 24
+
+
+# --------------------------------------------------------------------------- Envoy's log
+
+
+class LogWatch:
+    """Envoy's log from where the last check left off."""
+
+    def __init__(self, envoy):
+        self.envoy = envoy
+        self.offset = 0
+
+    def new_failures(self):
+        text = self.envoy.log_text()
+        fresh, self.offset = text[self.offset:], len(text)
+        return failure_lines(fresh)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def unknown_token():
+    return secrets.token_urlsafe(32)
+
+
+def sha256(token):
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def from_upstream(resp):
+    try:
+        body = resp.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and "method" in body and "headers" in body
+
+
+def challenge_params(resp):
+    values = resp.header_all("WWW-Authenticate")
+    assert len(values) == 1, f"want one WWW-Authenticate, got {values!r}"
+    scheme, _, rest = values[0].partition(" ")
+    assert scheme == "Bearer", values
+    return dict(re.findall(r'([A-Za-z_]+)="((?:[^"\\]|\\.)*)"', rest))
+
+
+def assert_denied(resp, status, error):
+    assert resp.status == status, resp
+    params = challenge_params(resp)
+    assert params.get("realm") == REALM, params
+    if error is None:
+        assert "error" not in params, params
+    else:
+        assert params.get("error") == error, params
+    assert not from_upstream(resp), "the upstream answered"
+    return params
+
+
+def assert_fails_closed(resp):
+    assert resp.status == 503, resp
+    assert isinstance(resp.json(), dict), "tokengate's 503 has a JSON body"
+    assert not from_upstream(resp)
+    assert resp.elapsed <= TIMEOUT_MS / 1000 + SLACK_S, f"took {resp.elapsed:.2f}s"
+
+
+def raw_request(port, method, path, headers, body=b"", timeout=10.0):
+    """A request with header values sent as given (bytes allowed); (status, body) or (0, b"") if
+    the connection was closed without an answer."""
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_host=False, skip_accept_encoding=True)
+        for name, value in headers:
+            conn.putheader(name, value)
+        if body:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body or None)
+        resp = conn.getresponse()
+        return harness.Response(resp.status, resp.getheaders(), resp.read())
+    finally:
+        conn.close()
+
+
+@dataclass
+class Setup:
+    idp: MockIdp
+    envoy: Envoy
+    log: LogWatch
+
+    def calls(self, token):
+        return self.idp.calls_for(token)
+
+    def admin_port(self, listener="tokengate_admin"):
+        return self.envoy.listener_port(listener)
+
+    def revocations(self):
+        resp = request(self.admin_port(), f"{PREFIX}/revocations", ADMIN)
+        assert resp.status == 200, resp
+        return resp.json()
+
+    def revocation_count(self):
+        return self.revocations()["count"]
+
+
+def assert_still_serving(setup, envoy=None):
+    """Once the IdP is well again, every worker validates tokens, and the log shows no VM failure."""
+    envoy = envoy or setup.envoy
+    setup.idp.fault("none")
+    assert envoy.alive(), f"Envoy exited:\n{envoy.proc.log_tail()}"
+    token = unknown_token()
+    setup.idp.register_active(token)
+    statuses = [envoy.get("/health", bearer(token)).status for _ in range(HEALTH_CONNECTIONS)]
+    assert statuses == [200] * HEALTH_CONNECTIONS, f"a worker stopped serving: {statuses}"
+    assert envoy.get("/health").status == 401
+    if envoy is setup.envoy:
+        failures = setup.log.new_failures()
+    else:
+        failures = failure_lines(envoy.log_text())
+    assert failures == [], "wasm failure in Envoy's log:\n" + "\n".join(failures)
+
+
+def admin_additions():
+    """The `admin` section envoy/envoy.yaml's admin listener adds to envoy/tokengate.json."""
+    template = yaml.safe_load(ENVOY_TEMPLATE.read_text())
+    listener = harness._named(template["static_resources"]["listeners"], "tokengate_admin")
+    (plugin,) = harness._wasm_plugins(listener)
+    additions = deep_diff(SHIPPED, json.loads(plugin["configuration"]["value"]))
+    assert additions["admin"]["token_sha256"] == sha256(ADMIN_TOKEN)
+    return additions
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def setup(procs, workdir, upstream):
+    """This module's IdP and Envoy. Beside the template's listeners (`data`,
+    `tokengate_admin`), copies of `data` (same vm_id, so same cache and denylist):
+      badcreds      the gateway's client secret is wrong: the IdP answers 401
+      raw_admin     the admin API on a listener without Envoy's path normalisation
+      query         allow_query_token
+      query_hidden  allow_query_token + hide_credentials
+    """
+    idp = MockIdp(procs, workdir).start()
+    config = idp.plugin_config(introspection={"timeout_ms": TIMEOUT_MS})
+    extra = [
+        Listener("badcreds", merge(config, {"introspection": {"client_secret": "not-the-secret"}})),
+        Listener("raw_admin", merge(config, admin_additions())),
+        Listener("query", merge(config, {"allow_query_token": True})),
+        Listener("query_hidden", merge(config, {"allow_query_token": True, "hide_credentials": True})),
+    ]
+    envoy = Envoy(
+        procs, workdir, idp.port, upstream.port, config,
+        extra_listeners=extra, concurrency=CONCURRENCY, name="envoy-hardening",
+    ).start()
+    yield Setup(idp, envoy, LogWatch(envoy))
+    envoy.stop()
+    idp.stop()
+
+
+@pytest.fixture
+def hard(setup):
+    """The module setup, its IdP without faults, checked healthy after the test."""
+    setup.idp.reset()
+    yield setup
+    setup.idp.reset()
+    assert_still_serving(setup)
+
+
+# --------------------------------------------------------------------------- 1. the IdP failing
+
+
+IDP_FAULTS = [
+    pytest.param({"mode": "slow", "delay_ms": TIMEOUT_MS + 1500}, {"timeout", "transport"}, id="slower-than-timeout"),
+    # Envoy turns a reset into its own 503 reply: counted as a status failure.
+    pytest.param({"mode": "reset"}, {"transport", "status"}, id="reset-mid-answer"),
+    pytest.param({"mode": "status", "status": 500}, {"status"}, id="status-500"),
+    pytest.param({"mode": "status", "status": 502}, {"status"}, id="status-502"),
+    pytest.param({"mode": "status", "status": 503}, {"status"}, id="status-503"),
+    pytest.param({"mode": "status", "status": 504}, {"timeout"}, id="status-504"),
+    pytest.param({"mode": "status", "status": 429}, {"status"}, id="status-429"),
+    pytest.param({"mode": "nonjson"}, {"not_json"}, id="not-json"),
+    pytest.param({"mode": "huge"}, {"too_large", "transport"}, id="8MiB-answer"),
+]
+
+
+def failure_counts(envoy):
+    prefix = "wasmcustom.tokengate.introspection.failures."
+    return {k[len(prefix):]: v for k, v in envoy.stats().items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("fault, reasons", IDP_FAULTS)
+def test_idp_fault_fails_closed_counts_and_caches_nothing(hard, fault, reasons):
+    idp, envoy = hard.idp, hard.envoy
+    token = unknown_token()
+    idp.register_active(token)  # a good token: only the fault can deny it
+    before = failure_counts(envoy)
+    idp.fault(**fault)
+    assert_fails_closed(envoy.get("/r", bearer(token)))
+    assert hard.calls(token) >= 1, "the IdP was really asked"
+    after = failure_counts(envoy)
+    counted = {r for r in after if after[r] > before.get(r, 0)}
+    assert counted and counted <= reasons, f"counted as {counted}, want one of {reasons}"
+
+    idp.fault("none")
+    calls = hard.calls(token)
+    resp = envoy.get("/r", bearer(token))
+    assert resp.status == 200, f"the failure was cached: {resp}"
+    assert hard.calls(token) == calls + 1, "the request after the fault must cost a new introspection"
+
+
+def test_idp_down_fails_closed_fast_and_recovers(hard):
+    idp, envoy = hard.idp, hard.envoy
+    token = unknown_token()
+    idp.stop()
+    try:
+        for _ in range(3):
+            assert_fails_closed(envoy.get("/r", bearer(token)))
+    finally:
+        idp.start()  # same port: Envoy's cluster finds it again
+    idp.register_active(token)
+    resp = envoy.get("/r", bearer(token))
+    assert resp.status == 200, f"the refused connections were cached: {resp}"
+    assert hard.calls(token) == 1
+
+
+BAD_ANSWERS = {
+    "active-missing": dict(scope="read", client_id="app-a", sub="u"),
+    "active-string": dict(active="true", scope="read"),
+    "active-number": dict(active=1, scope="read"),
+    "active-null": dict(active=None, scope="read"),
+    "active-list": dict(active=[True], scope="read"),
+    "scope-not-string": dict(active=True, scope=["read"]),
+    "exp-string": dict(active=True, scope="read", exp="9999999999"),
+    "exp-negative": dict(active=True, scope="read", exp=-1),
+    "exp-fraction": dict(active=True, scope="read", exp=9999999999.5),
+    "sub-object": dict(active=True, scope="read", sub={"id": "u"}),
+}
+
+
+@pytest.mark.parametrize("claims", BAD_ANSWERS.values(), ids=BAD_ANSWERS.keys())
+def test_answer_that_is_not_rfc7662_fails_closed(hard, claims):
+    idp, envoy = hard.idp, hard.envoy
+    token = unknown_token()
+    idp.register(token, **claims)
+    for _ in range(2):
+        resp = envoy.get("/r", bearer(token))
+        assert_fails_closed(resp)
+    assert hard.calls(token) == 2, "a bad answer is not cached either"
+    idp.register_active(token)
+    assert envoy.get("/r", bearer(token)).status == 200
+    assert hard.calls(token) == 3
+
+
+def test_exp_in_the_past_is_invalid_token_and_not_cached(hard):
+    idp, envoy = hard.idp, hard.envoy
+    token = unknown_token()
+    idp.register_active(token, ttl=-10)  # active, but exp ten seconds ago
+    for _ in range(3):
+        params = assert_denied(envoy.get("/r", bearer(token)), 401, "invalid_token")
+        assert "expired" in params.get("error_description", ""), params
+    # Not remembered as valid, nor as invalid: the IdP's next answer counts.
+    idp.register_active(token)
+    assert envoy.get("/r", bearer(token)).status == 200
+
+
+def test_token_expiring_while_cached_is_refused_by_every_worker_at_exp(hard):
+    idp, envoy = hard.idp, hard.envoy
+    token = unknown_token()
+    claims = idp.register_active(token, ttl=3)
+    # Fill the shared cache and every worker's local copy.
+    statuses = burst(envoy.port, n=200, connections=24, headers=bearer(token))
+    assert statuses == [200] * 200
+    assert hard.calls(token) <= CONCURRENCY
+    time.sleep(max(0.0, claims["exp"] + 0.3 - time.time()))
+    statuses = burst(envoy.port, n=200, connections=24, headers=bearer(token))
+    assert statuses == [401] * 200, {s: statuses.count(s) for s in set(statuses)}
+
+
+def test_wrong_gateway_credentials_fail_closed_and_cache_nothing(hard):
+    idp, envoy = hard.idp, hard.envoy
+    token = unknown_token()
+    idp.register_active(token)
+    before = failure_counts(envoy).get("unauthorized", 0)
+    for _ in range(2):
+        resp = envoy.get("/r", bearer(token), listener="badcreds")
+        assert_fails_closed(resp)
+    assert failure_counts(envoy).get("unauthorized", 0) == before + 2
+    calls = hard.calls(token)
+    assert calls == 2, "the IdP refused the gateway twice"
+    # With the right credentials (same VM, same shared cache): a new introspection, and 200.
+    assert envoy.get("/r", bearer(token)).status == 200
+    assert hard.calls(token) == calls + 1
+
+
+# --------------------------------------------------------------------------- 2. hostile clients
+
+
+def test_bearer_with_several_spaces_or_lower_case_scheme_is_accepted(hard):
+    token = unknown_token()
+    hard.idp.register_active(token)
+    for value in [f"Bearer  {token}", f"Bearer   {token}", f"bearer {token}", f"BEARER  {token}"]:
+        resp = hard.envoy.get("/r", {"Authorization": value})
+        assert resp.status == 200, (value.split()[0], resp)
+
+
+NON_ASCII = {
+    "utf8-token": b"Bearer \xc3\xa9t\xc3\xa9",
+    "latin1-byte": b"Bearer abc\xffdef",
+    "high-byte-in-scheme": b"B\xe9arer abcdef",
+    "c1-control": b"Bearer abc\x85def",
+}
+
+
+@pytest.mark.parametrize("value", NON_ASCII.values(), ids=NON_ASCII.keys())
+def test_non_ascii_authorization_is_refused_without_asking_the_idp(hard, value):
+    before = hard.idp.introspections()["count"]
+    resp = raw_request(hard.envoy.port, "GET", "/r", [("Authorization", value)])
+    # The filter's RFC 6750 answer (or Envoy's codec refusing the bytes first).
+    assert resp.status in (400, 401), resp
+    assert not from_upstream(resp)
+    if resp.header("WWW-Authenticate"):
+        params = challenge_params(resp)
+        if resp.status == 400:
+            assert params.get("error") == "invalid_request", params
+    assert hard.idp.introspections()["count"] == before
+
+
+def test_token_length_bound_is_4096_bytes(hard):
+    longest = ("A" * (MAX_TOKEN_BYTES - 8)) + secrets.token_hex(4)
+    hard.idp.register_active(longest)
+    assert hard.envoy.get("/r", bearer(longest)).status == 200
+    before = hard.idp.introspections()["count"]
+    for size in (MAX_TOKEN_BYTES + 1, 8 * 1024, 32 * 1024):
+        resp = hard.envoy.get("/r", bearer("A" * size))
+        assert_denied(resp, 400, "invalid_request")
+    assert hard.idp.introspections()["count"] == before, "an oversized token reached the IdP"
+
+
+OUTSIDE_B64TOKEN = {
+    "bang": "abc!def",
+    "semicolon": "abc;def",
+    "colon": "abc:def",
+    "parens": "a(b)c",
+    "backslash": "abc\\def",
+    "percent": "abc%20def",
+    "star": "abc*def",
+    "tab-inside": "abc\tdef",
+    "two-credentials": "abc, Bearer def",
+    "equals-then-text": "abc==def",
+}
+
+
+@pytest.mark.parametrize("token", OUTSIDE_B64TOKEN.values(), ids=OUTSIDE_B64TOKEN.keys())
+def test_characters_outside_b64token_are_invalid_request(hard, token):
+    before = hard.idp.introspections()["count"]
+    assert_denied(hard.envoy.get("/r", {"Authorization": f"Bearer {token}"}), 400, "invalid_request")
+    assert hard.idp.introspections()["count"] == before
+
+
+def test_several_authorization_headers_never_pass(hard):
+    # Envoy joins repeated headers into one value with ", " (RFC 9110 §5.3), so the filter
+    # sees "Bearer x,Basic y" (a token with a comma: invalid_request) or "Basic y,Bearer x"
+    # (another scheme first: the bare challenge). Either way no request passes and no
+    # half-credential reaches the IdP.
+    token = unknown_token()
+    hard.idp.register_active(token)
+    basic = "Basic dXNlcjpwYXNz"
+    for headers, status, error in [
+        ([("Authorization", f"Bearer {token}"), ("Authorization", basic)], 400, "invalid_request"),
+        ([("Authorization", f"Bearer {token}")] * 3, 400, "invalid_request"),
+        ([("Authorization", f"Bearer {token}"), ("Authorization", f"Bearer {unknown_token()}")], 400, "invalid_request"),
+        ([("Authorization", basic), ("Authorization", f"Bearer {token}")], 401, None),
+    ]:
+        assert_denied(hard.envoy.get("/r", headers), status, error)
+    assert hard.calls(token) == 0
+
+
+def test_spoofed_claim_headers_are_replaced_or_removed(hard):
+    token = unknown_token()
+    # No `sub`: the subject header must be absent upstream, whatever the client sent.
+    hard.idp.register(token, active=True, scope="read", client_id="app-a", exp=int(time.time()) + 300)
+    spoofed = [(h, "spoofed") for h in CLAIM_HEADERS.values()]
+    spoofed += [(h.upper(), "SPOOFED") for h in CLAIM_HEADERS.values()]
+    spoofed += [(h, "again") for h in CLAIM_HEADERS.values()]
+    resp = hard.envoy.get("/r", [*bearer(token).items(), *spoofed])
+    assert resp.status == 200, resp
+    seen = resp.json()["headers"]
+    assert seen.get(CLAIM_HEADERS["client_id"]) == "app-a"
+    assert seen.get(CLAIM_HEADERS["scope"]) == "read"
+    assert CLAIM_HEADERS["sub"] not in seen, "a client-sent claim header reached the upstream"
+
+
+def test_claim_header_lookalikes_with_underscores_never_reach_the_upstream(hard):
+    # CGI, WSGI and many frameworks fold '_' and '-' together (HTTP_X_AUTH_SUBJECT), so an
+    # upstream may read X_Auth_Subject as the subject tokengate vouches for.
+    token = unknown_token()
+    hard.idp.register(token, active=True, scope="read", client_id="app-a", exp=int(time.time()) + 300)
+    lookalikes = [(h.replace("-", "_"), "spoofed") for h in CLAIM_HEADERS.values()]
+    resp = hard.envoy.get("/r", [*bearer(token).items(), *lookalikes])
+    if resp.status == 200:
+        seen = resp.json()["headers"]
+        leaked = {h: v for h, v in seen.items() if h.replace("_", "-") in CLAIM_HEADERS.values() and v == "spoofed"}
+        assert leaked == {}, f"claim-header lookalikes reached the upstream: {leaked}"
+    else:
+        assert resp.status in (400, 401), resp  # refused outright is fine too
+
+
+def test_query_token_is_ignored_by_default(hard):
+    token = unknown_token()
+    hard.idp.register_active(token)
+    params = assert_denied(hard.envoy.get(f"/r?access_token={token}"), 401, None)
+    assert set(params) == {"realm"}, "a bare challenge: the query token does not count"
+    assert hard.calls(token) == 0
+    # With a header as well, the header is what counts.
+    other = unknown_token()
+    hard.idp.register_active(other)
+    assert hard.envoy.get(f"/r?access_token={token}", bearer(other)).status == 200
+    assert hard.calls(token) == 0
+
+
+def test_query_token_when_allowed(hard):
+    envoy = hard.envoy
+    token, other = unknown_token(), unknown_token()
+    hard.idp.register_active(token)
+    hard.idp.register_active(other)
+    resp = envoy.get(f"/r?x=1&access_token={urllib.parse.quote(token)}", listener="query")
+    assert resp.status == 200, resp
+    # Both ways at once (RFC 6750 §2: never more than one method) or twice: invalid_request.
+    for path, headers in [
+        (f"/r?access_token={token}", bearer(token)),
+        (f"/r?access_token={token}", bearer(other)),
+        (f"/r?access_token={token}&access_token={other}", None),
+        ("/r?access_token=a%20b", None),
+        ("/r?access_token=", None),
+    ]:
+        assert_denied(envoy.get(path, headers, listener="query"), 400, "invalid_request")
+    assert envoy.get("/r", listener="query").status == 401
+
+
+@pytest.mark.parametrize("name", ["access_token", "access%5Ftoken", "%61ccess_token", "access_t%6Fken"])
+def test_hidden_query_token_never_reaches_the_upstream(hard, name):
+    # hide_credentials: the token the filter accepted from the query is not forwarded,
+    # however its parameter name was spelled.
+    token = unknown_token()
+    hard.idp.register_active(token)
+    resp = hard.envoy.get(f"/r?a=1&{name}={token}&b=2", listener="query_hidden")
+    assert resp.status == 200, resp
+    path = resp.json()["path"]
+    assert token not in urllib.parse.unquote(path), f"the query token reached the upstream: {path}"
+    assert "a=1" in path and "b=2" in path, path
+
+
+# --------------------------------------------------------------------------- 3. a hostile admin caller
+
+
+def admin_call(port, path, body=None, content_type=None, method="POST", auth=ADMIN, timeout=30.0):
+    headers = dict(auth or {})
+    if content_type:
+        headers["Content-Type"] = content_type
+    return request(port, path, headers, method, body, timeout)
+
+
+def assert_admin_refused(resp, status, error=None):
+    assert resp.status == status, resp
+    body = resp.json()
+    assert {"error", "error_description"} <= body.keys(), body
+    if error:
+        assert body["error"] == error, body
+    assert not from_upstream(resp), "the upstream answered"
+
+
+@pytest.fixture
+def victim(hard):
+    """A valid token, to show that nothing the hostile caller sent revoked it."""
+    token = unknown_token()
+    hard.idp.register_active(token)
+    assert hard.envoy.get("/r", bearer(token)).status == 200
+    count = hard.revocation_count()
+    yield token
+    assert hard.revocation_count() == count, "a refused admin request revoked something"
+    assert sha256(token) not in json.dumps(hard.revocations())
+    assert hard.envoy.get("/r", bearer(token)).status == 200
+
+
+@pytest.mark.parametrize("n", [MAX_BULK_TOKENS + 1, 50_000])
+def test_bulk_beyond_max_bulk_tokens_is_413_and_revokes_nothing(hard, victim, n):
+    tokens = [victim] + [secrets.token_hex(5) for _ in range(n - 1)]
+    body = json.dumps({"tokens": tokens}).encode()
+    assert len(body) < MAX_BODY_BYTES, "this case is about the count, not the size"
+    resp = admin_call(hard.admin_port(), f"{PREFIX}/revoke", body, JSON_TYPE)
+    assert_admin_refused(resp, 413, "too_many_tokens")
+
+
+def test_bulk_larger_than_the_body_limit_is_413(hard, victim):
+    tokens = [victim] + [secrets.token_hex(8) for _ in range(60_000)]
+    body = json.dumps({"tokens": tokens}).encode()
+    assert len(body) > MAX_BODY_BYTES
+    resp = admin_call(hard.admin_port(), f"{PREFIX}/revoke", body, JSON_TYPE)
+    assert resp.status == 413, resp
+
+
+def _nested(depth):
+    return ("[" * depth + "]" * depth).encode()
+
+
+GARBAGE_BODIES = {
+    "deeply-nested-array": (_nested(100_000), JSON_TYPE),
+    "deeply-nested-object": (b'{"tokens":' + b'{"a":' * 50_000 + b"1" + b"}" * 50_001, JSON_TYPE),
+    "json-array": (b'["tok"]', JSON_TYPE),
+    "json-null": (b"null", JSON_TYPE),
+    "json-string": (b'"tok"', JSON_TYPE),
+    "json-number": (b"1e999999", JSON_TYPE),
+    "tokens-not-a-list": (b'{"tokens": "VICTIM"}', JSON_TYPE),
+    "tokens-of-numbers": (b'{"tokens": [1, 2, 3]}', JSON_TYPE),
+    "tokens-with-null": (b'{"tokens": ["VICTIM", null]}', JSON_TYPE),
+    "duplicate-keys": (b'{"tokens": ["VICTIM"], "tokens": ["other"]}', JSON_TYPE),
+    "unknown-key": (b'{"tokens": ["VICTIM"], "also": 1}', JSON_TYPE),
+    "invalid-utf8": (b'{"tokens": ["VICTIM\xff\xfe"]}', JSON_TYPE),
+    "nul-byte": (b'{"tokens": ["VIC\x00TIM"]}', JSON_TYPE),
+    "escaped-nul": (b'{"tokens": ["VIC\\u0000TIM"]}', JSON_TYPE),
+    "token-too-long": (b'{"tokens": ["VICTIM", "' + b"a" * (MAX_TOKEN_BYTES + 1) + b'"]}', JSON_TYPE),
+    "token-with-space": (b'{"tokens": ["VICTIM", "a b"]}', JSON_TYPE),
+    "client-id-control": (b'{"client_id": "app\\n-a"}', JSON_TYPE),
+    "client-id-too-long": (b'{"client_id": "' + b"c" * 257 + b'"}', JSON_TYPE),
+    "sub-empty": (b'{"sub": ""}', JSON_TYPE),
+    "trailing-garbage": (b'{"tokens": ["VICTIM"]} x', JSON_TYPE),
+    "truncated": (b'{"tokens": ["VICTIM"', JSON_TYPE),
+    "form-binary": (bytes(range(256)), FORM),
+    "form-no-token": (b"reason=x&token_type_hint=access_token", FORM),
+    "form-empty-token": (b"token=", FORM),
+    "form-bad-percent": (b"token=%ZZ%", FORM),
+    "form-token-invalid-utf8": (b"token=%FF%FE", FORM),
+    "form-two-tokens": (b"token=VICTIM&token=VICTIM", FORM),
+    "form-json-body": (b'{"tokens": ["VICTIM"]}', FORM),
+    "json-form-body": (b"token=VICTIM", JSON_TYPE),
+}
+
+
+@pytest.mark.parametrize("body, content_type", GARBAGE_BODIES.values(), ids=GARBAGE_BODIES.keys())
+def test_garbage_revoke_bodies_are_400_and_revoke_nothing(hard, victim, body, content_type):
+    body = body.replace(b"VICTIM", victim.encode())
+    resp = admin_call(hard.admin_port(), f"{PREFIX}/revoke", body, content_type)
+    assert_admin_refused(resp, 400, "invalid_request")
+
+
+WRONG_TYPES = ["text/plain", "application/jsonp", "application/json-seq", "multipart/form-data; boundary=x",
+               "application/x-www-form-urlencoded-x", "json", "*/*", "application/*"]
+
+
+@pytest.mark.parametrize("content_type", WRONG_TYPES)
+def test_wrong_content_types_are_415_and_revoke_nothing(hard, victim, content_type):
+    for body in (urllib.parse.urlencode({"token": victim}).encode(), json.dumps({"tokens": [victim]}).encode()):
+        resp = admin_call(hard.admin_port(), f"{PREFIX}/revoke", body, content_type)
+        assert_admin_refused(resp, 415, "unsupported_media_type")
+
+
+def test_truncated_body_revokes_nothing(hard, victim):
+    body = urllib.parse.urlencode({"token": victim}).encode()
+    # The client promises more than it sends, then goes away.
+    with socket.create_connection((LOOPBACK, hard.admin_port()), timeout=5) as s:
+        head = (f"POST {PREFIX}/revoke HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n"
+                f"Content-Type: {FORM}\r\nContent-Length: {len(body) + 100}\r\n\r\n")
+        s.sendall(head.encode() + body)
+        time.sleep(0.3)
+
+
+# Declared lengths past admin.max_body_bytes, up to past what a 32-bit usize holds (the
+# module is wasm32: its usize is 32 bits, unlike the host's in unit tests).
+@pytest.mark.parametrize("length", [MAX_BODY_BYTES + 1, 10**9, 2**32 + 1, 10**12])
+def test_declared_oversized_body_is_413_before_any_body_is_read(hard, victim, length):
+    body = urllib.parse.urlencode({"token": victim}).encode()
+    with socket.create_connection((LOOPBACK, hard.admin_port()), timeout=3) as s:
+        head = (f"POST {PREFIX}/revoke HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n"
+                f"Content-Type: {FORM}\r\nContent-Length: {length}\r\n\r\n")
+        s.sendall(head.encode() + body)
+        try:
+            answer = s.recv(4096)
+        except socket.timeout:
+            answer = b"(no answer in 3 s: the request is held, waiting for the body)"
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+
+
+# Paths as they reach the filter when nothing normalises them first (the admin listener of
+# envoy/envoy.yaml normalises; test_revocation.py covers that one). The filter must refuse
+# each, and nothing may reach the upstream behind this listener.
+RAW_ADMIN_PATHS = {
+    "//tokengate/revoke": 400,
+    "/tokengate//revoke": 400,
+    "/tokengate/./revoke": 400,
+    "/x/../tokengate/revoke": 400,
+    "/tokengate/revocations/../revoke": 400,
+    "/%74okengate/revoke": 400,
+    "/tokengate/%72evoke": 400,
+    "/tokengate%2Frevoke": 400,
+    "/tokengate%2frevoke": 400,
+    "/TOKENGATE/revoke": 400,
+    "/tokengate/REVOKE": 400,
+    "/tokengate\\revoke": 400,
+    "/tokengate/revoke/": 400,
+    "/tokengate/revoke/..": 404,
+    "/tokengate/%2e%2e/tokengate/revoke": 400,
+}
+
+
+@pytest.mark.parametrize("path", RAW_ADMIN_PATHS, ids=list(RAW_ADMIN_PATHS))
+def test_admin_path_tricks_without_envoy_normalisation_are_refused_by_the_filter(hard, victim, path):
+    port = hard.admin_port("raw_admin")
+    body = urllib.parse.urlencode({"token": victim}).encode()
+    resp = admin_call(port, path, body, FORM)
+    assert not from_upstream(resp), f"{path} reached the upstream"
+    assert resp.status in (RAW_ADMIN_PATHS[path], 400, 404), (path, resp)
+    assert 400 <= resp.status < 500, (path, resp)
+    # Without the credential: the challenge, whatever the path.
+    resp = admin_call(port, path, body, FORM, auth=None)
+    assert resp.status == 401 and not from_upstream(resp), (path, resp)
+
+
+def test_admin_requests_on_the_data_listener_never_revoke(hard, victim):
+    body = urllib.parse.urlencode({"token": victim}).encode()
+    for path in (f"{PREFIX}/revoke", f"//{PREFIX}/revoke"):
+        resp = admin_call(hard.envoy.port, path, body, FORM)
+        assert_denied(resp, 401, "invalid_token")  # the admin token is no access token
+
+
+def test_many_concurrent_hostile_admin_requests_leave_envoy_serving(hard, victim):
+    import concurrent.futures
+
+    port = hard.admin_port()
+    form = urllib.parse.urlencode({"token": victim}).encode()
+    cases = [
+        (f"{PREFIX}/revoke", form, "text/plain", ADMIN, 415),
+        (f"{PREFIX}/revoke", b"{", JSON_TYPE, ADMIN, 400),
+        (f"{PREFIX}/revoke", form, FORM, bearer("wrong"), 401),
+        (f"{PREFIX}/revoke", _nested(50_000), JSON_TYPE, ADMIN, 400),
+        (f"{PREFIX}/nowhere", form, FORM, ADMIN, 404),
+    ]
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(admin_call, port, p, b, ct, "POST", a) for p, b, ct, a, _ in cases * 40]
+        statuses = [f.result().status for f in futures]
+    assert statuses == [c[4] for c in cases] * 40
+
+
+# --------------------------------------------------------------------------- 4. stale-if-error
+
+
+STALE_TTL_S = 2  # cache.max_ttl_s: the cache lifetime ends 2 s after the answer
+STALE_S = 3  # cache.stale_if_error_s
+
+
+@pytest.fixture(scope="module")
+def stale_envoys(procs, workdir, upstream, setup):
+    """Two Envoys on the module's IdP, with short cache lifetimes: stale-if-error on and off."""
+    envoys = {}
+    for name, stale in (("on", STALE_S), ("off", 0)):
+        config = setup.idp.plugin_config(
+            introspection={"timeout_ms": TIMEOUT_MS},
+            cache={"max_ttl_s": STALE_TTL_S, "stale_if_error_s": stale},
+        )
+        envoys[name] = Envoy(
+            procs, workdir, setup.idp.port, upstream.port, config,
+            concurrency=CONCURRENCY, name=f"envoy-stale-{name}",
+        ).start()
+    yield envoys
+    for envoy in envoys.values():
+        envoy.stop()
+
+
+STALE_SERVED = "tokengate.cache.stale_served"
+
+
+def _cache_and_let_lifetime_end(idp, envoy, ttl=300):
+    token = unknown_token()
+    claims = idp.register_active(token, ttl=ttl)
+    started = time.time()
+    assert envoy.get("/r", bearer(token)).status == 200
+    time.sleep(max(0.0, started + STALE_TTL_S + 0.4 - time.time()))
+    return token, claims, started
+
+
+STALE_FAULTS = [
+    pytest.param({"mode": "status", "status": 500}, id="status-500"),
+    pytest.param({"mode": "slow", "delay_ms": TIMEOUT_MS + 1500}, id="timeout"),
+    pytest.param({"mode": "nonjson"}, id="not-json"),
+]
+
+
+@pytest.mark.parametrize("fault", STALE_FAULTS)
+def test_stale_answer_stands_in_while_the_idp_fails_for_stale_if_error_s(hard, stale_envoys, fault):
+    idp, envoy = hard.idp, stale_envoys["on"]
+    token, _, started = _cache_and_let_lifetime_end(idp, envoy)
+    served = envoy.metric(STALE_SERVED)
+    idp.fault(**fault)
+    calls = hard.calls(token)
+    # New connections: the stand-in is in the shared cache, for every worker.
+    for _ in range(2):
+        resp = envoy.get("/r", bearer(token))
+        assert resp.status == 200, f"no stale answer within stale_if_error_s: {resp}"
+        assert resp.elapsed <= TIMEOUT_MS / 1000 + SLACK_S
+    assert hard.calls(token) > calls, "the IdP was asked first"
+    assert envoy.metric(STALE_SERVED) >= served + 2
+    # Past the cache lifetime + stale_if_error_s: the failure shows.
+    time.sleep(max(0.0, started + STALE_TTL_S + STALE_S + 0.4 - time.time()))
+    assert_fails_closed(envoy.get("/r", bearer(token)))
+    assert_still_serving(hard, envoy)
+
+
+def test_stale_answer_is_never_used_past_exp(hard, stale_envoys):
+    idp, envoy = hard.idp, stale_envoys["on"]
+    # exp falls inside what would be the stale window.
+    token, claims, _ = _cache_and_let_lifetime_end(idp, envoy, ttl=STALE_TTL_S + 2)
+    idp.fault("status", status=500)
+    assert envoy.get("/r", bearer(token)).status == 200, "before exp the stand-in serves"
+    time.sleep(max(0.0, claims["exp"] + 0.3 - time.time()))
+    resp = envoy.get("/r", bearer(token))
+    assert resp.status in (401, 503) and not from_upstream(resp), f"served past exp: {resp}"
+
+
+def test_stale_answer_is_not_used_while_the_idp_answers(hard, stale_envoys):
+    idp, envoy = hard.idp, stale_envoys["on"]
+    token, _, _ = _cache_and_let_lifetime_end(idp, envoy)
+    served = envoy.metric(STALE_SERVED)
+    calls = hard.calls(token)
+    idp.register(token, active=False)  # revoked at the IdP meanwhile
+    assert_denied(envoy.get("/r", bearer(token)), 401, "invalid_token")
+    assert hard.calls(token) == calls + 1, "re-introspected once the cache lifetime ended"
+    assert envoy.metric(STALE_SERVED) == served
+
+
+def test_stale_answer_never_stands_in_for_a_revoked_token(hard, stale_envoys):
+    idp, envoy = hard.idp, stale_envoys["on"]
+    token = unknown_token()
+    idp.register_active(token)
+    started = time.time()
+    assert envoy.get("/r", bearer(token)).status == 200
+    resp = admin_call(envoy.listener_port("tokengate_admin"), f"{PREFIX}/revoke",
+                      urllib.parse.urlencode({"token": token}).encode(), FORM)
+    assert resp.status == 200, resp
+    time.sleep(max(0.0, started + STALE_TTL_S + 0.4 - time.time()))
+    idp.fault("status", status=500)
+    assert_denied(envoy.get("/r", bearer(token)), 401, "invalid_token")
+
+
+def test_stale_answer_survives_a_client_that_gives_up_during_the_refresh(hard, stale_envoys):
+    # The request that refreshes the token goes away before the IdP answers: the
+    # stand-in must still be there for the next one.
+    idp, envoy = hard.idp, stale_envoys["on"]
+    token, _, _ = _cache_and_let_lifetime_end(idp, envoy)
+    idp.fault("slow", delay_ms=TIMEOUT_MS + 1500)
+    with pytest.raises((TimeoutError, socket.timeout, OSError)):
+        envoy.get("/r", bearer(token), timeout=0.3)
+    time.sleep(0.2)
+    resp = envoy.get("/r", bearer(token))
+    assert resp.status == 200, f"the stand-in was lost with the client: {resp}"
+
+
+def test_without_stale_if_error_the_same_outage_is_503(hard, stale_envoys):
+    idp, envoy = hard.idp, stale_envoys["off"]
+    token, _, _ = _cache_and_let_lifetime_end(idp, envoy)
+    idp.fault("status", status=500)
+    assert_fails_closed(envoy.get("/r", bearer(token)))
+    assert envoy.metric(STALE_SERVED) == 0
+    assert_still_serving(hard, envoy)
+
+
+# --------------------------------------------------------------------------- the log scan itself
+
+
+CANARY = REPO / "tests" / "e2e" / "panic_canary"
+
+
+def test_log_scan_catches_a_real_wasm_panic(procs, workdir, upstream, setup):
+    """A module that panics on request (tests/e2e/panic_canary): the scan must see it, and a
+    worker whose VM panicked must fail the health check. Proves the checks above can fail."""
+    wasm = CANARY / "target" / "wasm32-wasip1" / "release" / "panic_canary.wasm"
+    build = subprocess.run(
+        ["cargo", "build", "--release", "--target", "wasm32-wasip1", "--locked", "--quiet"],
+        cwd=CANARY, capture_output=True, text=True, timeout=600,
+    )
+    assert build.returncode == 0, build.stderr
+    envoy = Envoy(
+        procs, workdir, setup.idp.port, upstream.port, setup.idp.plugin_config(),
+        wasm=str(wasm), concurrency=CONCURRENCY, name="envoy-canary",
+    ).start()
+    try:
+        assert envoy.get("/").status == 200
+        assert failure_lines(envoy.log_text()) == []
+        assert envoy.get("/", {"x-panic": "1"}).status == 503
+        statuses = [envoy.get("/").status for _ in range(HEALTH_CONNECTIONS)]
+        assert 503 in statuses, "one worker's VM is dead: some new connection must meet it"
+        found = failure_lines(envoy.log_text())
+        assert any("panicked" in line for line in found), found
+        assert any("Function: proxy_on_request_headers failed" in line for line in found), found
+    finally:
+        envoy.stop()
