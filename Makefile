@@ -98,20 +98,25 @@ oci:
 BENCH_VENV := $(DEPS)/bench-venv
 NOOP_WASM  := bench/noop/target/wasm32-wasip1/release/bench_noop.wasm
 
-.PHONY: bench bench-deps bench-noop
+.PHONY: bench bench-deps bench-noop bench-hotpath
 
 ## bench: the benchmark; writes bench/results.md and bench/results.png
 bench: build bench-noop bench-deps
 	$(BENCH_VENV)/bin/python bench/run.py
 
+## bench-hotpath: instructions per request of sketched hit-path changes (callgrind; writes bench/hotpath.md)
+bench-hotpath: bench-noop bench-deps
+	$(BENCH_VENV)/bin/python bench/hotpath.py
+
 ## bench-noop: the no-op proxy-wasm filter (variant B and the profile ladder)
 bench-noop: toolchain
 	cd bench/noop && cargo build --release --target wasm32-wasip1 --locked
 
-## bench-deps: wrk and perf (Debian), matplotlib (PyPI, in $(BENCH_VENV)), Envoy
+## bench-deps: wrk, valgrind and perf (Debian), matplotlib (PyPI, in $(BENCH_VENV)), Envoy
 bench-deps: envoy $(BENCH_VENV)/.installed
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	@command -v taskset >/dev/null || apt-get install -y -qq util-linux
+	@command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; } || echo "valgrind unavailable: the callgrind phase will be skipped"
 	@command -v perf >/dev/null || { apt-get update -qq && apt-get install -y -qq linux-perf; } || echo "perf unavailable: the perf phase will be skipped"
 
 $(BENCH_VENV)/.installed: bench/requirements.txt
@@ -126,7 +131,7 @@ $(BENCH_VENV)/.installed: bench/requirements.txt
 # Soak: tests/soak/soak.py, mixed load and revocations against a 4-worker
 # Envoy (`make soak SOAK_MINUTES=10`); not part of `make test`.
 FUZZ_SECONDS       ?= 60
-FUZZ_SHORT_SECONDS ?= 4
+FUZZ_SHORT_SECONDS ?= 3
 SOAK_MINUTES       ?= 1
 SOAK_ARGS          ?=
 

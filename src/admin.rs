@@ -340,7 +340,7 @@ pub fn handle<S: Store + ?Sized>(
                 .iter()
                 .map(|t| {
                     let hash = hash_token(&bearer::from_admin(t));
-                    let expires = exp_of(&hash).filter(|&e| e > now).unwrap_or(now + limits.token_ttl_s);
+                    let expires = exp_of(&hash).filter(|&e| e > now).unwrap_or(now.saturating_add(limits.token_ttl_s));
                     (hash, expires)
                 })
                 .collect();
@@ -589,6 +589,22 @@ mod tests {
         assert_eq!(last["revocations"].as_array().unwrap().len(), 1);
         assert!(last["next_offset"].is_null());
         assert_eq!(page(9, None)["revocations"].as_array().unwrap().len(), 0);
+    }
+
+    /// Found by fuzz/config: `denylist.token_ttl_s` has no upper bound, and
+    /// `now + token_ttl_s` overflows for a large one. The wasm release build
+    /// has no overflow checks: the record's `expires_at` wraps into the past,
+    /// the admin gets 200 `{"revoked": 1}` and the token is not revoked.
+    #[test]
+    fn a_huge_token_ttl_still_revokes() {
+        let store = MemoryStore::new();
+        let limits = config::Denylist { token_ttl_s: u64::MAX, ..Default::default() };
+        let now = 1_800_000_000;
+        let revoke = Revoke::Tokens { tokens: vec!["tok".into()], reason: String::new() };
+        let done = handle(&Route::Revoke, Some(revoke), &limits, &store, now, &|_| None);
+        assert_eq!(done.reply.status, 200);
+        let hash = hash_token(&bearer::from_admin("tok"));
+        assert!(Denylist::new(&store, &limits).token_record(&hash, now + 1).unwrap().is_some());
     }
 
     #[test]

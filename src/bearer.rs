@@ -89,12 +89,14 @@ pub fn from_query(path: &str, max_token_bytes: usize) -> Result<Option<Token>, B
     Ok(Some(Token(value.as_bytes().to_vec())))
 }
 
-/// The path without its `access_token` query parameter.
+/// The path without its `access_token` query parameter, however its name
+/// is percent-encoded (the name is compared decoded, as `from_query` reads it).
 pub fn strip_query_token(path: &str) -> String {
     let Some((base, query)) = path.split_once('?') else {
         return path.to_string();
     };
-    let kept: Vec<&str> = query.split('&').filter(|p| !p.starts_with("access_token=") && *p != "access_token").collect();
+    let is_token = |pair: &str| form_urlencoded::parse(pair.as_bytes()).next().is_some_and(|(k, _)| k == "access_token");
+    let kept: Vec<&str> = query.split('&').filter(|p| !is_token(p)).collect();
     if kept.is_empty() {
         base.to_string()
     } else {
@@ -195,6 +197,20 @@ mod tests {
         assert_eq!(strip_query_token("/a?x=1&access_token=abc&y=2"), "/a?x=1&y=2");
         assert_eq!(strip_query_token("/a?access_token=abc"), "/a");
         assert_eq!(strip_query_token("/a"), "/a");
+    }
+
+    /// Found by fuzz/bearer: `from_query` decodes the parameter name, so
+    /// `access%5Ftoken=…` is accepted as the token, but `strip_query_token`
+    /// matches the raw name and leaves it in the path: with
+    /// `hide_credentials` the token still reaches the upstream.
+    #[test]
+    fn query_token_is_stripped_however_its_name_is_spelled() {
+        for path in ["/a?x=1&access%5Ftoken=abc&y=2", "/a?%61ccess_token=abc", "/a?access_t%6Fken=abc&y=2"] {
+            assert_eq!(from_query(path, 4096).unwrap().unwrap().as_str(), "abc", "{path}");
+            let stripped = strip_query_token(path);
+            assert_eq!(from_query(&stripped, 4096), Ok(None), "{path} -> {stripped}");
+            assert!(!stripped.contains("abc"), "{path} -> {stripped}");
+        }
     }
 
     #[test]

@@ -197,7 +197,7 @@ pub fn parse_range(body: &[u8], prefix: &str, min_mod_revision: i64) -> Result<P
     }
     // While more keys wait, re-read from the last revision seen (a txn's keys
     // share one); once done, continue after the snapshot.
-    let next_min_revision = if more { last_mod } else { revision + 1 };
+    let next_min_revision = if more { last_mod } else { revision.saturating_add(1) };
     Ok(Page { changes, next_min_revision, more })
 }
 

@@ -286,6 +286,28 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        // These become headers of callouts: a control character would make
+        // every callout fail instead of the configuration.
+        let mut header_values = vec![
+            ("introspection.cluster", &self.introspection.cluster),
+            ("introspection.authority", &self.introspection.authority),
+            ("introspection.path", &self.introspection.path),
+        ];
+        if let Some(r) = &self.revocation_endpoint {
+            header_values.extend([
+                ("revocation_endpoint.cluster", &r.cluster),
+                ("revocation_endpoint.authority", &r.authority),
+                ("revocation_endpoint.path", &r.path),
+            ]);
+        }
+        if let Some(c) = &self.cluster_sync {
+            header_values.extend([("cluster_sync.cluster", &c.cluster), ("cluster_sync.authority", &c.authority)]);
+        }
+        for (key, value) in header_values {
+            if value.bytes().any(|b| b < 0x20 || b == 0x7f) {
+                return err(format!("{key} must not contain control characters"));
+            }
+        }
         let i = &self.introspection;
         if i.cluster.trim().is_empty() {
             return err("introspection.cluster must not be empty");
@@ -366,8 +388,9 @@ impl Config {
         if d.max_principals == 0 || d.max_principals > 100_000 {
             return err("denylist.max_principals must be between 1 and 100000");
         }
-        if d.token_ttl_s == 0 || d.principal_ttl_s == 0 {
-            return err("denylist.token_ttl_s and denylist.principal_ttl_s must be positive");
+        const TEN_YEARS_S: u64 = 10 * 365 * 86_400;
+        if !(1..=TEN_YEARS_S).contains(&d.token_ttl_s) || !(1..=TEN_YEARS_S).contains(&d.principal_ttl_s) {
+            return err("denylist.token_ttl_s and denylist.principal_ttl_s must be between 1 and 315360000");
         }
         if let Some(r) = &self.revocation_endpoint {
             if r.cluster.trim().is_empty() || r.authority.trim().is_empty() || !r.path.starts_with('/') {
@@ -493,6 +516,22 @@ mod tests {
         for (extra, key) in cases {
             let e = error_of(&format!("{{{base}, {extra}}}"));
             assert!(e.contains(key), "{extra}: {e}");
+        }
+    }
+
+    /// Found by fuzz/config: a CR, LF or other control character in a value
+    /// that becomes a header of the introspection callout (`path`,
+    /// `authority`) is accepted, and the callout can then never be sent:
+    /// every request gets 503 instead of the plugin refusing its configuration.
+    #[test]
+    fn control_characters_in_callout_headers_are_refused() {
+        for inner in [
+            r#""cluster": "c", "authority": "a", "path": "/i\r\nx: y""#,
+            r#""cluster": "c", "authority": "a\nb", "path": "/i""#,
+            r#""cluster": "c", "authority": "a", "path": "/i\u0000""#,
+        ] {
+            let json = format!(r#"{{"introspection": {{{inner}}}}}"#);
+            assert!(Config::parse(json.as_bytes()).is_err(), "{json}");
         }
     }
 }

@@ -251,7 +251,7 @@ impl Poller {
             let _ = cluster_sync::mark_loaded(&SharedData);
         }
         if self.revision_gauge != 0 {
-            let _ = hostcalls::record_metric(self.revision_gauge, u64::try_from(next_min_revision - 1).unwrap_or(0));
+            let _ = hostcalls::record_metric(self.revision_gauge, u64::try_from(next_min_revision.saturating_sub(1)).unwrap_or(0));
         }
         if more {
             self.start_poll(cfg, metrics, now_ms);

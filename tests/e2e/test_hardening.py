@@ -1,23 +1,17 @@
 """Hardening: the filter under an authorization server that fails in every way,
 hostile clients and a hostile admin API caller, and stale-if-error.
 
-Every check ends the same way: Envoy and every worker's VM still serve (a valid
-token passes on many new connections, so on every worker) and Envoy's log shows
-no wasm failure. What a real panic looks like in Envoy 1.40 (seen with a module
-that indexes out of bounds, see tests/e2e/panic_canary and
-`test_log_scan_catches_a_real_wasm_panic`):
-
-    [critical][wasm] [.../context.cc:1160] wasm log <root> <vm> <id>: panicked at src/lib.rs:20:22:
-    [error][wasm] [.../wasm_vm.cc:38] Function: proxy_on_request_headers failed: Uncaught RuntimeError: unreachable
-    Proxy-Wasm plugin in-VM backtrace: ...
-
-after which that worker answers 503 (fail closed) to every request, for good.
-A VM that fails to load logs "Wasm VM failed ..." and "Plugin configured to
-fail closed failed to load".
+Every test ends the same way: once the IdP is well, Envoy and every worker's
+VM still serve (a valid token passes on many new connections, so on every
+worker) and Envoy's log shows no wasm failure (tests/e2e/wasm_log.py says what
+a panic looks like in Envoy 1.40; `test_log_scan_catches_a_real_wasm_panic`
+shows, with tests/e2e/panic_canary, that these checks do catch one).
 
 The Envoys here are this module's own, on this module's own mock IdP (the
 tests stop and restart it), with `introspection.timeout_ms` = 1000 to keep the
-timeouts short.
+timeouts short. The admin API's routes, methods, canonical paths through
+Envoy's normalisation and the bulk limit are test_revocation.py's; here are
+the bodies and paths a hostile caller sends.
 """
 import hashlib
 import http.client
@@ -29,7 +23,6 @@ import subprocess
 import time
 import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -713,7 +706,8 @@ def test_many_concurrent_hostile_admin_requests_leave_envoy_serving(hard, victim
 
 
 STALE_TTL_S = 2  # cache.max_ttl_s: the cache lifetime ends 2 s after the answer
-STALE_S = 3  # cache.stale_if_error_s
+STALE_S = 4  # cache.stale_if_error_s
+MARGIN_S = 0.6  # past a deadline, for the clocks of a busy machine
 
 
 @pytest.fixture(scope="module")
@@ -742,7 +736,7 @@ def _cache_and_let_lifetime_end(idp, envoy, ttl=300):
     claims = idp.register_active(token, ttl=ttl)
     started = time.time()
     assert envoy.get("/r", bearer(token)).status == 200
-    time.sleep(max(0.0, started + STALE_TTL_S + 0.4 - time.time()))
+    time.sleep(max(0.0, started + STALE_TTL_S + MARGIN_S - time.time()))
     return token, claims, started
 
 
@@ -768,7 +762,7 @@ def test_stale_answer_stands_in_while_the_idp_fails_for_stale_if_error_s(hard, s
     assert hard.calls(token) > calls, "the IdP was asked first"
     assert envoy.metric(STALE_SERVED) >= served + 2
     # Past the cache lifetime + stale_if_error_s: the failure shows.
-    time.sleep(max(0.0, started + STALE_TTL_S + STALE_S + 0.4 - time.time()))
+    time.sleep(max(0.0, started + STALE_TTL_S + STALE_S + MARGIN_S - time.time()))
     assert_fails_closed(envoy.get("/r", bearer(token)))
     assert_still_serving(hard, envoy)
 
@@ -776,7 +770,7 @@ def test_stale_answer_stands_in_while_the_idp_fails_for_stale_if_error_s(hard, s
 def test_stale_answer_is_never_used_past_exp(hard, stale_envoys):
     idp, envoy = hard.idp, stale_envoys["on"]
     # exp falls inside what would be the stale window.
-    token, claims, _ = _cache_and_let_lifetime_end(idp, envoy, ttl=STALE_TTL_S + 2)
+    token, claims, _ = _cache_and_let_lifetime_end(idp, envoy, ttl=STALE_TTL_S + 3)
     idp.fault("status", status=500)
     assert envoy.get("/r", bearer(token)).status == 200, "before exp the stand-in serves"
     time.sleep(max(0.0, claims["exp"] + 0.3 - time.time()))
@@ -804,7 +798,7 @@ def test_stale_answer_never_stands_in_for_a_revoked_token(hard, stale_envoys):
     resp = admin_call(envoy.listener_port("tokengate_admin"), f"{PREFIX}/revoke",
                       urllib.parse.urlencode({"token": token}).encode(), FORM)
     assert resp.status == 200, resp
-    time.sleep(max(0.0, started + STALE_TTL_S + 0.4 - time.time()))
+    time.sleep(max(0.0, started + STALE_TTL_S + MARGIN_S - time.time()))
     idp.fault("status", status=500)
     assert_denied(envoy.get("/r", bearer(token)), 401, "invalid_token")
 

@@ -28,7 +28,6 @@ import array
 import collections
 import http.client
 import json
-import os
 import random
 import secrets
 import sys

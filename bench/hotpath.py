@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""`make bench-hotpath`: what candidate changes to tokengate's hit path would save, in instructions.
+
+Builds throw-away variants of tokengate from the committed tree (`git archive HEAD` into
+.deps/bench-hotpath/; src/ is never touched), each with one candidate change applied as a
+text patch, and counts Envoy worker-thread instructions per cached-token request under
+callgrind, next to bare Envoy (A) and the no-op filter (B). Writes bench/hotpath.md.
+
+The patches are sketches that keep the hit path's behaviour for this benchmark's request,
+not finished changes: a patch that no longer applies to the current source is reported
+and skipped. Knobs: HOTPATH_VARIANTS (comma-separated names), HOTPATH_REQUESTS (200),
+HOTPATH_ROUNDS (3).
+"""
+import http.client
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402  (the benchmark's Envoy and process helpers)
+
+REPO = run.REPO
+WORK = REPO / ".deps" / "bench-hotpath"
+
+
+class Stale(Exception):
+    pass
+
+
+def patch(path, old, new):
+    text = path.read_text()
+    if old not in text:
+        raise Stale(f"{path.relative_to(path.parents[1])}: expected text not found: {old.strip()[:70]!r}")
+    path.write_text(text.replace(old, new, 1))
+
+
+def no_counters(d):
+    """Per-request counter increments gone: stands for counting in wasm memory, flushed from on_tick."""
+    patch(d / "src/metrics.rs", """        if self.0 != 0 {
+            // A lost increment is not worth failing a request over.
+            let _ = hostcalls::increment_metric(self.0, 1);
+        }""", """        let _ = self;""")
+
+
+def targeted_reads(d, claim_gets=True):
+    """Authorization (and each configured claim header) read by name instead of the whole header map."""
+    f = d / "src/filter.rs"
+    patch(f, """        let headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
+            Ok(h) => h,
+            Err(_) => {
+                worker.deny(&Denial::IdpUnavailable("tokengate could not read the request"));
+                return Action::Pause;
+            }
+        };""", """        let mut headers: Headers = Vec::new();
+        if let Ok(Some(v)) = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "authorization") {
+            headers.push(("authorization".to_string(), v));
+        }
+        if CLAIM_GETS {
+            for name in worker.config.claims_to_headers.values() {
+                if let Ok(Some(v)) = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name) {
+                    headers.push((name.clone(), v));
+                }
+            }
+        }""")
+    patch(f, "pub struct Filter {", f"const CLAIM_GETS: bool = {'true' if claim_gets else 'false'};\n\npub struct Filter {{")
+
+
+def prefix_hasher(d):
+    """The per-worker maps keyed by SHA-256 hash with the digest's first 8 bytes instead of SipHash."""
+    c = d / "src/cache.rs"
+    patch(c, "pub type TokenHash = [u8; 32];", """pub type TokenHash = [u8; 32];
+
+#[derive(Default, Clone, Copy)]
+pub struct PrefixHasher(u64);
+impl std::hash::Hasher for PrefixHasher {
+    fn finish(&self) -> u64 { self.0 }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes.iter().take(8) { self.0 = (self.0 << 8) | u64::from(b); }
+    }
+    fn write_usize(&mut self, _: usize) {}
+}
+pub type TokenMap<V> = HashMap<TokenHash, V, std::hash::BuildHasherDefault<PrefixHasher>>;""")
+    patch(c, "    map: HashMap<TokenHash, LocalEntry>,", "    map: TokenMap<LocalEntry>,")
+    patch(c, "LocalCache { map: HashMap::new(), capacity }", "LocalCache { map: TokenMap::default(), capacity }")
+    patch(d / "src/denylist.rs", "    tokens: HashMap<TokenHash, u64>,", "    tokens: crate::cache::TokenMap<u64>,")
+
+
+def no_claim_headers(d):
+    """No claim headers written (what `claims_to_headers: {}` would cost): the price of the header writes."""
+    patch(d / "src/worker.rs", "for (header, value) in policy::claim_headers(claims, &self.config.claims_to_headers) {",
+          "for (header, value) in policy::claim_headers(claims, &self.config.claims_to_headers).into_iter().take(0) {")
+
+
+VARIANTS = {
+    "head": ("tokengate as committed", []),
+    "no-counters": (no_counters.__doc__, [no_counters]),
+    "auth-only": ("only Authorization read by name; client claim headers not looked for (lower bound of the "
+                  "whole-map read's cost)", [lambda d: targeted_reads(d, False)]),
+    "auth+claim-gets": ("Authorization and the 3 claim headers read by name instead of the whole map",
+                        [targeted_reads]),
+    "prefix-hasher": (prefix_hasher.__doc__, [prefix_hasher]),
+    "no-claim-headers": (no_claim_headers.__doc__, [no_claim_headers]),
+    "combined": ("no-counters + auth+claim-gets + prefix-hasher", [no_counters, targeted_reads, prefix_hasher]),
+}
+
+
+def build(name, fns):
+    d = WORK / name
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(d)], input=archive, check=True)
+    for fn in fns:
+        fn(d)
+    r = subprocess.run(["cargo", "build", "--release", "--target", "wasm32-wasip1", "--locked", "--lib",
+                        "--target-dir", str(WORK / "target")], cwd=d, capture_output=True, text=True)
+    if r.returncode:
+        raise Stale(f"build failed: {r.stderr[-1500:]}")
+    out = WORK / f"{name}.wasm"
+    shutil.copy(WORK / "target/wasm32-wasip1/release/tokengate.wasm", out)
+    return out
+
+
+def measure(batch, noop, n, rounds, log):
+    """Instructions per request of A, B and a few variants (few: every VM reserves address space,
+    and valgrind runs out of it past about ten)."""
+    envoy_bin = Path(os.environ.get("ENVOY_BIN") or REPO / ".deps/envoy/envoy/_bin/envoy")
+    wd = WORK / "callgrind"
+    shutil.rmtree(wd, ignore_errors=True)
+    wd.mkdir(parents=True)
+    e = run.Envoy(wd, "hotpath", envoy_bin, 0, 1, "warn")
+    idp = e.add("idp", [run.buffer_body()], run.direct(body=run.IDP_ANSWER, content_type="application/json"))
+    e.clusters.append(run.cluster("idp", idp))
+    e.add("A", [], run.direct())
+    e.add("B", [run.wasm("noop", "noop", noop, "")], run.direct())
+    for name, wasm in batch:
+        ident = "tg_" + re.sub(r"\W", "_", name)
+        e.add(name, [run.wasm(ident, ident, wasm, run.tokengate_config())], run.direct())
+    e.start(timeout=900, wrapper=["valgrind", "--tool=callgrind", "--smc-check=all", "--instr-atstart=no",
+                                  "--separate-threads=yes", f"--callgrind-out-file={wd}/cg.%p"])
+    pid, dumps, out = e.proc.pid, 0, {}
+    ctl = lambda *a: subprocess.run(["callgrind_control", *a, str(pid)], capture_output=True, text=True)
+    try:
+        for rnd in range(rounds):
+            for v in ["A", "B"] + [name for name, _ in batch]:
+                conn = http.client.HTTPConnection(run.LOOPBACK, e.ports[v], timeout=120)
+                for _ in range(30):
+                    run.request(0, headers=run.bearer("bench-hot-token"), conn=conn)
+                ctl("-z")
+                ctl("-i", "on")
+                for _ in range(n):
+                    status, body = run.request(0, headers=run.bearer("bench-hot-token"), conn=conn)
+                    if status != 200:
+                        raise RuntimeError(f"{v}: {status} {body[:200]!r}")
+                ctl("-i", "off")
+                ctl("-d", f"{v}-{rnd}")
+                conn.close()
+                dumps += 1
+                time.sleep(1.0)
+                totals = [int(re.search(r"^totals: (\d+)", f.read_text(), re.M).group(1))
+                          for f in wd.glob(f"cg.{pid}.{dumps}-*")]
+                out.setdefault(v, []).append(max(totals) / n)
+                log(f"  round {rnd + 1} {v:<18} {max(totals) / n:10,.0f} instructions/req")
+    finally:
+        e.stop()
+    return {v: statistics.median(xs) for v, xs in out.items()}
+
+
+def main():
+    names = [x for x in os.environ.get("HOTPATH_VARIANTS", ",".join(VARIANTS)).split(",") if x]
+    n = int(os.environ.get("HOTPATH_REQUESTS", "200"))
+    rounds = int(os.environ.get("HOTPATH_ROUNDS", "3"))
+    _, _, noop = run.paths()
+    log = lambda m: print(m, flush=True)
+    built, stale = [], {}
+    for name in names:
+        try:
+            built.append((name, build(name, VARIANTS[name][1])))
+            log(f"built {name}")
+        except Stale as exc:
+            stale[name] = str(exc)
+            log(f"skipped {name}: {exc}")
+    results = {}
+    batch_size = 2
+    for i in range(0, len(built), batch_size):
+        batch = built[i:i + batch_size]
+        if not any(name == "head" for name, _ in batch) and any(name == "head" for name, _ in built):
+            batch = [next(b for b in built if b[0] == "head")] + batch  # every batch has its own reference
+        log("callgrind: " + ", ".join(name for name, _ in batch))
+        m = measure(batch, noop, n, rounds, log)
+        for k, v in m.items():
+            results.setdefault(k, []).append(v)
+    res = {k: statistics.median(v) for k, v in results.items()}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    L = ["# tokengate hit path: candidate changes, in instructions", "",
+         f"`make bench-hotpath` at {commit}: Envoy's worker thread under callgrind, {n} cached-token requests over "
+         f"one connection, median of {rounds} rounds. Each variant is the committed tree with one sketch of a change "
+         "(bench/hotpath.py); instructions are independent of the machine's load.", "",
+         "| variant | what changes | instructions/req | over no-op | saved vs head |",
+         "| --- | --- | ---: | ---: | ---: |"]
+    head = res.get("head")
+    for v in ["A", "B"] + [name for name, _ in built]:
+        if v not in res:
+            continue
+        what = {"A": "bare Envoy", "B": "no-op filter (the floor)"}.get(v) or " ".join(VARIANTS[v][0].split())
+        saved = f"{head - res[v]:+,.0f}" if head and v not in ("A", "B", "head") else ""
+        L.append(f"| {v} | {what} | {res[v]:,.0f} | {res[v] - res['B']:+,.0f} | {saved} |")
+    for name, why in stale.items():
+        L.append(f"| {name} | not measured: {why} | | | |")
+    if head:
+        L += ["", f"Throughput ratio to the no-op implied by instructions: head {res['B'] / head:.3f}" +
+              "".join(f", {name} {res['B'] / res[name]:.3f}" for name, _ in built if name != "head" and name in res) + "."]
+    md = "\n".join(L) + "\n"
+    (run.BENCH / "hotpath.md").write_text(md)
+    print()
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
