@@ -24,7 +24,10 @@ const MAX_IDS_IN_ANSWER: usize = 1000;
 pub enum Route {
     Revoke,
     /// `?offset=&limit=` page through the list (default: all of it).
-    List { offset: usize, limit: Option<usize> },
+    List {
+        offset: usize,
+        limit: Option<usize>,
+    },
     Undo(String),
 }
 
@@ -52,7 +55,12 @@ impl Reply {
 
     pub fn error(status: u32, error: &str, description: impl Into<String>) -> Reply {
         let description: String = description.into();
-        Reply { status, body: Some(json!({"error": error, "error_description": description})), serialized: None, headers: Vec::new() }
+        Reply {
+            status,
+            body: Some(json!({"error": error, "error_description": description})),
+            serialized: None,
+            headers: Vec::new(),
+        }
     }
 
     fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
@@ -183,9 +191,9 @@ fn list_route(path: &str) -> Result<Route, Reply> {
     let mut route = Route::List { offset: 0, limit: None };
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
         let number = || {
-            value.parse::<usize>().map_err(|_| {
-                Reply::error(400, "invalid_request", format!("`{name}` must be a non-negative integer"))
-            })
+            value
+                .parse::<usize>()
+                .map_err(|_| Reply::error(400, "invalid_request", format!("`{name}` must be a non-negative integer")))
         };
         match (&mut route, name.as_ref()) {
             (Route::List { offset, .. }, "offset") => *offset = number()?,
@@ -232,10 +240,8 @@ struct RevokeJson {
 
 /// Parses the body of `POST {prefix}/revoke`.
 pub fn parse_revoke(content_type: Option<&str>, body: &[u8], cfg: &config::Admin) -> Result<Revoke, Reply> {
-    let media = content_type
-        .and_then(|c| c.split(';').next())
-        .map(|c| c.trim().to_ascii_lowercase())
-        .unwrap_or_default();
+    let media =
+        content_type.and_then(|c| c.split(';').next()).map(|c| c.trim().to_ascii_lowercase()).unwrap_or_default();
     if body.len() > cfg.max_body_bytes {
         return Err(too_large(cfg));
     }
@@ -273,7 +279,11 @@ pub fn parse_revoke(content_type: Option<&str>, body: &[u8], cfg: &config::Admin
 }
 
 pub fn too_large(cfg: &config::Admin) -> Reply {
-    Reply::error(413, "request_too_large", format!("the body exceeds {} bytes (admin.max_body_bytes)", cfg.max_body_bytes))
+    Reply::error(
+        413,
+        "request_too_large",
+        format!("the body exceeds {} bytes (admin.max_body_bytes)", cfg.max_body_bytes),
+    )
 }
 
 fn parse_form(body: &[u8]) -> Result<Revoke, Reply> {
@@ -483,7 +493,10 @@ mod tests {
         );
         assert_eq!(route("GET", "/tokengate/revocations?limit=0", PREFIX).unwrap_err().status, 400);
         assert_eq!(route("GET", "/tokengate/revocations?offset=x", PREFIX).unwrap_err().status, 400);
-        assert_eq!(route("DELETE", "/tokengate/revocations/client:a%20b", PREFIX), Ok(Route::Undo("client:a b".into())));
+        assert_eq!(
+            route("DELETE", "/tokengate/revocations/client:a%20b", PREFIX),
+            Ok(Route::Undo("client:a b".into()))
+        );
         let status = |m: &str, p: &str| route(m, p, PREFIX).unwrap_err().status;
         assert_eq!(status("GET", "/tokengate/revoke"), 405);
         assert_eq!(status("POST", "/tokengate/nope"), 404);
@@ -493,7 +506,13 @@ mod tests {
             Ok(Route::Undo("client:spiffe://ex.org/app".into()))
         );
         assert_eq!(status("POST", "/tokengate/revocations/..%2Frevoke"), 400);
-        for p in ["//tokengate/revoke", "/TOKENGATE/revoke", "/tokengate%2Frevoke", "/tokengate/x/../revoke", "/tokengate/revocations/a/b"] {
+        for p in [
+            "//tokengate/revoke",
+            "/TOKENGATE/revoke",
+            "/tokengate%2Frevoke",
+            "/tokengate/x/../revoke",
+            "/tokengate/revocations/a/b",
+        ] {
             assert!(matches!(status("POST", p), 400 | 404), "{p}");
         }
         assert_eq!(status("POST", "//tokengate/revoke"), 400);
@@ -504,7 +523,12 @@ mod tests {
         let cfg = admin_cfg();
         assert!(authorize(&[b"Bearer admin-secret"], &cfg.token_sha256).is_ok());
         assert!(authorize(&[b"bearer admin-secret"], &cfg.token_sha256.to_uppercase()).is_ok());
-        for bad in [&[][..], &[&b"Bearer wrong"[..]], &[&b"Basic YWRtaW4="[..]], &[&b"Bearer admin-secret"[..], &b"Bearer x"[..]]] {
+        for bad in [
+            &[][..],
+            &[&b"Bearer wrong"[..]],
+            &[&b"Basic YWRtaW4="[..]],
+            &[&b"Bearer admin-secret"[..], &b"Bearer x"[..]],
+        ] {
             let r = authorize(bad, &cfg.token_sha256).unwrap_err();
             assert_eq!(r.status, 401);
             assert!(r.headers.iter().any(|(n, _)| *n == "www-authenticate"));
@@ -514,9 +538,11 @@ mod tests {
     #[test]
     fn revoke_bodies_parse_or_say_why() {
         let cfg = admin_cfg();
-        let form = parse_revoke(Some("application/x-www-form-urlencoded"), b"token=a%2Bb&token_type_hint=access_token", &cfg);
+        let form =
+            parse_revoke(Some("application/x-www-form-urlencoded"), b"token=a%2Bb&token_type_hint=access_token", &cfg);
         assert_eq!(form, Ok(Revoke::Tokens { tokens: vec!["a+b".into()], reason: "rfc7009".into() }));
-        let json = parse_revoke(Some("application/json; charset=utf-8"), br#"{"tokens": ["a", "b"], "reason": "leak"}"#, &cfg);
+        let json =
+            parse_revoke(Some("application/json; charset=utf-8"), br#"{"tokens": ["a", "b"], "reason": "leak"}"#, &cfg);
         assert_eq!(json, Ok(Revoke::Tokens { tokens: vec!["a".into(), "b".into()], reason: "leak".into() }));
         let client = parse_revoke(Some("application/json"), br#"{"client_id": "app"}"#, &cfg);
         assert_eq!(client, Ok(Revoke::Principal { kind: Kind::Client, name: "app".into(), reason: String::new() }));
@@ -549,7 +575,8 @@ mod tests {
         let id = hex(&hash_token(&bearer::from_admin("tok-1")));
 
         let all = Route::List { offset: 0, limit: None };
-        let listed: Value = serde_json::from_str(&handle(&all, None, &limits, &store, 101, &no_exp).reply.text().unwrap()).unwrap();
+        let listed: Value =
+            serde_json::from_str(&handle(&all, None, &limits, &store, 101, &no_exp).reply.text().unwrap()).unwrap();
         let text = listed.to_string();
         assert!(!text.contains("tok-1"), "the raw token never appears");
         assert_eq!(listed["revocations"][0]["id"], id);
@@ -568,7 +595,8 @@ mod tests {
         let revoke = Revoke::Tokens { tokens: vec!["tok".into()], reason: String::new() };
         handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &|_| Some(500));
         let all = Route::List { offset: 0, limit: None };
-        let listed: Value = serde_json::from_str(&handle(&all, None, &limits, &store, 101, &|_| None).reply.text().unwrap()).unwrap();
+        let listed: Value =
+            serde_json::from_str(&handle(&all, None, &limits, &store, 101, &|_| None).reply.text().unwrap()).unwrap();
         assert_eq!(listed["revocations"][0]["expires_at"], 500);
     }
 

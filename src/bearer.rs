@@ -95,7 +95,8 @@ pub fn strip_query_token(path: &str) -> String {
     let Some((base, query)) = path.split_once('?') else {
         return path.to_string();
     };
-    let is_token = |pair: &str| form_urlencoded::parse(pair.as_bytes()).next().is_some_and(|(k, _)| k == "access_token");
+    let is_token =
+        |pair: &str| form_urlencoded::parse(pair.as_bytes()).next().is_some_and(|(k, _)| k == "access_token");
     let kept: Vec<&str> = query.split('&').filter(|p| !is_token(p)).collect();
     if kept.is_empty() {
         base.to_string()
@@ -168,7 +169,16 @@ mod tests {
 
     #[test]
     fn malformed_bearer_is_invalid_request() {
-        for v in [&b"Bearer"[..], b"Bearer ", b"Bearer a b", b"Bearer a,b", b"Bearer \xc3\xa9t\xc3\xa9", b"Bearer ==", b"Bearer a=b", b"Bearer a\tb"] {
+        for v in [
+            &b"Bearer"[..],
+            b"Bearer ",
+            b"Bearer a b",
+            b"Bearer a,b",
+            b"Bearer \xc3\xa9t\xc3\xa9",
+            b"Bearer ==",
+            b"Bearer a=b",
+            b"Bearer a\tb",
+        ] {
             assert!(matches!(bad(v), BearerError::Malformed(_)), "{:?}", String::from_utf8_lossy(v));
         }
     }

@@ -149,11 +149,16 @@ impl Slot {
 /// What the shared cache knows of a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    Hit { answer: Answer, until_ms: u64 },
+    Hit {
+        answer: Answer,
+        until_ms: u64,
+    },
     /// Another worker is introspecting it.
     Pending,
     /// The last introspection failed at this time.
-    Failed { at_ms: u64 },
+    Failed {
+        at_ms: u64,
+    },
     Miss,
 }
 
@@ -176,11 +181,7 @@ pub struct SharedCache<'s, S: Store + ?Sized> {
 
 impl<'s, S: Store + ?Sized> SharedCache<'s, S> {
     pub fn new(store: &'s S, cfg: &config::Cache) -> Self {
-        SharedCache {
-            store,
-            buckets: bucket_count(cfg.max_entries),
-            max_entry_bytes: cfg.max_entry_bytes,
-        }
+        SharedCache { store, buckets: bucket_count(cfg.max_entries), max_entry_bytes: cfg.max_entry_bytes }
     }
 
     fn key(&self, hash: &TokenHash) -> String {

@@ -186,7 +186,9 @@ pub fn parse_range(body: &[u8], prefix: &str, min_mod_revision: i64) -> Result<P
         let change = if key.starts_with(&format!("{prefix}revoked/")) {
             serde_json::from_slice::<Record>(&value).ok().map(Change::Revoked)
         } else if key.starts_with(&format!("{prefix}undone/")) {
-            serde_json::from_slice::<Tombstone>(&value).ok().map(|t| Change::Undone { id: t.id, undone_at: t.undone_at })
+            serde_json::from_slice::<Tombstone>(&value)
+                .ok()
+                .map(|t| Change::Undone { id: t.id, undone_at: t.undone_at })
         } else {
             None
         };
@@ -327,13 +329,19 @@ mod tests {
         let bodies = txns("tg/", &changes, 42);
         assert_eq!(bodies.len(), 4);
         let first: Value = serde_json::from_str(&bodies[0]).unwrap();
-        assert_eq!(B64.decode(first["success"][0]["requestDeleteRange"]["key"].as_str().unwrap()).unwrap(), b"tg/undone/client:0");
+        assert_eq!(
+            B64.decode(first["success"][0]["requestDeleteRange"]["key"].as_str().unwrap()).unwrap(),
+            b"tg/undone/client:0"
+        );
         let op = &first["success"][1]["requestPut"];
         assert_eq!(B64.decode(op["key"].as_str().unwrap()).unwrap(), b"tg/revoked/client:0");
         assert_eq!(op["lease"], "42");
         let undo = txns("tg/", &[Change::Undone { id: "sub:a".into(), undone_at: 5 }], 1);
         let undo: Value = serde_json::from_str(&undo[0]).unwrap();
-        assert_eq!(B64.decode(undo["success"][0]["requestDeleteRange"]["key"].as_str().unwrap()).unwrap(), b"tg/revoked/sub:a");
+        assert_eq!(
+            B64.decode(undo["success"][0]["requestDeleteRange"]["key"].as_str().unwrap()).unwrap(),
+            b"tg/revoked/sub:a"
+        );
         assert_eq!(B64.decode(undo["success"][1]["requestPut"]["key"].as_str().unwrap()).unwrap(), b"tg/undone/sub:a");
     }
 
@@ -376,10 +384,10 @@ mod tests {
                     kv("tg/other", "x", 16), kv("tg/revoked/bad", "not json", 17)],
         });
         let page = parse_range(answer.to_string().as_bytes(), "tg/", 10).unwrap();
-        assert_eq!(page.changes, vec![
-            Change::Revoked(record("client:a")),
-            Change::Undone { id: "sub:b".into(), undone_at: 9 },
-        ]);
+        assert_eq!(
+            page.changes,
+            vec![Change::Revoked(record("client:a")), Change::Undone { id: "sub:b".into(), undone_at: 9 },]
+        );
         assert_eq!((page.next_min_revision, page.more), (21, false));
         let more = json!({"header": {"revision": "20"}, "kvs": [kv("tg/revoked/client:a", &r, 12)], "more": true});
         let page = parse_range(more.to_string().as_bytes(), "tg/", 10).unwrap();

@@ -434,8 +434,7 @@ fn is_scope_char(b: u8) -> bool {
 
 /// Lower-case RFC 7230 token, as Envoy stores header names.
 fn is_header_name(h: &str) -> bool {
-    !h.is_empty()
-        && h.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !h.is_empty() && h.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 #[cfg(test)]
@@ -479,7 +478,9 @@ mod tests {
 
     #[test]
     fn missing_required_keys_are_named() {
-        assert!(error_of(r#"{"introspection": {"cluster": "idp", "path": "/i"}}"#).contains("missing field `authority`"));
+        assert!(
+            error_of(r#"{"introspection": {"cluster": "idp", "path": "/i"}}"#).contains("missing field `authority`")
+        );
         assert!(error_of("{}").contains("missing field `introspection`"));
         assert!(error_of("").contains("empty"));
         assert!(error_of("not json").contains("expected"));

@@ -408,7 +408,12 @@ impl DenyView {
     }
 
     /// Whether the token itself is revoked. Call `refresh` first.
-    pub fn token_revoked<S: Store + ?Sized>(&mut self, list: &Denylist<'_, S>, hash: &TokenHash, now: u64) -> Result<bool, StoreError> {
+    pub fn token_revoked<S: Store + ?Sized>(
+        &mut self,
+        list: &Denylist<'_, S>,
+        hash: &TokenHash,
+        now: u64,
+    ) -> Result<bool, StoreError> {
         if let Some(&until) = self.tokens.get(hash) {
             return Ok(until > now);
         }
@@ -513,7 +518,8 @@ mod tests {
         d.revoke_principal(Kind::Client, "app", "breach", 1000).unwrap();
         let mut view = DenyView::default();
         view.refresh(&d, 1000).unwrap();
-        let claims = |client: &str, iat: Option<u64>| Claims { client_id: Some(client.into()), iat, ..Default::default() };
+        let claims =
+            |client: &str, iat: Option<u64>| Claims { client_id: Some(client.into()), iat, ..Default::default() };
         assert!(view.principal_revoked(&claims("app", Some(999)), 1001));
         assert!(view.principal_revoked(&claims("app", Some(1000)), 1001));
         assert!(view.principal_revoked(&claims("app", None), 1001));
@@ -575,7 +581,8 @@ mod tests {
         let cap = bucket_capacity(1);
         // Find cap + 1 hashes that land in one bucket.
         let key = token_key(&h(0));
-        let same: Vec<(TokenHash, u64)> = (0..).map(h).filter(|x| token_key(x) == key).take(cap + 1).map(|x| (x, 99)).collect();
+        let same: Vec<(TokenHash, u64)> =
+            (0..).map(h).filter(|x| token_key(x) == key).take(cap + 1).map(|x| (x, 99)).collect();
         let out = d.revoke_tokens(&same, "", 1).unwrap();
         assert_eq!(out.revoked.len(), cap);
         assert_eq!(out.full.len(), 1);

@@ -87,7 +87,13 @@ impl EtcdWrite {
     }
 
     /// Handles one answer; `Some` once the write is over.
-    pub fn on_response(&mut self, cfg: &ClusterSync, token_id: u32, num_headers: usize, body_size: usize) -> Option<Written> {
+    pub fn on_response(
+        &mut self,
+        cfg: &ClusterSync,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+    ) -> Option<Written> {
         let body = answer(num_headers, body_size);
         match &mut self.stage {
             Stage::Granting(_) => {
@@ -210,7 +216,10 @@ impl Poller {
                         let _ = cluster_sync::outbox_remove(&SharedData, &flush.changes);
                     }
                     Written::Failed => {
-                        log::warn!("cluster sync: etcd did not take {} queued change(s); retrying", flush.changes.len());
+                        log::warn!(
+                            "cluster sync: etcd did not take {} queued change(s); retrying",
+                            flush.changes.len()
+                        );
                         metrics.sync_failures.inc();
                     }
                     Written::Refused => {
@@ -251,7 +260,10 @@ impl Poller {
             let _ = cluster_sync::mark_loaded(&SharedData);
         }
         if self.revision_gauge != 0 {
-            let _ = hostcalls::record_metric(self.revision_gauge, u64::try_from(next_min_revision.saturating_sub(1)).unwrap_or(0));
+            let _ = hostcalls::record_metric(
+                self.revision_gauge,
+                u64::try_from(next_min_revision.saturating_sub(1)).unwrap_or(0),
+            );
         }
         if more {
             self.start_poll(cfg, metrics, now_ms);

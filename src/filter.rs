@@ -32,7 +32,9 @@ pub struct Filter {
 enum AdminState {
     None,
     /// `POST {prefix}/revoke` waiting for its body.
-    AwaitingBody { content_type: Option<String> },
+    AwaitingBody {
+        content_type: Option<String>,
+    },
     /// Done locally; waiting for etcd and the IdP's revocation endpoint.
     Finishing(Box<Finishing>),
     Answered,
@@ -231,13 +233,19 @@ impl Filter {
     fn admin_handle(&mut self, worker: &Worker, route: &Route, revoke: Option<admin::Revoke>) -> Action {
         let now = now_ms();
         let exp_of = |hash: &cache::TokenHash| worker.cached_exp(hash, now);
-        let handled = admin::handle(route, revoke, &worker.config.denylist, &crate::store::SharedData, now / 1000, &exp_of);
+        let handled =
+            admin::handle(route, revoke, &worker.config.denylist, &crate::store::SharedData, now / 1000, &exp_of);
         self.count(worker, route, &handled.reply);
         if handled.reply.status >= 300 {
             return self.admin_reply(worker, handled.reply);
         }
-        let mut finishing =
-            Finishing { reply: handled.reply, sync: None, sync_outcome: None, forward_pending: HashSet::new(), forwarded: None };
+        let mut finishing = Finishing {
+            reply: handled.reply,
+            sync: None,
+            sync_outcome: None,
+            forward_pending: HashSet::new(),
+            forwarded: None,
+        };
         if let Some(cfg) = &worker.config.cluster_sync {
             if !handled.changes.is_empty() {
                 finishing.sync = EtcdWrite::start(cfg, handled.changes.clone(), now / 1000);

@@ -91,9 +91,7 @@ impl IntrospectionError {
     /// What the client is told (the 503's `error_description`).
     pub fn description(&self) -> &'static str {
         match self {
-            IntrospectionError::Dispatch | IntrospectionError::Transport => {
-                "the authorization server is unreachable"
-            }
+            IntrospectionError::Dispatch | IntrospectionError::Transport => "the authorization server is unreachable",
             IntrospectionError::Timeout => "the authorization server did not answer in time",
             IntrospectionError::Unauthorized(_) => "the gateway is not authorized at the authorization server",
             IntrospectionError::Status(_) | IntrospectionError::PeerFailed => "the authorization server failed",
@@ -277,8 +275,10 @@ mod tests {
 
     #[test]
     fn active_answer_keeps_the_claims() {
-        let a = parse(r#"{"active": true, "scope": "read write", "client_id": "app", "sub": "alice",
-                         "exp": 2000000000, "iat": 1700000000, "username": "al", "aud": ["a", "b"], "other": 1}"#)
+        let a = parse(
+            r#"{"active": true, "scope": "read write", "client_id": "app", "sub": "alice",
+                         "exp": 2000000000, "iat": 1700000000, "username": "al", "aud": ["a", "b"], "other": 1}"#,
+        )
         .unwrap();
         let Answer::Active(c) = a else { panic!("inactive") };
         assert_eq!(c.scope.as_deref(), Some("read write"));
@@ -328,9 +328,7 @@ mod tests {
 
     #[test]
     fn header_unsafe_claims_are_dropped() {
-        let Answer::Active(c) = parse(r#"{"active": true, "username": "a\r\nx-evil: 1"}"#).unwrap() else {
-            panic!()
-        };
+        let Answer::Active(c) = parse(r#"{"active": true, "username": "a\r\nx-evil: 1"}"#).unwrap() else { panic!() };
         assert_eq!(c.get("username"), None);
     }
 

@@ -126,11 +126,7 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        Ok(self
-            .map
-            .borrow()
-            .get(key)
-            .map(|(value, cas)| Versioned { value: value.clone(), cas: *cas }))
+        Ok(self.map.borrow().get(key).map(|(value, cas)| Versioned { value: value.clone(), cas: *cas }))
     }
 
     fn set(&self, key: &str, value: &[u8], guard: Guard) -> Result<(), StoreError> {

@@ -15,11 +15,11 @@ use crate::bearer::Token;
 use crate::cache::{self, Claim, LocalCache, Lookup, SharedCache, TokenHash};
 use crate::config::Config;
 use crate::denylist::{DenyView, Denylist};
+use crate::etcd::Poller;
 use crate::introspection::{self, Answer, IntrospectionError};
 use crate::metrics::Metrics;
 use crate::outcome::Denial;
 use crate::policy;
-use crate::etcd::Poller;
 use crate::store::SharedData;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
@@ -267,10 +267,7 @@ impl Worker {
             Ok(id) => id,
             Err(status) => {
                 self.metrics.introspection_failed(&IntrospectionError::Dispatch);
-                log::error!(
-                    "cannot call the introspection endpoint (cluster {:?}): {status:?}",
-                    cfg.cluster
-                );
+                log::error!("cannot call the introspection endpoint (cluster {:?}): {status:?}", cfg.cluster);
                 return Err(IntrospectionError::Dispatch);
             }
         };
@@ -303,26 +300,24 @@ impl Worker {
         let verdict = self.read_response(num_headers, body_size);
         let shared = self.shared();
         let verdict = match verdict {
-            Ok(answer) => {
-                match cache::cache_until_ms(&answer, &self.config.cache, now) {
-                    Some(until) => {
-                        let stale_until = cache::stale_until_ms(&answer, &self.config.cache, until);
-                        match shared.store_answer(&hash, &answer, until, stale_until, now) {
-                            Ok(true) => {}
-                            Ok(false) => self.metrics.cache_uncacheable.inc(),
-                            Err(e) => {
-                                self.metrics.cache_store_errors.inc();
-                                log::warn!("shared cache write failed: {e:?}");
-                            }
+            Ok(answer) => match cache::cache_until_ms(&answer, &self.config.cache, now) {
+                Some(until) => {
+                    let stale_until = cache::stale_until_ms(&answer, &self.config.cache, until);
+                    match shared.store_answer(&hash, &answer, until, stale_until, now) {
+                        Ok(true) => {}
+                        Ok(false) => self.metrics.cache_uncacheable.inc(),
+                        Err(e) => {
+                            self.metrics.cache_store_errors.inc();
+                            log::warn!("shared cache write failed: {e:?}");
                         }
-                        Ok(self.remember(hash, answer, until, now))
                     }
-                    None => {
-                        let _ = shared.release(&hash, now);
-                        Ok(Rc::new(answer))
-                    }
+                    Ok(self.remember(hash, answer, until, now))
                 }
-            }
+                None => {
+                    let _ = shared.release(&hash, now);
+                    Ok(Rc::new(answer))
+                }
+            },
             Err(e) => {
                 self.metrics.introspection_failed(&e);
                 log::warn!(
@@ -369,10 +364,8 @@ impl Worker {
         };
         let max = self.config.introspection.max_response_bytes;
         introspection::check_response(status, body_size, max)?;
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let body =
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();
         let map = &self.config.claims_to_headers;
         introspection::parse_answer(&body, &|claim| map.contains_key(claim))
     }
@@ -545,7 +538,8 @@ impl Worker {
             }
             Ok(Lookup::Pending) => {}
             // The other worker gave up or vanished: take over.
-            Ok(Lookup::Failed { .. } | Lookup::Miss) | Err(_) => match shared.claim(&hash, now, self.marker_until(now)) {
+            Ok(Lookup::Failed { .. } | Lookup::Miss) | Err(_) => match shared.claim(&hash, now, self.marker_until(now))
+            {
                 Ok(Claim::Hit { answer, until_ms }) => {
                     let answer = self.remember(hash, answer, until_ms, now);
                     self.land(hash, &Ok(answer));
@@ -583,12 +577,8 @@ impl Worker {
     }
 
     fn retune_tick(&self) {
-        let fast = self
-            .state
-            .borrow()
-            .flights
-            .values()
-            .any(|f| matches!(f.phase, Phase::Remote { .. } | Phase::Orphaned));
+        let fast =
+            self.state.borrow().flights.values().any(|f| matches!(f.phase, Phase::Remote { .. } | Phase::Orphaned));
         self.tick_fast(fast);
     }
 }
