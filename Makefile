@@ -137,7 +137,7 @@ SOAK_ARGS          ?=
 
 .PHONY: fuzz fuzz-short fuzz-tools soak
 
-## fuzz-tools: cargo-fuzz from crates.io (stable toolchain; fuzz/run.sh sets RUSTC_BOOTSTRAP=1)
+## fuzz-tools: cargo-fuzz from crates.io (it runs on the stable toolchain, see fuzz/run.sh)
 fuzz-tools:
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 

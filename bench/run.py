@@ -22,6 +22,7 @@ See bench/README.md for the knobs.
 import atexit
 import ctypes
 import datetime
+import hashlib
 import http.client
 import json
 import os
@@ -255,14 +256,38 @@ IDP_ANSWER = json.dumps({"active": True, "scope": "read", "sub": "bench-user", "
                          "exp": FAR_FUTURE})
 
 
-def tokengate_config(max_entries=None):
+ADMIN_TOKEN = "bench-admin-token"
+
+
+def tokengate_config(max_entries=None, admin=False):
     """envoy/tokengate.json, with cached answers that outlive the run (see README)."""
     cfg = json.loads((REPO / "envoy/tokengate.json").read_text())
     cfg["introspection"]["cluster"] = "idp"
     cfg.setdefault("cache", {})["max_ttl_s"] = 86400
     if max_entries is not None:
         cfg["cache"]["max_entries"] = max_entries
+    if admin:
+        cfg["admin"] = {"path_prefix": "/tokengate", "token_sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()}
     return json.dumps(cfg)
+
+
+def revoke_unrelated(e):
+    """Production state: something was revoked once, so the denylist generation key exists and every
+    request reads its value (a never-revoked process reads a missing key, which is cheaper)."""
+    body = json.dumps({"tokens": ["bench-revoked-token"], "reason": "bench"})
+    conn = http.client.HTTPConnection(LOOPBACK, e.ports["admin"], timeout=10)
+    try:
+        conn.request("POST", "/tokengate/revoke", body=body,
+                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"})
+        r = conn.getresponse()
+        text = r.read()
+    finally:
+        conn.close()
+    if r.status != 200:
+        raise RuntimeError(f"revocation through the admin API: {r.status} {text[:300]!r}")
+    status, _ = request(e.ports["C"], headers=bearer("bench-revoked-token"))
+    if status != 401:
+        raise RuntimeError(f"the revoked token was answered {status}, not 401")
 
 
 LADDER = [
@@ -439,12 +464,19 @@ def throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, with_lad
     e.add("B", [wasm("noop", "noop", noop, "")], direct())
     e.add("C", [wasm("tokengate", "tokengate", tokengate, tokengate_config())], direct())
     e.ports["C2"] = e.ports["C"]  # the same listener, other tokens
+    # tokengate's admin API (same vm_id, so the same shared data), as in envoy/envoy.yaml.
+    e.add("admin", [wasm("tokengate_admin", "tokengate", tokengate, tokengate_config(admin=True)), buffer_body()],
+          direct(status=404, body="{}"))
     e.add("D", [ext_authz(authz_port)], direct())
     if with_ladder:
         for i, (_, steps) in enumerate(LADDER[1:], 1):
             e.add(f"L{i}", [wasm(f"noop{i}", "noop", noop, steps)], direct())
     if with_miss:
         e.add("M0", [wasm("noop_callout", "noop", noop, "callout")], direct())
+    if wrapper:  # the callgrind Envoy: also the floor without its shared-data read
+        e.add("B0", [wasm("noop_nokey", "noop", noop, "nokey")], direct())
+        e.add("Ba", [wasm("noop_keyabsent", "noop", noop, "keyabsent")], direct())
+        e.add("Be", [wasm("noop_keyempty", "noop", noop, "keyempty")], direct())
     return e.start(timeout=timeout, wrapper=wrapper)
 
 
@@ -458,6 +490,7 @@ def warm(e, k):
     """Caches the hot token and the rotation's tokens (one introspection each)."""
     for v in ("A", "B", "C", "D"):
         check_ok(e.ports[v], "bench-hot-token", f"variant {v}")
+    revoke_unrelated(e)
     before = e.stat("cluster.idp.upstream_rq_total")
     conn = http.client.HTTPConnection(LOOPBACK, e.ports["C"], timeout=10)
     try:
@@ -549,16 +582,19 @@ def phase_miss(k, e, wrk, log):
     return rounds
 
 
-CG_ORDER = (["A", "B"] + [f"L{i}" for i in range(1, LADDER_ALT)] + ["C", f"L{LADDER_ALT}", "C2", "BL", "CL", "D",
+CG_ORDER = (["A", "B0", "Ba", "Be", "B"] + [f"L{i}" for i in range(1, LADDER_ALT)] + ["C0", "C", f"L{LADDER_ALT}", "C2", "BL", "CL", "D",
                                                                      "M0", "M1"])
-CG_LABEL = {"A": "A  bare Envoy", "B": "B  no-op (floor)", "C": "C  tokengate, 1 cached token",
+CG_LABEL = {"A": "A  bare Envoy", "B0": "B  no-op without its shared-data read",
+            "Ba": "B  no-op, shared key absent", "Be": "B  no-op, shared key with empty value",
+            "B": "B  no-op (floor: key with a value)", "C": "C  tokengate, 1 cached token",
+            "C0": "C  tokengate, nothing ever revoked",
             "C2": "C2 tokengate, 1,000 cached tokens", "D": "D  ext_authz (client side only)",
             "BL": "B  no-op, 1 KiB token", "CL": "C  tokengate, 1 KiB token",
             "M0": "M0 no-op + 1 callout (miss floor)", "M1": "M1 tokengate, every request a miss",
             **{f"L{i}": label for i, (label, _) in enumerate(LADDER) if i}}
 
 
-CG_REF = {"B": "A", "L1": "B", **{f"L{i}": f"L{i - 1}" for i in range(2, LADDER_ALT)}, "C": f"L{LADDER_ALT - 1}",
+CG_REF = {"B0": "A", "Ba": "B0", "Be": "B0", "B": "B0", "L1": "B", **{f"L{i}": f"L{i - 1}" for i in range(2, LADDER_ALT)}, "C": f"L{LADDER_ALT - 1}", "C0": "C",
           f"L{LADDER_ALT}": f"L{LADDER_ALT - 1}", "C2": "C", "BL": "B", "CL": "C", "D": "A", "M0": "A", "M1": "M0"}
 
 
@@ -611,54 +647,59 @@ def phase_callgrind(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, load_cpu,
             check_ok(e.ports["C"], t, "callgrind warm")
         results = {v: [] for v in CG_ORDER}
         dumps = 0
-        for rnd in range(1, k["CG_ROUNDS"] + 1):
-            for v in CG_ORDER:
-                port = e.ports[{"C2": "C", "M1": "C", "BL": "B", "CL": "C"}.get(v, v)]
-                if v == "C2":
-                    tokens = lambda i: rot[i % len(rot)]
-                elif v == "M1":
-                    tokens = lambda i, r=rnd: f"cg-miss-{r}-{i}"
-                elif v in ("BL", "CL"):
-                    tokens = lambda i: LONG_TOKEN
-                else:
-                    tokens = lambda i: "bench-hot-token"
-                conn = http.client.HTTPConnection(LOOPBACK, port, timeout=120)
-                try:
-                    for i in range(warmup):
-                        request(0, headers=bearer(tokens(i) if v != "M1" else f"cg-warm-{rnd}-{i}"), conn=conn)
-                    ctl("-z")
-                    ctl("-i", "on")
-                    for i in range(n):
-                        status, body = request(0, headers=bearer(tokens(i)), conn=conn)
-                        if status != 200:
-                            raise RuntimeError(f"callgrind {v}: {status} {body[:200]!r}")
-                    ctl("-i", "off")
-                    ctl("-d", f"{v}-{rnd}")
-                finally:
-                    conn.close()
-                dumps += 1
-                deadline = time.monotonic() + 30
-                while True:
-                    files = list(workdir.glob(f"callgrind.out.{pid}.{dumps}-*"))
-                    if files or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.2)
-                time.sleep(0.5)  # every thread's file written
-                per_thread = {}
-                for f in workdir.glob(f"callgrind.out.{pid}.{dumps}-*"):
-                    text = f.read_text()
-                    if f"dump {v}-{rnd}" not in text:
-                        raise RuntimeError(f"callgrind dump {f} is not {v}-{rnd}")
-                    per_thread[f] = int(re.search(r"^totals: (\d+)", text, re.M).group(1))
-                if not per_thread:
-                    raise RuntimeError(f"callgrind wrote no dump for {v}-{rnd}")
-                worker = max(per_thread, key=per_thread.get)
-                total = per_thread[worker]
-                split = cg_split(worker)
-                results[v].append({"ir_per_req": total / n, "all_threads_per_req": sum(per_thread.values()) / n,
-                                   **{f"{x}_per_req": y / n for x, y in split.items()}})
-                log(f"  callgrind round {rnd} {CG_LABEL[v]:<36} {total / n:10,.0f} instructions/req "
-                    f"(JIT {split['jit'] / max(total, 1) * 100:4.1f}%)")
+        # C0 while nothing was ever revoked, then one revocation, then everything else.
+        plan = [(rnd, "C0") for rnd in range(1, k["CG_ROUNDS"] + 1)] + [(0, "revoke")]
+        plan += [(rnd, v) for rnd in range(1, k["CG_ROUNDS"] + 1) for v in CG_ORDER if v != "C0"]
+        for rnd, v in plan:
+            if v == "revoke":
+                revoke_unrelated(e)
+                continue
+            port = e.ports[{"C0": "C", "C2": "C", "M1": "C", "BL": "B", "CL": "C"}.get(v, v)]
+            if v == "C2":
+                tokens = lambda i: rot[i % len(rot)]
+            elif v == "M1":
+                tokens = lambda i, r=rnd: f"cg-miss-{r}-{i}"
+            elif v in ("BL", "CL"):
+                tokens = lambda i: LONG_TOKEN
+            else:
+                tokens = lambda i: "bench-hot-token"
+            conn = http.client.HTTPConnection(LOOPBACK, port, timeout=120)
+            try:
+                for i in range(warmup):
+                    request(0, headers=bearer(tokens(i) if v != "M1" else f"cg-warm-{rnd}-{i}"), conn=conn)
+                ctl("-z")
+                ctl("-i", "on")
+                for i in range(n):
+                    status, body = request(0, headers=bearer(tokens(i)), conn=conn)
+                    if status != 200:
+                        raise RuntimeError(f"callgrind {v}: {status} {body[:200]!r}")
+                ctl("-i", "off")
+                ctl("-d", f"{v}-{rnd}")
+            finally:
+                conn.close()
+            dumps += 1
+            deadline = time.monotonic() + 30
+            while True:
+                files = list(workdir.glob(f"callgrind.out.{pid}.{dumps}-*"))
+                if files or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            time.sleep(0.5)  # every thread's file written
+            per_thread = {}
+            for f in workdir.glob(f"callgrind.out.{pid}.{dumps}-*"):
+                text = f.read_text()
+                if f"dump {v}-{rnd}" not in text:
+                    raise RuntimeError(f"callgrind dump {f} is not {v}-{rnd}")
+                per_thread[f] = int(re.search(r"^totals: (\d+)", text, re.M).group(1))
+            if not per_thread:
+                raise RuntimeError(f"callgrind wrote no dump for {v}-{rnd}")
+            worker = max(per_thread, key=per_thread.get)
+            total = per_thread[worker]
+            split = cg_split(worker)
+            results[v].append({"ir_per_req": total / n, "all_threads_per_req": sum(per_thread.values()) / n,
+                               **{f"{x}_per_req": y / n for x, y in split.items()}})
+            log(f"  callgrind round {rnd} {CG_LABEL[v]:<36} {total / n:10,.0f} instructions/req "
+                f"(JIT {split['jit'] / max(total, 1) * 100:4.1f}%)")
     finally:
         if e:
             e.stop()
@@ -1234,7 +1275,10 @@ def chart(res, k, path):
             ax.set_ylabel("Envoy VmRSS, MiB")
             ax.legend(fontsize=8, loc="lower right")
             ax.set_title(f"memory, --concurrency {rss['concurrency']}")
-    fig.suptitle(f"tokengate benchmark ({k['PROFILE']} profile, {res['meta']['date']})", fontsize=10)
+    meta = res["meta"]
+    noisy = k["PROFILE"] != "full" or max(meta["loadavg_start"][0], meta["loadavg_end"][0]) > 0.5
+    fig.suptitle(f"tokengate benchmark ({k['PROFILE']} profile, {meta['date']}, Envoy {meta['envoy']})"
+                 + ("  [INDICATIVE ONLY: short or noisy run]" if noisy else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return None

@@ -7,9 +7,10 @@
 #
 # Each target grows fuzz/corpus/<target> (kept between runs, not committed),
 # starting from fuzz/seeds/<target>; fuzz/dicts/ guide the mutations.
-# cargo fuzz needs nightly-only rustc flags: RUSTC_BOOTSTRAP=1 lets the
-# stable toolchain take them. FUZZ_SANITIZER=address adds ASan (slower; the
-# crate has no unsafe code, so the default is none).
+# The default, --sanitizer none (the crates fuzzed have no unsafe code), builds
+# on the stable toolchain as it is. FUZZ_SANITIZER=address adds ASan, whose
+# -Zsanitizer flag is nightly-only: RUSTC_BOOTSTRAP=1, set here, lets the
+# stable toolchain take it (checked with rustc 1.95).
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds=${1:?usage: fuzz/run.sh SECONDS [TARGET...]}

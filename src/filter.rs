@@ -92,11 +92,13 @@ impl Filter {
     }
 
     fn validate(&self, worker: &Worker, headers: &Headers) -> Action {
-        // Claim headers come from the IdP only: drop any the client sent.
+        // Claim headers come from the IdP only: drop any the client sent,
+        // and their `_` spellings, which CGI-style upstreams read as the same.
         let claim_headers = &worker.config.claims_to_headers;
         let mut removed: Vec<&str> = Vec::new();
         for (name, _) in headers {
-            if claim_headers.values().any(|h| h == name) && !removed.contains(&name.as_str()) {
+            let lookalike = |h: &String| h == name || (name.contains('_') && *h == name.replace('_', "-"));
+            if claim_headers.values().any(lookalike) && !removed.contains(&name.as_str()) {
                 let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
                 removed.push(name);
             }
@@ -195,8 +197,9 @@ impl Filter {
         if route != Route::Revoke {
             return self.admin_handle(worker, &route, None);
         }
-        let declared = header(headers, "content-length").and_then(|l| l.trim().parse::<usize>().ok());
-        if declared.is_some_and(|l| l > cfg.max_body_bytes) {
+        // u64: usize is 32 bits in wasm, and a larger length must still be refused.
+        let declared = header(headers, "content-length").and_then(|l| l.trim().parse::<u64>().ok());
+        if declared.is_some_and(|l| l > cfg.max_body_bytes as u64) {
             return self.admin_reply(worker, admin::too_large(cfg));
         }
         if end_of_stream {

@@ -18,6 +18,9 @@
 //! | `metrics` | two counter increments (`cache.hit.local`, `requests.allowed`)     |
 //! | `headers` | three `replace_header` calls (the claim headers)                   |
 //! | `add`     | with `headers`: `add_header` instead (the headers are known absent) |
+//! | `nokey`   | skips the shared-data read (prices that read against the floor)    |
+//! | `keyempty`| reads a key whose value is empty (no copy into wasm memory)        |
+//! | `keyabsent`| reads a key that does not exist                                   |
 //!
 //! One more step is not on the hit path but is the floor of a miss:
 //! `callout` sends an introspection-shaped HTTP callout to cluster `idp` on
@@ -36,6 +39,10 @@ use std::time::UNIX_EPOCH;
 /// The one shared-data key read per request (tokengate reads its denylist
 /// generation counter on every request).
 const KEY: &str = "bench.noop.generation";
+/// Written with an empty value: a generation carried by the CAS number alone.
+const EMPTY_KEY: &str = "bench.noop.empty";
+/// Never written.
+const ABSENT_KEY: &str = "bench.noop.absent";
 
 #[derive(Default, Clone, Copy)]
 struct Steps {
@@ -46,6 +53,9 @@ struct Steps {
     metrics: bool,
     headers: bool,
     add: bool,
+    nokey: bool,
+    keyempty: bool,
+    keyabsent: bool,
     callout: bool,
 }
 
@@ -61,6 +71,9 @@ impl Steps {
                 "metrics" => s.metrics = true,
                 "headers" => s.headers = true,
                 "add" => s.add = true,
+                "nokey" => s.nokey = true,
+                "keyempty" => s.keyempty = true,
+                "keyabsent" => s.keyabsent = true,
                 "callout" => s.callout = true,
                 "all" => {
                     s = Steps { map: true, sha256: true, time: true, done: true, metrics: true, headers: true, ..s };
@@ -94,6 +107,7 @@ impl RootContext for Root {
         let steps = Steps::parse(std::str::from_utf8(&config).unwrap_or_default());
         // The key exists, as tokengate's generation counter does once anything was revoked.
         let _ = hostcalls::set_shared_data(KEY, Some(b"1"), None);
+        let _ = hostcalls::set_shared_data(EMPTY_KEY, Some(b""), None);
         let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).unwrap_or(0);
         let counters = if steps.metrics { [counter("bench_noop.a"), counter("bench_noop.b")] } else { [0, 0] };
         self.shared = Some(Rc::new(Shared { steps, counters }));
@@ -146,7 +160,14 @@ impl HttpContext for Noop {
         } else {
             hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "authorization").ok().flatten()
         };
-        let generation = hostcalls::get_shared_data(KEY).ok().and_then(|(v, _)| v);
+        let key = if steps.keyempty {
+            EMPTY_KEY
+        } else if steps.keyabsent {
+            ABSENT_KEY
+        } else {
+            KEY
+        };
+        let generation = if steps.nokey { None } else { hostcalls::get_shared_data(key).ok() };
         std::hint::black_box((&authorization, &generation));
         if steps.sha256 {
             let token = authorization.as_deref().unwrap_or_default();
