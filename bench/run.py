@@ -271,11 +271,11 @@ def tokengate_config(max_entries=None, admin=False):
     return json.dumps(cfg)
 
 
-def revoke_unrelated(e):
+def revoke_unrelated(e, admin="admin", data="C"):
     """Production state: something was revoked once, so the denylist generation key exists and every
     request reads its value (a never-revoked process reads a missing key, which is cheaper)."""
     body = json.dumps({"tokens": ["bench-revoked-token"], "reason": "bench"})
-    conn = http.client.HTTPConnection(LOOPBACK, e.ports["admin"], timeout=10)
+    conn = http.client.HTTPConnection(LOOPBACK, e.ports[admin], timeout=10)
     try:
         conn.request("POST", "/tokengate/revoke", body=body,
                      headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"})
@@ -285,7 +285,7 @@ def revoke_unrelated(e):
         conn.close()
     if r.status != 200:
         raise RuntimeError(f"revocation through the admin API: {r.status} {text[:300]!r}")
-    status, _ = request(e.ports["C"], headers=bearer("bench-revoked-token"))
+    status, _ = request(e.ports[data], headers=bearer("bench-revoked-token"))
     if status != 401:
         raise RuntimeError(f"the revoked token was answered {status}, not 401")
 
@@ -665,7 +665,8 @@ def phase_callgrind(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, load_cpu,
                 tokens = lambda i: "bench-hot-token"
             conn = http.client.HTTPConnection(LOOPBACK, port, timeout=120)
             try:
-                for i in range(warmup):
+                # C2 visits every rotation token first: a revocation clears each worker's denylist memo.
+                for i in range(len(rot) if v == "C2" else warmup):
                     request(0, headers=bearer(tokens(i) if v != "M1" else f"cg-warm-{rnd}-{i}"), conn=conn)
                 ctl("-z")
                 ctl("-i", "on")

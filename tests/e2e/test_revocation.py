@@ -971,3 +971,45 @@ def test_a_token_given_twice_in_a_bulk_is_one_revocation(mock_gate, mock_idp_ser
     listed = api.listed()
     assert sha256(twice) in listed and sha256(once) in listed
     assert (body["revoked"], sorted(body["ids"])) == (2, sorted({sha256(twice), sha256(once)})), body
+
+
+# --------------------------------------------------------------------------- RFC 7009 forwarding
+
+
+def test_revocation_is_forwarded_to_the_idp_and_stands_when_the_idp_fails(procs, workdir, recorder, fresh, idp):
+    """With `revocation_endpoint`, a revoke also reaches the IdP's RFC 7009 endpoint (the IdP
+    then says inactive), the answer reports it, and an IdP that fails never undoes the local
+    revocation."""
+    own_idp = fresh.idp(idp.kind)
+    data = own_idp.plugin_config()
+    admin = merge(merge(data, shipped_admin_additions()), {
+        "revocation_endpoint": {
+            "cluster": "idp", "authority": own_idp.authority, "path": own_idp.revocation_path,
+            "client_id": "gateway", "client_secret": "gateway-secret", "timeout_ms": 1000,
+        },
+    })
+    envoy = Envoy(
+        procs, workdir, idp_port=own_idp.port, upstream_port=recorder.port, plugin_config=data,
+        listener_configs={"tokengate_admin": admin}, concurrency=CONCURRENCY,
+        name=f"envoy-forward-{own_idp.kind}",
+    ).start()
+    try:
+        api = AdminApi(envoy)
+        token = issue(own_idp)
+        assert envoy.get("/", bearer(token)).status == 200
+        assert own_idp.introspect(token)["active"] is True
+
+        body = assert_ok(api.revoke_form(token))
+        assert body["forwarded"] == {"ok": 1, "failed": 0, "skipped": 0}, body
+        assert own_idp.introspect(token)["active"] is False, "the IdP revoked it too"
+        assert_invalid_token(envoy.get("/", bearer(token)))
+
+        # The IdP goes away: the local revocation still happens, the answer says the forward failed.
+        other = issue(own_idp)
+        assert envoy.get("/", bearer(other)).status == 200
+        own_idp.stop()
+        body = assert_ok(api.revoke_json({"tokens": [other], "reason": "idp down"}))
+        assert body["revoked"] == 1 and body["forwarded"]["failed"] == 1, body
+        assert [envoy.get("/", bearer(other)).status for _ in range(2 * CONCURRENCY)] == [401] * (2 * CONCURRENCY)
+    finally:
+        envoy.stop()
