@@ -50,6 +50,7 @@ unit:
 	cargo test --locked --lib --tests
 
 clippy:
+	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
 	cargo clippy --locked --release --target wasm32-wasip1 -- -D warnings
 
