@@ -144,6 +144,11 @@ Listening on 127.0.0.1: {listening}
           | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
   curl -i -H "Authorization: Bearer $TOKEN_W" {data}/hello
 
+  # revoke it through the admin API (demo admin token), then it is 401 on every worker
+  curl -s -H 'Authorization: Bearer admin-demo-token' -d "token=$TOKEN" http://{HOST}:8081/tokengate/revoke
+  curl -i -H "Authorization: Bearer $TOKEN" {data}/hello
+  curl -s -H 'Authorization: Bearer admin-demo-token' http://{HOST}:8081/tokengate/revocations
+
   # metrics
   curl -s {admin}/stats | grep tokengate        # or {admin}/stats/prometheus
 
