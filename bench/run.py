@@ -382,7 +382,7 @@ class Envoy:
 
 def envoy_version(envoy_bin):
     out = subprocess.run([str(envoy_bin), "--version"], capture_output=True, text=True).stdout
-    m = re.search(r"version: \S+/(\S+)/", out)
+    m = re.search(r"version: [0-9a-f]+/([^/\s]+)/", out)
     return m.group(1) if m else out.strip()[:80]
 
 
@@ -1245,7 +1245,7 @@ def chart(res, k, path):
                 ax.set_yticks(range(len(order)), [CG_LABEL[v] for v in order], fontsize=7)
                 ax.invert_yaxis()
                 ax.set_xlabel("thousand instructions per request (callgrind)")
-                ax.legend(fontsize=7, loc="lower right")
+                ax.legend(fontsize=7, loc="upper right")
                 ax.set_title("where the cost goes (instructions, noise-free)")
             elif lad:
                 labels = [lbl for lbl, _ in lad["steps"]]
