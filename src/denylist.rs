@@ -298,15 +298,15 @@ impl<'s, S: Store + ?Sized> Denylist<'s, S> {
     }
 
     /// The change counter workers compare against their view.
+    /// It is the CAS number of an empty key: every request reads it, and an
+    /// empty value costs Envoy no copy into the module.
     pub fn generation(&self) -> Result<u64, StoreError> {
-        Ok(self.store.get(GENERATION_KEY)?.map_or(0, |v| parse_generation(&v.value)))
+        Ok(self.store.get(GENERATION_KEY)?.map_or(0, |v| u64::from(v.cas)))
     }
 
     fn bump(&self) -> Result<(), StoreError> {
-        update(self.store, GENERATION_KEY, |current| {
-            let next = current.map_or(0, parse_generation).wrapping_add(1);
-            Some(next.to_string().into_bytes())
-        })?;
+        // Any write gives the key a new CAS number.
+        update(self.store, GENERATION_KEY, |_| Some(Vec::new()))?;
         Ok(())
     }
 }
@@ -349,10 +349,6 @@ fn apply_one(records: &mut Vec<Record>, change: &Change, limit: usize, now: u64)
             records.len() != before
         }
     }
-}
-
-fn parse_generation(bytes: &[u8]) -> u64 {
-    std::str::from_utf8(bytes).ok().and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
 trait LowercaseHex {
@@ -503,11 +499,18 @@ mod tests {
         let s = MemoryStore::new();
         let l = limits();
         let d = Denylist::new(&s, &l);
-        assert_eq!(d.generation().unwrap(), 0);
+        let mut seen = vec![d.generation().unwrap()];
         d.revoke_tokens(&[(h(1), 500)], "", 100).unwrap();
+        seen.push(d.generation().unwrap());
         d.revoke_principal(Kind::Subject, "alice", "", 100).unwrap();
+        seen.push(d.generation().unwrap());
+        assert!(!d.undo("sub:nobody", 100).unwrap());
+        assert_eq!(d.generation().unwrap(), seen[2], "no change, no new generation");
         d.undo("sub:alice", 100).unwrap();
-        assert_eq!(d.generation().unwrap(), 3);
+        seen.push(d.generation().unwrap());
+        let distinct: std::collections::HashSet<_> = seen.iter().collect();
+        assert_eq!(distinct.len(), 4, "{seen:?}");
+        assert_eq!(s.get("tokengate.deny.gen").unwrap().unwrap().value, b"");
     }
 
     #[test]
