@@ -7,8 +7,9 @@ use crate::config::ClusterSync;
 use crate::denylist::{Change, Denylist};
 use crate::metrics::Metrics;
 use crate::store::SharedData;
+use crate::worker::callout_status;
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType, MetricType};
+use proxy_wasm::types::{BufferType, MetricType};
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -34,20 +35,15 @@ fn post(cfg: &ClusterSync, path: &str, body: &str) -> Option<u32> {
 
 /// The body of a 200 answer to the current callout, or `None`.
 fn answer(num_headers: usize, body_size: usize) -> Option<Vec<u8>> {
-    if num_headers == 0 || body_size > MAX_ANSWER_BYTES || status() != Some(200) {
+    if body_size > MAX_ANSWER_BYTES || callout_status(num_headers) != Some(200) {
         return None;
     }
     hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten()
 }
 
-fn status() -> Option<u32> {
-    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status").ok().flatten()?;
-    std::str::from_utf8(&status).ok()?.parse().ok()
-}
-
 /// etcd refused the request itself (4xx): sending it again cannot help.
 fn refused(num_headers: usize) -> bool {
-    num_headers > 0 && status().is_some_and(|s| (400..500).contains(&s))
+    callout_status(num_headers).is_some_and(|s| (400..500).contains(&s))
 }
 
 /// Writing a batch of changes: a lease grant, then the transactions.

@@ -9,7 +9,7 @@ use crate::denylist::Change;
 use crate::etcd::{EtcdWrite, Written};
 use crate::introspection;
 use crate::outcome::Denial;
-use crate::worker::{now_ms, send_denial, Found, Worker};
+use crate::worker::{callout_status, now_ms, send_denial, Found, Worker};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
@@ -167,13 +167,12 @@ impl Filter {
 
     /// Body and trailers must not slip past a request still being checked.
     fn hold_while_waiting(&self) -> Action {
-        match (&self.worker, &self.admin) {
-            (_, AdminState::None) => match &self.worker {
-                Some(w) if w.is_waiting(self.id) => Action::Pause,
-                _ => Action::Continue,
-            },
-            // An admin request never continues upstream.
-            _ => Action::Pause,
+        // An admin request never continues upstream.
+        let admin = !matches!(self.admin, AdminState::None);
+        if admin || self.worker.as_ref().is_some_and(|w| w.is_waiting(self.id)) {
+            Action::Pause
+        } else {
+            Action::Continue
         }
     }
 
@@ -323,11 +322,8 @@ impl Filter {
             return false;
         };
         if f.forward_pending.remove(&token_id) {
-            let status = (num_headers > 0)
-                .then(|| hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status").ok().flatten())
-                .flatten();
             if let Some(fw) = f.forwarded.as_mut() {
-                if status.as_deref() == Some(b"200") {
+                if callout_status(num_headers) == Some(200) {
                     fw.ok += 1;
                 } else {
                     fw.failed += 1;

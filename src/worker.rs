@@ -83,6 +83,16 @@ pub enum Found {
     Wait,
 }
 
+/// The `:status` of the callout answer being handled (`None`: no headers,
+/// as after a reset or a refused connection).
+pub fn callout_status(num_headers: usize) -> Option<u32> {
+    if num_headers == 0 {
+        return None;
+    }
+    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status").ok().flatten()?;
+    std::str::from_utf8(&status).ok()?.parse().ok()
+}
+
 pub fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
@@ -354,14 +364,7 @@ impl Worker {
     }
 
     fn read_response(&self, num_headers: usize, body_size: usize) -> Result<Answer, IntrospectionError> {
-        let status = if num_headers == 0 {
-            None
-        } else {
-            hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-                .ok()
-                .flatten()
-                .and_then(|s| std::str::from_utf8(&s).ok().and_then(|s| s.parse::<u32>().ok()))
-        };
+        let status = callout_status(num_headers);
         let max = self.config.introspection.max_response_bytes;
         introspection::check_response(status, body_size, max)?;
         let body =
