@@ -396,7 +396,7 @@ pub fn handle<S: Store + ?Sized>(
                 Ok(record) => {
                     log::info!("revoked {} reason={:?}", record.id, record.reason);
                     changes.push(Change::Revoked(record.clone()));
-                    Reply::ok(json!({"revoked": 1, "revocation": record_json(&record)}))
+                    Reply::ok(json!({"revoked": 1, "revocation": record}))
                 }
                 Err(DenyError::Full) => Reply::error(
                     507,
@@ -426,8 +426,7 @@ pub fn handle<S: Store + ?Sized>(
         (Route::Undo(id), _) => match list.undo(id, now) {
             Ok(true) => {
                 log::info!("revocation {id} undone");
-                let id = if crate::cache::parse_hex(id).is_some() { id.to_ascii_lowercase() } else { id.clone() };
-                changes.push(Change::Undone { id, undone_at: now });
+                changes.push(Change::Undone { id: crate::denylist::canonical_id(id), undone_at: now });
                 Reply { status: 204, body: None, serialized: None, headers: Vec::new() }
             }
             Ok(false) => Reply::error(404, "not_found", "no such revocation"),
@@ -435,10 +434,6 @@ pub fn handle<S: Store + ?Sized>(
         },
     };
     Handled { reply, forward, changes }
-}
-
-fn record_json(r: &Record) -> Value {
-    json!({"id": r.id, "kind": r.kind, "revoked_at": r.revoked_at, "expires_at": r.expires_at, "reason": r.reason})
 }
 
 fn store_failure(e: DenyError) -> Reply {

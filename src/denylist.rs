@@ -212,12 +212,10 @@ impl<'s, S: Store + ?Sized> Denylist<'s, S> {
 
     /// Removes a revocation by its admin id. Returns false if there was none.
     pub fn undo(&self, id: &str, now: u64) -> Result<bool, DenyError> {
-        let key = match crate::cache::parse_hex(id) {
-            Some(hash) => token_key(&hash),
-            None if id.starts_with("client:") || id.starts_with("sub:") => PRINCIPALS_KEY.to_string(),
-            None => return Ok(false),
+        let Some(key) = key_for_id(id) else {
+            return Ok(false);
         };
-        let id = id.to_ascii_lowercase_if_hex();
+        let id = canonical_id(id);
         let mut found = false;
         update(self.store, &key, |current| {
             let mut records = decode(current);
@@ -351,18 +349,13 @@ fn apply_one(records: &mut Vec<Record>, change: &Change, limit: usize, now: u64)
     }
 }
 
-trait LowercaseHex {
-    fn to_ascii_lowercase_if_hex(&self) -> String;
-}
-
-impl LowercaseHex for str {
-    /// Token ids are stored in lower-case hex; principal ids as given.
-    fn to_ascii_lowercase_if_hex(&self) -> String {
-        if crate::cache::parse_hex(self).is_some() {
-            self.to_ascii_lowercase()
-        } else {
-            self.to_string()
-        }
+/// An admin id as records store it: token hashes in lower-case hex,
+/// client and subject ids as given.
+pub fn canonical_id(id: &str) -> String {
+    if crate::cache::parse_hex(id).is_some() {
+        id.to_ascii_lowercase()
+    } else {
+        id.to_string()
     }
 }
 
