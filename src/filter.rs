@@ -7,6 +7,7 @@ use crate::cache;
 use crate::cluster_sync;
 use crate::denylist::Change;
 use crate::etcd::{EtcdWrite, Written};
+use crate::headers::{self, HeaderMap};
 use crate::introspection;
 use crate::outcome::Denial;
 use crate::worker::{callout_status, now_ms, send_denial, Found, Worker};
@@ -59,31 +60,21 @@ struct Forwarded {
     skipped: usize,
 }
 
-type Headers = Vec<(String, Vec<u8>)>;
-
-fn header<'h>(headers: &'h Headers, name: &str) -> Option<&'h str> {
-    headers.iter().find(|(n, _)| n == name).and_then(|(_, v)| std::str::from_utf8(v).ok())
-}
-
-fn authorization(headers: &Headers) -> Vec<&[u8]> {
-    headers.iter().filter(|(n, _)| n == "authorization").map(|(_, v)| v.as_slice()).collect()
-}
-
 impl Filter {
     pub fn new(id: u32, worker: Option<Rc<Worker>>) -> Filter {
         Filter { id, worker, admin: AdminState::None }
     }
 
     fn on_request(&mut self, worker: &Worker, end_of_stream: bool) -> Action {
-        let headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
-            Ok(h) => h,
-            Err(_) => {
+        let headers = match headers::read(MapType::HttpRequestHeaders) {
+            Some(h) => h,
+            None => {
                 worker.deny(&Denial::IdpUnavailable("tokengate could not read the request"));
                 return Action::Pause;
             }
         };
         if let Some(admin) = &worker.config.admin {
-            let path = header(&headers, ":path").unwrap_or_default();
+            let path = headers.get(":path").unwrap_or_default();
             if admin::is_admin_path(path, &admin.path_prefix) {
                 return self.admin_headers(worker, &headers, end_of_stream);
             }
@@ -91,15 +82,16 @@ impl Filter {
         self.validate(worker, &headers)
     }
 
-    fn validate(&self, worker: &Worker, headers: &Headers) -> Action {
+    fn validate(&self, worker: &Worker, headers: &HeaderMap) -> Action {
         // Claim headers come from the IdP only: drop any the client sent,
         // and their `_` spellings, which CGI-style upstreams read as the same.
         let claim_headers = &worker.config.claims_to_headers;
-        let mut removed: Vec<&str> = Vec::new();
-        for (name, _) in headers {
-            let lookalike = |h: &String| h == name || (name.contains('_') && *h == name.replace('_', "-"));
-            if claim_headers.values().any(lookalike) && !removed.contains(&name.as_str()) {
-                let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+        let mut removed: Vec<&[u8]> = Vec::new();
+        for (name, _) in headers.iter() {
+            if claim_headers.values().any(|h| headers::reads_as(name, h)) && !removed.contains(&name) {
+                if let Ok(name) = std::str::from_utf8(name) {
+                    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+                }
                 removed.push(name);
             }
         }
@@ -146,12 +138,12 @@ impl Filter {
 
     /// The bearer token: the `Authorization` header, or where configured the
     /// `access_token` query parameter (never both: RFC 6750 §2).
-    fn credential(&self, worker: &Worker, headers: &Headers) -> Result<Token, BearerError> {
-        let authorization = authorization(headers);
+    fn credential(&self, worker: &Worker, headers: &HeaderMap) -> Result<Token, BearerError> {
+        let authorization = headers.all("authorization");
         if !worker.config.allow_query_token {
             return bearer::parse(&authorization, bearer::MAX_TOKEN_BYTES);
         }
-        let path = header(headers, ":path").unwrap_or_default();
+        let path = headers.get(":path").unwrap_or_default();
         match (bearer::from_query(path, bearer::MAX_TOKEN_BYTES)?, authorization.is_empty()) {
             (None, _) => bearer::parse(&authorization, bearer::MAX_TOKEN_BYTES),
             (Some(_), false) => Err(BearerError::Malformed("the token is in both the header and the query")),
@@ -178,17 +170,17 @@ impl Filter {
 
     // ----- admin API -----
 
-    fn admin_headers(&mut self, worker: &Worker, headers: &Headers, end_of_stream: bool) -> Action {
+    fn admin_headers(&mut self, worker: &Worker, headers: &HeaderMap, end_of_stream: bool) -> Action {
         worker.metrics.admin_requests.inc();
         self.admin = AdminState::Answered;
         let Some(cfg) = &worker.config.admin else {
             return Action::Pause;
         };
-        if let Err(reply) = admin::authorize(&authorization(headers), &cfg.token_sha256) {
+        if let Err(reply) = admin::authorize(&headers.all("authorization"), &cfg.token_sha256) {
             return self.admin_reply(worker, reply);
         }
-        let method = header(headers, ":method").unwrap_or_default();
-        let path = header(headers, ":path").unwrap_or_default();
+        let method = headers.get(":method").unwrap_or_default();
+        let path = headers.get(":path").unwrap_or_default();
         let route = match admin::route(method, path, &cfg.path_prefix) {
             Ok(r) => r,
             Err(reply) => return self.admin_reply(worker, reply),
@@ -197,14 +189,14 @@ impl Filter {
             return self.admin_handle(worker, &route, None);
         }
         // u64: usize is 32 bits in wasm, and a larger length must still be refused.
-        let declared = header(headers, "content-length").and_then(|l| l.trim().parse::<u64>().ok());
+        let declared = headers.get("content-length").and_then(|l| l.trim().parse::<u64>().ok());
         if declared.is_some_and(|l| l > cfg.max_body_bytes as u64) {
             return self.admin_reply(worker, admin::too_large(cfg));
         }
         if end_of_stream {
             return self.admin_reply(worker, Reply::error(400, "invalid_request", "the request body is empty"));
         }
-        let content_type = header(headers, "content-type").map(str::to_string);
+        let content_type = headers.get("content-type").map(str::to_string);
         self.admin = AdminState::AwaitingBody { content_type };
         // Envoy delivers no body to a filter that paused its headers, so the
         // headers continue to the next filter, which must be Envoy's buffer

@@ -7,7 +7,7 @@
 //! and per-worker answers) → `worker` (coalesced introspection callouts) →
 //! `introspection` (RFC 7662 request and answer) → `policy` (active, exp,
 //! nbf, scopes, claim headers) → `outcome` (the reply for each denial).
-//! `config` parses the plugin configuration, `store` is the shared-data seam,
+//! `headers` reads Envoy's header map in place, `config` parses the plugin configuration, `store` is the shared-data seam,
 //! `metrics` the counters, `root` the per-worker root context.
 
 pub mod admin;
@@ -16,6 +16,7 @@ pub mod cache;
 pub mod cluster_sync;
 pub mod config;
 pub mod denylist;
+pub mod headers;
 pub mod introspection;
 pub mod outcome;
 pub mod policy;
