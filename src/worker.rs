@@ -486,6 +486,7 @@ impl Worker {
     /// Polls for answers other workers fetch, re-sends orphaned calls and
     /// gives up on callouts Envoy never answered.
     pub fn tick(&self) {
+        self.metrics.flush();
         let now = now_ms();
         if let (Some(sync), Some(cfg)) = (&self.sync, &self.config.cluster_sync) {
             sync.borrow_mut().tick(cfg, &self.metrics, now);

@@ -6,8 +6,9 @@
                introspection_path, port, authority, kind, plugin_config(**overrides)
   mock_idp     the session mock IdP, reset before and after the test (faults, records)
   upstream     the echo upstream
-  envoys       session cache: envoys.get(idp, plugin_config=None, extra_listeners=())
-               returns a running Envoy, shared by every test asking for the same setup
+  envoys       session cache (EnvoyCache): envoys.get(idp, plugin_config=None,
+               extra_listeners=(), listener_configs=None, name=None) returns a running
+               Envoy, shared by every test asking for the same setup
   envoy        envoys.get(idp) with envoy/tokengate.json pointed at idp
   fresh        function-scoped factory for processes a test may break or must see alone:
                fresh.mock_idp(), fresh.oidc_idp(), fresh.idp(kind), fresh.envoy(idp, ...)
@@ -78,15 +79,26 @@ def mock_idp(mock_idp_server):
 
 
 class EnvoyCache:
-    """Session-wide Envoys, one per (IdP, configuration): starting Envoy is cheap, but not free."""
+    """Envoys kept running for reuse, one per (IdP, configuration): starting Envoy is cheap,
+    but not free. The session's (`envoys`) sends to the echo upstream; a module may keep its
+    own, with another upstream and name prefix, stopped when the module ends."""
 
-    def __init__(self, procs, workdir, upstream):
-        self.procs, self.workdir, self.upstream = procs, workdir, upstream
+    def __init__(self, procs, workdir, upstream, name="envoy"):
+        self.procs, self.workdir, self.upstream, self.name = procs, workdir, upstream, name
         self._envoys = {}
 
-    def get(self, idp, plugin_config=None, extra_listeners=()):
+    def get(self, idp, plugin_config=None, extra_listeners=(), listener_configs=None, name=None):
+        """`listener_configs` as for harness.Envoy; `name` (default "<prefix>-<idp kind>")
+        also tells apart Envoys that are otherwise configured alike."""
         config = plugin_config if plugin_config is not None else idp.plugin_config()
-        key = (idp.kind, idp.port, json.dumps(config, sort_keys=True), tuple(x.name for x in extra_listeners))
+        key = (
+            idp.kind,
+            idp.port,
+            json.dumps(config, sort_keys=True),
+            tuple(x.name for x in extra_listeners),
+            json.dumps(listener_configs, sort_keys=True),
+            name,
+        )
         envoy = self._envoys.get(key)
         if envoy is None or not envoy.alive():
             envoy = Envoy(
@@ -96,8 +108,9 @@ class EnvoyCache:
                 upstream_port=self.upstream.port,
                 plugin_config=config,
                 extra_listeners=extra_listeners,
+                listener_configs=listener_configs,
                 concurrency=CONCURRENCY,
-                name=f"envoy-{idp.kind}",
+                name=name or f"{self.name}-{idp.kind}",
             ).start()
             self._envoys[key] = envoy
         return envoy

@@ -528,7 +528,7 @@ class Envoy:
         self.concurrency = concurrency
         self.log_level = log_level
         self.component_log_level = component_log_level
-        self.wasm = wasm or os.environ.get("TOKENGATE_WASM") or str(REPO / "target/wasm32-wasip1/release/tokengate.wasm")
+        self.wasm = wasm or os.environ.get("TOKENGATE_WASM") or str(REPO / "target/tokengate.wasm")
         self.with_filter = with_filter
         self.name = name
         self.extra_clusters = [copy.deepcopy(c) for c in extra_clusters]
@@ -684,6 +684,16 @@ class Envoy:
             if candidate in stats:
                 return stats[candidate]
         return 0
+
+    def metric_at_least(self, name, n, timeout=3.0):
+        """A metric once it reaches `n`, or its value at `timeout`. For the hit-path counters
+        (`requests.allowed`, `cache.hit.local`), which each worker hands to Envoy on its tick."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.metric(name)
+            if value >= n or time.monotonic() > deadline:
+                return value
+            time.sleep(0.05)
 
     def tokengate_stats(self):
         return {k: v for k, v in self.stats().items() if "tokengate." in k}

@@ -475,6 +475,20 @@ def test_cluster_sync_bulk_revoke_naming_a_token_twice_is_written_to_etcd(cluste
 # --------------------------------------------------------------------------- Envoy restarts
 
 
+def revoke_then_kill(cluster, writer, victim, before, while_down):
+    """`writer` revokes each token of `before`, each seen revoked by `victim` within the
+    bound; then `victim` is SIGKILLed (its shared data dies with it) and `writer` revokes
+    `while_down`."""
+    for token in before:
+        resp, replied = writer.revoke(token)
+        admin_ok(cluster, resp, "written")
+        assert_within(cluster, watch([victim], token, 401, replied), BOUND_S, "before the kill")
+
+    victim.envoy.kill()
+    resp, _ = writer.revoke(while_down)
+    admin_ok(cluster, resp, "written")
+
+
 @pytest.fixture
 def restore_envoys(cluster):
     """An Envoy a test killed runs again afterwards, even if the test failed."""
@@ -493,14 +507,7 @@ def test_cluster_sync_killed_envoy_restarts_with_every_revocation(cluster, resto
     before, undone_later = cluster.token(), cluster.token()
     client = unique("client")
     while_down, clients_token = cluster.token(), cluster.token(client_id=client)
-    for token in (before, undone_later):
-        resp, replied = one.revoke(token)
-        admin_ok(cluster, resp, "written")
-        assert_within(cluster, watch([three], token, 401, replied), BOUND_S, "before the kill")
-
-    three.envoy.kill()
-    resp, _ = one.revoke(while_down)
-    admin_ok(cluster, resp, "written")
+    revoke_then_kill(cluster, one, three, (before, undone_later), while_down)
     resp, _ = one.revoke_json({"client_id": client, "reason": "while envoy 3 was down"})
     admin_ok(cluster, resp, "written")
     resp, _ = one.undo(sha256(undone_later))
@@ -526,13 +533,7 @@ def test_cluster_sync_restarted_envoy_never_serves_a_revoked_token(cluster, rest
     after start) has loaded etcd's records, and nothing holds requests until then."""
     one, two, three = cluster.gates
     before, while_down = cluster.token(), cluster.token()
-    resp, replied = one.revoke(before)
-    admin_ok(cluster, resp, "written")
-    assert_within(cluster, watch([two], before, 401, replied), BOUND_S, "before the kill")
-
-    two.envoy.kill()
-    resp, _ = one.revoke(while_down)
-    admin_ok(cluster, resp, "written")
+    revoke_then_kill(cluster, one, two, (before,), while_down)
     two.envoy.start(timeout=60)
     started = time.monotonic()
     seen = []
