@@ -7,19 +7,37 @@ DEPS          := .deps
 ENVOY         := $(DEPS)/envoy/envoy/_bin/envoy
 VENV          := .venv
 PY            := $(VENV)/bin/python
-WASM          := target/wasm32-wasip1/release/tokengate.wasm
+CARGO_WASM    := target/wasm32-wasip1/release/tokengate.wasm
+# What Envoy loads: cargo's module after binaryen's wasm-opt.
+WASM          := target/tokengate.wasm
+WASM_OPT      := $(DEPS)/binaryen/node_modules/.bin/wasm-opt
+# The wasm features rustc's wasm32-wasip1 target emits; wasm-opt refuses a module using any other.
+WASM_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
+                 --enable-mutable-globals --enable-multivalue --enable-reference-types
 IDP_MODULES   := tests/idp/node_modules/oidc-provider/package.json
 PYTEST_ARGS   ?=
 
 export ENVOY_BIN := $(abspath $(ENVOY))
 export TOKENGATE_WASM := $(abspath $(WASM))
 
-.PHONY: build test unit clippy e2e run deps toolchain envoy pydeps idp clean
+.PHONY: build test unit clippy e2e run deps toolchain envoy pydeps idp wasm-opt clean
 
-## build: the release wasm module, optimised for size
-build: toolchain
+## build: the release wasm module (rustc opt-level 3, then wasm-opt -O3: see Cargo.toml)
+build: toolchain wasm-opt
 	cargo build --release --target wasm32-wasip1 --locked
+	@$(MAKE) --no-print-directory $(WASM)
 	@ls -l $(WASM) | awk '{print "wasm: " $$5 " bytes  $(WASM)"}'
+
+$(WASM): $(CARGO_WASM) $(WASM_OPT)
+	$(WASM_OPT) -O3 $(WASM_FEATURES) $(CARGO_WASM) -o $@
+
+## wasm-opt: binaryen's wasm-opt (npm, pinned in tools/binaryen) into $(DEPS)/binaryen
+wasm-opt: $(WASM_OPT)
+$(WASM_OPT): tools/binaryen/package.json tools/binaryen/package-lock.json
+	mkdir -p $(DEPS)/binaryen
+	cp tools/binaryen/package.json tools/binaryen/package-lock.json $(DEPS)/binaryen/
+	cd $(DEPS)/binaryen && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 toolchain:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
@@ -97,7 +115,7 @@ oci:
 # Knobs (environment): BENCH_PROFILE=smoke|full (default smoke: short, for
 # checking the harness), BENCH_ROUNDS, BENCH_SECONDS, BENCH_PHASES, ...
 BENCH_VENV := $(DEPS)/bench-venv
-NOOP_WASM  := bench/noop/target/wasm32-wasip1/release/bench_noop.wasm
+NOOP_WASM  := bench/noop/target/bench_noop.wasm
 
 .PHONY: bench bench-deps bench-noop bench-hotpath
 
@@ -109,9 +127,10 @@ bench: build bench-noop bench-deps
 bench-hotpath: bench-noop bench-deps
 	$(BENCH_VENV)/bin/python bench/hotpath.py
 
-## bench-noop: the no-op proxy-wasm filter (variant B and the profile ladder)
-bench-noop: toolchain
+## bench-noop: the no-op proxy-wasm filter (variant B and the profile ladder), built like tokengate
+bench-noop: toolchain wasm-opt
 	cd bench/noop && cargo build --release --target wasm32-wasip1 --locked
+	$(WASM_OPT) -O3 $(WASM_FEATURES) bench/noop/target/wasm32-wasip1/release/bench_noop.wasm -o $(NOOP_WASM)
 
 ## bench-deps: wrk, valgrind and perf (Debian), matplotlib (PyPI, in $(BENCH_VENV)), Envoy
 bench-deps: envoy $(BENCH_VENV)/.installed

@@ -19,7 +19,7 @@ ENVOYFILTER = ENVOY_DIR / "istio" / "envoyfilter.yaml"
 WASMPLUGIN = ENVOY_DIR / "istio" / "wasmplugin.yaml"
 SCHEMA_DIR = ENVOY_DIR / "istio" / "schema"
 README = REPO / "README.md"
-WASM = REPO / "target" / "wasm32-wasip1" / "release" / "tokengate.wasm"
+WASM = REPO / "target" / "tokengate.wasm"
 WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 HCM = "envoy.filters.network.http_connection_manager"
 

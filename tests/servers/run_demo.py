@@ -163,7 +163,7 @@ def main():
         print("make run: port already in use: " + ", ".join(taken), file=sys.stderr)
         return 1
     envoy_bin = os.environ.get("ENVOY_BIN") or str(REPO / ".deps/envoy/envoy/_bin/envoy")
-    wasm = REPO / "target/wasm32-wasip1/release/tokengate.wasm"  # the path envoy.yaml names
+    wasm = REPO / "target/tokengate.wasm"  # the path envoy.yaml names
     for path, fix in ((Path(envoy_bin), "make envoy"), (wasm, "make build")):
         if not path.is_file():
             print(f"make run: {path} is missing (run `{fix}`)", file=sys.stderr)
