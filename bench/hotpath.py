@@ -28,6 +28,11 @@ REPO = run.REPO
 WORK = REPO / ".deps" / "bench-hotpath"
 
 
+# As the Makefile's WASM_FEATURES.
+WASM_FEATURES = ["--enable-bulk-memory", "--enable-sign-ext", "--enable-nontrapping-float-to-int",
+                 "--enable-mutable-globals", "--enable-multivalue", "--enable-reference-types"]
+
+
 class Stale(Exception):
     pass
 
@@ -37,40 +42,6 @@ def patch(path, old, new):
     if old not in text:
         raise Stale(f"{path.relative_to(path.parents[1])}: expected text not found: {old.strip()[:70]!r}")
     path.write_text(text.replace(old, new, 1))
-
-
-def no_counters(d):
-    """Per-request counter increments gone: stands for counting in wasm memory, flushed from on_tick."""
-    patch(d / "src/metrics.rs", """        if self.0 != 0 {
-            // A lost increment is not worth failing a request over.
-            let _ = hostcalls::increment_metric(self.0, 1);
-        }""", """        let _ = self;""")
-
-
-def targeted_reads(d, claim_gets=True):
-    """Authorization (and each configured claim header) read by name instead of the whole header map."""
-    f = d / "src/filter.rs"
-    patch(f, """        let headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
-            Ok(h) => h,
-            Err(_) => {
-                worker.deny(&Denial::IdpUnavailable("tokengate could not read the request"));
-                return Action::Pause;
-            }
-        };""", """        let mut headers: Headers = Vec::new();
-        if worker.config.admin.is_some() {
-            // The admin listener routes on :path and reads more: the whole map, as before.
-            headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
-        } else if let Ok(Some(v)) = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "authorization") {
-            headers.push(("authorization".to_string(), v));
-        }
-        if CLAIM_GETS && worker.config.admin.is_none() {
-            for name in worker.config.claims_to_headers.values() {
-                if let Ok(Some(v)) = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name) {
-                    headers.push((name.clone(), v));
-                }
-            }
-        }""")
-    patch(f, "pub struct Filter {", f"const CLAIM_GETS: bool = {'true' if claim_gets else 'false'};\n\npub struct Filter {{")
 
 
 def prefix_hasher(d):
@@ -99,17 +70,6 @@ def no_claim_headers(d):
           "for (header, value) in policy::claim_headers(claims, &self.config.claims_to_headers).into_iter().take(0) {")
 
 
-def gen_cas(d):
-    """The denylist generation carried by the CAS number of an empty-valued key: a read copies no value into
-    wasm memory, which spares Envoy a call into the module's malloc on every request."""
-    f = d / "src/denylist.rs"
-    patch(f, "Ok(self.store.get(GENERATION_KEY)?.map_or(0, |v| parse_generation(&v.value)))",
-          "Ok(self.store.get(GENERATION_KEY)?.map_or(0, |v| u64::from(v.cas)))")
-    patch(f, """            let next = current.map_or(0, parse_generation).wrapping_add(1);
-            Some(next.to_string().into_bytes())""", """            let _ = current;
-            Some(Vec::new())""")
-
-
 def price_denylist(d):
     """(pricing only) the per-request denylist check skipped."""
     patch(d / "src/worker.rs", """        let list = self.denylist();
@@ -129,26 +89,60 @@ def price_sha256(d):
 
 
 def price_strip(d):
-    """(pricing only) the loop that strips client-sent claim headers skipped."""
-    patch(d / "src/filter.rs", "        for (name, _) in headers {\n            let lookalike",
-          "        for (name, _) in headers.iter().take(0) {\n            let lookalike")
+    """(pricing only) the loop that looks for client-sent claim headers skipped."""
+    patch(d / "src/filter.rs", "        for (name, _) in headers.iter() {", "        for (name, _) in headers.iter().take(0) {")
+
+
+def price_time(d):
+    """(pricing only) no clock read: the hit path's `get_current_time` replaced by a constant."""
+    patch(d / "src/worker.rs", """    hostcalls::get_current_time()
+        .ok()""", """    Some(UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000))""")
+
+
+def sha2_opt3(d):
+    """sha2 at opt-level 3 (how opt-z built it)."""
+    with open(d / "Cargo.toml", "a") as f:
+        f.write("\n[profile.release.package.sha2]\nopt-level = 3\n")
+
+
+def opt_level(level, package=None):
+    def f(d):
+        if package:
+            with open(d / "Cargo.toml", "a") as cargo:
+                cargo.write(f"\n[profile.release.package.{package}]\nopt-level = {level}\n")
+        else:
+            patch(d / "Cargo.toml", "opt-level = 3", f"opt-level = {level}")
+    f.__doc__ = f"opt-level {level} for {package or 'every crate'}"
+    return f
+
+
+def no_wasm_opt(d):
+    """Marks the variant to ship cargo's module as it is (see build)."""
+    (d / "no-wasm-opt").write_text("")
+
+
+def worktree(d):
+    """The working tree's src/ and Cargo files, uncommitted changes included."""
+    shutil.rmtree(d / "src")
+    shutil.copytree(REPO / "src", d / "src")
+    for f in ("Cargo.toml", "Cargo.lock"):
+        shutil.copy(REPO / f, d / f)
 
 
 VARIANTS = {
-    "head": ("tokengate as committed", []),
-    "no-counters": (no_counters.__doc__, [no_counters]),
-    "auth-only": ("only Authorization read by name; client claim headers not looked for (lower bound of the "
-                  "whole-map read's cost)", [lambda d: targeted_reads(d, False)]),
-    "auth+claim-gets": ("Authorization and the 3 claim headers read by name instead of the whole map",
-                        [targeted_reads]),
+    "head": ("tokengate as committed (opt-level 3, then wasm-opt -O3, as `make build`)", []),
+    "worktree": (worktree.__doc__, [worktree]),
+    "opt-z": ("the build before this change: opt-level \"z\" (sha2 at 3), no wasm-opt",
+              [opt_level('"z"'), sha2_opt3, no_wasm_opt]),
+    "opt-3-no-wasm-opt": ("opt-level 3 without wasm-opt (555 KiB)", [no_wasm_opt]),
     "prefix-hasher": (prefix_hasher.__doc__, [prefix_hasher]),
     "no-claim-headers": (no_claim_headers.__doc__, [no_claim_headers]),
-    "gen-cas": (gen_cas.__doc__, [gen_cas]),
-    "combined": ("no-counters + auth+claim-gets + prefix-hasher + gen-cas",
-                 [no_counters, targeted_reads, prefix_hasher, gen_cas]),
     "price-denylist": (price_denylist.__doc__, [price_denylist]),
     "price-sha256": (price_sha256.__doc__, [price_sha256]),
     "price-strip": (price_strip.__doc__, [price_strip]),
+    "price-time": (price_time.__doc__, [price_time]),
+    "price-headers+sha256": ("(pricing only) no claim headers and no SHA-256: what is left beyond the floor",
+                             [no_claim_headers, price_sha256]),
 }
 
 
@@ -174,6 +168,9 @@ def build(name, fns):
         raise Stale(f"build failed: {r.stderr[-1500:]}")
     out = WORK / f"{name}.wasm"
     shutil.copy(out_built, out)
+    if not (d / "no-wasm-opt").exists():  # as `make build`
+        tool = os.environ.get("WASM_OPT", str(REPO / ".deps/binaryen/node_modules/.bin/wasm-opt"))
+        subprocess.run([tool, "-O3", *WASM_FEATURES, str(out), "-o", str(out)], check=True)
     return out
 
 
