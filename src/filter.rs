@@ -10,13 +10,12 @@ use crate::etcd::{EtcdWrite, Written};
 use crate::headers::{self, HeaderMap};
 use crate::introspection;
 use crate::outcome::Denial;
-use crate::worker::{callout_status, now_ms, send_denial, Found, Worker};
+use crate::worker::{callout_status, dispatch, now_ms, send_denial, Found, Worker};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 use std::collections::HashSet;
 use std::rc::Rc;
-use std::time::Duration;
 
 /// Tokens one admin call forwards to the IdP's revocation endpoint; the
 /// rest are revoked locally and reported as skipped.
@@ -278,23 +277,11 @@ impl Filter {
         let Some(endpoint) = &worker.config.revocation_endpoint else {
             return outcome;
         };
+        let client = endpoint.client_id.as_deref().zip(endpoint.client_secret.as_deref());
         for token in tokens.iter().take(MAX_FORWARDS) {
-            let mut form = form_urlencoded::Serializer::new(String::new());
-            form.append_pair("token", token.as_str());
-            form.append_pair("token_type_hint", "access_token");
-            let body = form.finish();
-            let mut headers = vec![
-                (":method", "POST".to_string()),
-                (":path", endpoint.path.clone()),
-                (":authority", endpoint.authority.clone()),
-                ("content-type", "application/x-www-form-urlencoded".to_string()),
-            ];
-            if let (Some(id), Some(secret)) = (&endpoint.client_id, &endpoint.client_secret) {
-                headers.push(("authorization", introspection::basic_auth(id, secret)));
-            }
-            let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let timeout = Duration::from_millis(endpoint.timeout_ms);
-            match hostcalls::dispatch_http_call(&endpoint.cluster, headers, Some(body.as_bytes()), vec![], timeout) {
+            let request =
+                introspection::token_post(&endpoint.path, &endpoint.authority, client, token, Some("access_token"));
+            match dispatch(&endpoint.cluster, &request, endpoint.timeout_ms) {
                 Ok(id) => {
                     pending.insert(id);
                 }

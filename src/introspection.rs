@@ -102,27 +102,42 @@ impl IntrospectionError {
     }
 }
 
-/// The headers and body of the introspection callout.
+/// The headers and body of a callout to the authorization server.
 pub struct Request {
     pub headers: Vec<(&'static str, String)>,
     pub body: String,
 }
 
-/// `POST {path}` with `token=…&token_type_hint=…` and `client_secret_basic`.
+/// The introspection callout: `POST {path}` with `token=…&token_type_hint=…`
+/// and `client_secret_basic`.
 pub fn request(config: &Introspection, token: &Token) -> Request {
+    let hint = Some(config.token_type_hint.as_str()).filter(|h| !h.is_empty());
+    let client = config.client_id.as_deref().zip(config.client_secret.as_deref());
+    token_post(&config.path, &config.authority, client, token, hint)
+}
+
+/// A token form POST as RFC 7662 (introspection) and RFC 7009 (revocation)
+/// both define it, with the client's `client_secret_basic` if it has one.
+pub fn token_post(
+    path: &str,
+    authority: &str,
+    client: Option<(&str, &str)>,
+    token: &Token,
+    hint: Option<&str>,
+) -> Request {
     let mut form = form_urlencoded::Serializer::new(String::new());
     form.append_pair("token", token.as_str());
-    if !config.token_type_hint.is_empty() {
-        form.append_pair("token_type_hint", &config.token_type_hint);
+    if let Some(hint) = hint {
+        form.append_pair("token_type_hint", hint);
     }
     let mut headers = vec![
         (":method", "POST".to_string()),
-        (":path", config.path.clone()),
-        (":authority", config.authority.clone()),
+        (":path", path.to_string()),
+        (":authority", authority.to_string()),
         ("content-type", "application/x-www-form-urlencoded".to_string()),
         ("accept", "application/json".to_string()),
     ];
-    if let (Some(id), Some(secret)) = (&config.client_id, &config.client_secret) {
+    if let Some((id, secret)) = client {
         headers.push(("authorization", basic_auth(id, secret)));
     }
     Request { headers, body: form.finish() }

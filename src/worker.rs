@@ -16,13 +16,13 @@ use crate::cache::{self, Claim, LocalCache, Lookup, SharedCache, TokenHash};
 use crate::config::Config;
 use crate::denylist::{DenyView, Denylist};
 use crate::etcd::Poller;
-use crate::introspection::{self, Answer, IntrospectionError};
+use crate::introspection::{self, Answer, IntrospectionError, Request};
 use crate::metrics::Metrics;
 use crate::outcome::Denial;
 use crate::policy;
 use crate::store::SharedData;
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType};
+use proxy_wasm::types::{BufferType, MapType, Status};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -81,6 +81,13 @@ pub enum Found {
     Ready(Verdict),
     /// The request is parked; the worker resumes or answers it later.
     Wait,
+}
+
+/// Sends a callout to the authorization server; its id, or Envoy's refusal.
+pub fn dispatch(cluster: &str, request: &Request, timeout_ms: u64) -> Result<u32, Status> {
+    let headers: Vec<(&str, &str)> = request.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let timeout = Duration::from_millis(timeout_ms);
+    hostcalls::dispatch_http_call(cluster, headers, Some(request.body.as_bytes()), vec![], timeout)
 }
 
 /// The `:status` of the callout answer being handled (`None`: no headers,
@@ -263,15 +270,7 @@ impl Worker {
     /// that request context, without it to the root context.
     fn send(&self, hash: TokenHash, token: &Token, sender: Option<u32>, now_ms: u64) -> Result<(), IntrospectionError> {
         let cfg = &self.config.introspection;
-        let request = introspection::request(cfg, token);
-        let headers: Vec<(&str, &str)> = request.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let sent = hostcalls::dispatch_http_call(
-            &cfg.cluster,
-            headers,
-            Some(request.body.as_bytes()),
-            vec![],
-            Duration::from_millis(cfg.timeout_ms),
-        );
+        let sent = dispatch(&cfg.cluster, &introspection::request(cfg, token), cfg.timeout_ms);
         self.metrics.introspection_calls.inc();
         let token_id = match sent {
             Ok(id) => id,
