@@ -125,6 +125,8 @@ pub struct RevocationEndpoint {
     pub client_id: Option<String>,
     #[serde(default)]
     pub client_secret: Option<String>,
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
 }
@@ -143,6 +145,10 @@ pub struct Introspection {
     pub client_id: Option<String>,
     #[serde(default)]
     pub client_secret: Option<String>,
+    /// The VM environment variable holding the secret instead (kept out of
+    /// config dumps); read once, when the configuration is loaded.
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
     /// Sent as `token_type_hint`; empty sends none.
@@ -267,6 +273,26 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// A client secret given inline or named by `client_secret_env`, never both.
+fn secret(
+    section: &str,
+    inline: Option<String>,
+    var: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    match (inline, var) {
+        (Some(_), Some(_)) => err(format!("{section}: give client_secret or client_secret_env, not both")),
+        (inline, None) => Ok(inline),
+        (None, Some(var)) => match env(var).filter(|v| !v.is_empty()) {
+            Some(value) => Ok(Some(value)),
+            None => err(format!(
+                "{section}.client_secret_env names {var:?}, which is not set in the wasm VM's environment \
+                 (vm_config.environment_variables)"
+            )),
+        },
+    }
+}
+
 fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
@@ -275,12 +301,24 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 const RESERVED_HEADERS: &[&str] = &["authorization", "host", "content-length", "transfer-encoding", "connection"];
 
 impl Config {
+    /// Parses the plugin configuration; `*_env` secrets come from the VM's
+    /// environment (`vm_config.environment_variables`).
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        Config::parse_with_env(bytes, &|name| std::env::var(name).ok())
+    }
+
+    pub fn parse_with_env(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         if bytes.iter().all(|b| b.is_ascii_whitespace()) {
             return err("the plugin configuration is empty; `introspection` is required");
         }
         // serde_json's message names the unknown or missing key and its position.
-        let config: Config = serde_json::from_slice(bytes).map_err(|e| ConfigError(e.to_string()))?;
+        let mut config: Config = serde_json::from_slice(bytes).map_err(|e| ConfigError(e.to_string()))?;
+        let i = &mut config.introspection;
+        i.client_secret = secret("introspection", i.client_secret.take(), i.client_secret_env.as_deref(), env)?;
+        if let Some(r) = &mut config.revocation_endpoint {
+            r.client_secret =
+                secret("revocation_endpoint", r.client_secret.take(), r.client_secret_env.as_deref(), env)?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -319,7 +357,7 @@ impl Config {
             return err("introspection.path must start with '/'");
         }
         if i.client_id.is_some() != i.client_secret.is_some() {
-            return err("introspection.client_id and introspection.client_secret go together");
+            return err("introspection.client_id and introspection.client_secret go together (client_secret may come from client_secret_env)");
         }
         if i.timeout_ms == 0 || i.timeout_ms > 60_000 {
             return err("introspection.timeout_ms must be between 1 and 60000 (0 would mean no timeout)");
@@ -459,6 +497,39 @@ mod tests {
         assert_eq!(c.claims_to_headers.get("sub").map(String::as_str), Some("x-auth-subject"));
         assert!(!c.hide_credentials);
         assert_eq!(c.realm, "tokengate");
+    }
+
+    #[test]
+    fn client_secret_can_come_from_the_vm_environment() {
+        let json = |extra: &str| {
+            format!(
+                r#"{{"introspection": {{"cluster": "idp", "authority": "a", "path": "/i", "client_id": "gw"{extra}}},
+                    "revocation_endpoint": {{"cluster": "idp", "authority": "a", "path": "/r", "client_id": "gw",
+                                             "client_secret_env": "REVOKE_SECRET"}}}}"#
+            )
+        };
+        let env = |name: &str| match name {
+            "INTROSPECT_SECRET" => Some("s3cret".to_string()),
+            "REVOKE_SECRET" => Some("other".to_string()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        };
+        let parse = |extra: &str| Config::parse_with_env(json(extra).as_bytes(), &env).map_err(|e| e.0);
+        let c = parse(r#", "client_secret_env": "INTROSPECT_SECRET""#).unwrap();
+        assert_eq!(c.introspection.client_secret.as_deref(), Some("s3cret"));
+        assert_eq!(c.revocation_endpoint.unwrap().client_secret.as_deref(), Some("other"));
+        let inline = parse(r#", "client_secret": "inline""#).unwrap();
+        assert_eq!(inline.introspection.client_secret.as_deref(), Some("inline"));
+        for (extra, says) in [
+            (r#", "client_secret_env": "MISSING""#, "\"MISSING\", which is not set"),
+            (r#", "client_secret_env": "EMPTY""#, "\"EMPTY\", which is not set"),
+            (r#", "client_secret": "x", "client_secret_env": "INTROSPECT_SECRET""#, "not both"),
+            ("", "go together"),
+        ] {
+            let e = parse(extra).unwrap_err();
+            assert!(e.contains(says), "{extra}: {e}");
+            assert!(!e.contains("s3cret"), "a secret in an error: {e}");
+        }
     }
 
     #[test]

@@ -117,8 +117,9 @@ impl Metrics {
 
     pub fn define() -> Metrics {
         let c = |name: &str| Counter::define(&format!("tokengate.{name}"));
+        let hot = |name: &str| HotCounter::define(&format!("tokengate.{name}"));
         Metrics {
-            allowed: HotCounter::define("tokengate.requests.allowed"),
+            allowed: hot("requests.allowed"),
             denied_missing_token: c("requests.denied.missing_token"),
             denied_invalid_request: c("requests.denied.invalid_request"),
             denied_invalid_token: c("requests.denied.invalid_token"),
@@ -126,7 +127,7 @@ impl Metrics {
             denied_insufficient_scope: c("requests.denied.insufficient_scope"),
             denied_idp_unavailable: c("requests.denied.idp_unavailable"),
             denied_denylist_loading: c("requests.denied.denylist_loading"),
-            cache_hit_local: HotCounter::define("tokengate.cache.hit.local"),
+            cache_hit_local: hot("cache.hit.local"),
             cache_hit_shared: c("cache.hit.shared"),
             cache_miss: c("cache.miss"),
             cache_coalesced: c("cache.coalesced"),

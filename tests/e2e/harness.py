@@ -514,6 +514,7 @@ class Envoy:
         log_level="info",
         component_log_level=None,
         wasm=None,
+        vm_host_env=None,
         with_filter=True,
         name="envoy",
         extra_clusters=(),
@@ -528,6 +529,8 @@ class Envoy:
         self.concurrency = concurrency
         self.log_level = log_level
         self.component_log_level = component_log_level
+        # Variables of Envoy's own environment that the wasm VMs may read (host_env_keys).
+        self.vm_host_env = dict(vm_host_env or {})
         self.wasm = wasm or os.environ.get("TOKENGATE_WASM") or str(REPO / "target/tokengate.wasm")
         self.with_filter = with_filter
         self.name = name
@@ -587,6 +590,8 @@ class Envoy:
             return
         for plugin in plugins:
             plugin["vm_config"]["code"]["local"]["filename"] = self.wasm
+            if self.vm_host_env:
+                plugin["vm_config"]["environment_variables"] = {"host_env_keys": sorted(self.vm_host_env)}
             plugin["configuration"]["value"] = json.dumps(plugin_config, indent=2)
 
     # ----- lifecycle -----
@@ -611,7 +616,8 @@ class Envoy:
         ]
         if self.component_log_level:
             argv += ["--component-log-level", self.component_log_level]
-        self.proc = self.procs.start(self.name, argv, self.workdir / f"{self.name}-{self.port}.log")
+        env = dict(os.environ, **self.vm_host_env) if self.vm_host_env else None
+        self.proc = self.procs.start(self.name, argv, self.workdir / f"{self.name}-{self.port}.log", env=env)
         # Envoy leaves its hot-restart segment behind even on SIGTERM; it is ours to remove.
         shm = Path(f"/dev/shm/envoy_shared_memory_{self.base_id * 10}")
         self.proc.on_stop.append(lambda: shm.unlink(missing_ok=True))

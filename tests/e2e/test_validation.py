@@ -317,6 +317,28 @@ def test_token_reaches_idp_byte_for_byte(envoys, mock_idp):
     assert headers.get("authorization") == _basic(client_id, secret)
 
 
+def test_client_secret_from_the_vm_environment(fresh):
+    """`client_secret_env`: the secret comes from Envoy's environment (an Istio pod's secret
+    mounted as a variable), not from the plugin configuration that config dumps show."""
+    idp = fresh.mock_idp()
+    client_id, secret = GATEWAY_CLIENT
+    config = idp.plugin_config()
+    del config["introspection"]["client_secret"]
+    config["introspection"]["client_secret_env"] = "TOKENGATE_TEST_SECRET"
+    envoy = fresh.envoy(idp, config, vm_host_env={"TOKENGATE_TEST_SECRET": secret})
+    token = unknown_token()
+    idp.register_active(token)
+    assert envoy.get("/resource", bearer(token)).status == 200
+    assert idp.introspections()["last_headers"].get("authorization") == _basic(client_id, secret)
+    assert secret not in envoy.admin("/config_dump").body.decode()
+
+    # A variable the VM cannot see is a configuration error Envoy reports, not a gateway that
+    # would introspect without credentials.
+    with pytest.raises(RuntimeError) as refused:
+        fresh.envoy(idp, config)
+    assert "client_secret_env names \"TOKENGATE_TEST_SECRET\", which is not set" in str(refused.value)
+
+
 def _basic(client_id, secret):
     return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
 
