@@ -29,7 +29,7 @@ rm -f "$build_log"
 echo "fuzz: built ${#targets[@]} targets in $((SECONDS - started))s"
 
 declare -A dict=(
-    [bearer]=http [admin_route]=http [admin_body]=http
+    [bearer]=http [admin_route]=http [admin_body]=http [header_map]=http
     [introspection]=json [config]=json [cache_store]=json [denylist_store]=json [etcd_answers]=json
 )
 status=0
