@@ -14,7 +14,6 @@ tests/deploy checks the same files offline (schemas, `envoy --mode validate`).
 import json
 import sys
 import urllib.parse
-from pathlib import Path
 
 import pytest
 import yaml
