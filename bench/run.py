@@ -1110,8 +1110,8 @@ def report(res, k):
                  "same core), a shared-data claim and a store (CAS rewrites of a JSON bucket), and a denylist "
                  "bucket read. Bounded structures fill at different points: the shared cache's buckets "
                  "(max_entries / 8 keys of up to 8 entries) fill over a few times max_entries; each worker's "
-                 "local cache (4,096 answers) at once; each worker's denylist memo (65,536 hashes) after "
-                 "65,536 × workers tokens. RSS is flat once all three are full.")
+                 "local cache (4,096 answers) and its denylist memo (8,192 hashes: twice the local cache) after "
+                 "a few thousand tokens per worker. RSS is flat once all three are full.")
         L.append("")
     sizes = res.get("wasm")
     if sizes:

@@ -360,19 +360,21 @@ pub fn canonical_id(id: &str) -> String {
 }
 
 /// One worker's memo of the denylist, refreshed when the generation moves.
-#[derive(Default)]
 pub struct DenyView {
     generation: Option<u64>,
     /// (kind, name) → revoked_at, expires_at.
     principals: HashMap<(Kind, String), (u64, u64)>,
     /// Token hash → revoked until (0: not revoked), as last read.
     tokens: HashMap<TokenHash, u64>,
+    /// Bound on `tokens`; it starts over when full.
+    memo_entries: usize,
 }
 
-/// Bound on the per-worker memo of token checks.
-const MEMO_ENTRIES: usize = 65_536;
-
 impl DenyView {
+    pub fn new(memo_entries: usize) -> DenyView {
+        DenyView { generation: None, principals: HashMap::new(), tokens: HashMap::new(), memo_entries }
+    }
+
     /// Re-reads the principal list if anything changed since the last call.
     pub fn refresh<S: Store + ?Sized>(&mut self, list: &Denylist<'_, S>, now: u64) -> Result<(), StoreError> {
         let generation = list.generation()?;
@@ -407,7 +409,7 @@ impl DenyView {
             return Ok(until > now);
         }
         let until = list.token_record(hash, now)?.map_or(0, |r| r.expires_at);
-        if self.tokens.len() >= MEMO_ENTRIES {
+        if self.tokens.len() >= self.memo_entries {
             self.tokens.clear();
         }
         self.tokens.insert(*hash, until);
@@ -512,7 +514,7 @@ mod tests {
         let l = limits();
         let d = Denylist::new(&s, &l);
         d.revoke_principal(Kind::Client, "app", "breach", 1000).unwrap();
-        let mut view = DenyView::default();
+        let mut view = DenyView::new(16);
         view.refresh(&d, 1000).unwrap();
         let claims =
             |client: &str, iat: Option<u64>| Claims { client_id: Some(client.into()), iat, ..Default::default() };
@@ -526,11 +528,27 @@ mod tests {
     }
 
     #[test]
+    fn memo_stays_within_its_bound_and_still_answers_right() {
+        let s = MemoryStore::new();
+        let l = limits();
+        let d = Denylist::new(&s, &l);
+        d.revoke_tokens(&[(h(7), 500)], "", 0).unwrap();
+        let mut view = DenyView::new(16);
+        view.refresh(&d, 0).unwrap();
+        for round in 0..3 {
+            for n in 0..100 {
+                assert_eq!(view.token_revoked(&d, &h(n), 0).unwrap(), n == 7, "token {n}, round {round}");
+                assert!(view.tokens.len() <= 16);
+            }
+        }
+    }
+
+    #[test]
     fn view_sees_changes_through_the_generation() {
         let s = MemoryStore::new();
         let l = limits();
         let d = Denylist::new(&s, &l);
-        let mut view = DenyView::default();
+        let mut view = DenyView::new(16);
         view.refresh(&d, 0).unwrap();
         assert!(!view.token_revoked(&d, &h(1), 0).unwrap());
         d.revoke_tokens(&[(h(1), 500)], "", 0).unwrap();

@@ -110,6 +110,10 @@ pub fn now_ms() -> u64 {
 impl Worker {
     pub fn new(config: Config, metrics: Metrics) -> Worker {
         let local = LocalCache::new(config.cache.local_entries);
+        // The memo pays off on local-cache hits (a miss reads shared data
+        // anyway), so it is sized from that cache: both fill at once and
+        // the worker's memory stops growing with them.
+        let memo_entries = config.cache.local_entries.saturating_mul(2).max(1024);
         Worker {
             config,
             metrics,
@@ -120,7 +124,7 @@ impl Worker {
                 waiting: HashMap::new(),
                 fast_tick: false,
             }),
-            deny: RefCell::new(DenyView::default()),
+            deny: RefCell::new(DenyView::new(memo_entries)),
             sync: None,
             denylist_loaded: std::cell::Cell::new(false),
         }
