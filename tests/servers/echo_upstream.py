@@ -11,6 +11,8 @@ import json
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from serving import serve
+
 
 class EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -75,20 +77,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    try:
-        server = Server(("127.0.0.1", args.port), EchoHandler)
-    except OSError as err:
-        print(f"echo-upstream: cannot listen on 127.0.0.1:{args.port}: {err.strerror}", file=sys.stderr)
-        return 2
-    print(f"echo-upstream: listening on http://127.0.0.1:{args.port}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
-
+    return serve("echo-upstream", args.port, lambda: Server(("127.0.0.1", args.port), EchoHandler))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from serving import serve
 from urllib.parse import parse_qs, unquote_plus
 
 HUGE_BODY_BYTES = 8 * 1024 * 1024
@@ -312,20 +314,7 @@ def main():
     parser.add_argument("--client-secret", default="gateway-secret")
     parser.add_argument("--verbose", action="store_true", help="log each request (method, path, status)")
     args = parser.parse_args()
-    try:
-        server = make_server(args.port, args.client_id, args.client_secret, args.verbose)
-    except OSError as err:
-        print(f"mock-idp: cannot listen on 127.0.0.1:{args.port}: {err.strerror}", file=sys.stderr)
-        return 2
-    print(f"mock-idp: listening on http://127.0.0.1:{args.port}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
-
+    return serve("mock-idp", args.port, lambda: make_server(args.port, args.client_id, args.client_secret, args.verbose))
 
 if __name__ == "__main__":
     sys.exit(main())
