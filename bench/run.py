@@ -994,9 +994,11 @@ def report(res, k):
             L.append(f"| {label} | {cpu:.2f} | {step} | {rps:,.0f} |")
             prev = cpu
         L.append("")
-        L.append("The last step (tokengate minus the full ladder) is tokengate's own Rust work on a hit: header-map "
-                 "decoding into owned Strings, bearer parsing, the denylist memo and local-cache hash lookups, Rc "
-                 "clones, policy decision, claim-header vector building.")
+        L.append("The last step (tokengate minus the full ladder) is tokengate's own Rust work on a hit (bearer "
+                 "parsing, the denylist memo and local-cache lookups, the policy decision) less what tokengate does "
+                 "more cheaply than the ladder's copies: it reads the header map in place instead of through the "
+                 "SDK's copy, its denylist generation key has an empty value (nothing copied into wasm memory), and "
+                 "it adds the claim headers instead of replacing them. It can be negative.")
         L.append("")
     cg = res.get("callgrind")
     if cg:
@@ -1172,10 +1174,21 @@ def ratios_and_targets(res):
         if p:
             ratios.append((name, *p))
     p = pair("C", "B")
-    targets.append(("tokengate cache hit ≥ 0.95 × no-op throughput", f"{p[0]:.3f}" if p else "–",
-                    p[0] >= 0.95 if p else None))
+    measured = f"{p[0]:.3f}" if p else "–"
+    cgm = cg_medians(res["callgrind"]) if (res.get("callgrind") or {}).get("results") else {}
+    if "B" in cgm and "C" in cgm:
+        measured += f" (by instructions {cgm['B']['ir'] / cgm['C']['ir']:.3f})"
+    p3 = pair("C3", "B")
+    if p3:
+        by_ir = f", by instructions {cgm['B']['ir'] / cgm['C3']['ir']:.3f}" if "C3" in cgm and "B" in cgm else ""
+        measured += f"; without claim headers (C3) {p3[0]:.3f}{by_ir}"
+    targets.append(("tokengate cache hit ≥ 0.95 × no-op throughput", measured, p[0] >= 0.95 if p else None))
     p = pair("C", "D")
-    targets.append(("tokengate ≥ 3 × ext_authz throughput", f"{p[0]:.2f}×" if p else "–", p[0] >= 3 if p else None))
+    measured = f"{p[0]:.2f}×" if p else "–"
+    floor = pair("B", "D")
+    if floor:
+        measured += f" (the no-op filter itself: {floor[0]:.2f}×)"
+    targets.append(("tokengate ≥ 3 × ext_authz throughput", measured, p[0] >= 3 if p else None))
     bursts = res.get("burst")
     if bursts:
         worst = max(b["introspections"] for b in bursts)
@@ -1318,7 +1331,21 @@ def commit():
         return "unknown"
 
 
+def rerender(path):
+    """BENCH_RERENDER=bench/results.json: the report and chart again from a run's numbers (after a change to
+    the report's text), without measuring."""
+    res = json.loads(Path(path).read_text())
+    k = res["meta"]["knobs"]
+    res["ratios"], res["targets"] = ratios_and_targets(res)
+    out_dir = Path(k["OUT"])
+    (out_dir / "results.md").write_text(report(res, k))
+    err = chart(res, k, out_dir / "results.png")
+    print(f"chart: {err}" if err else f"rewrote {out_dir / 'results.md'} and {out_dir / 'results.png'} from {path}")
+
+
 def main():
+    if os.environ.get("BENCH_RERENDER"):
+        return rerender(os.environ["BENCH_RERENDER"])
     k = knobs()
     envoy_bin, tokengate, noop = paths()
     envoy_cpu, load_cpu = pick_cpus(k)
