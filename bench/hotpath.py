@@ -9,7 +9,8 @@ callgrind, next to bare Envoy (A) and the no-op filter (B). Writes bench/hotpath
 The patches are sketches that keep the hit path's behaviour for this benchmark's request,
 not finished changes: a patch that no longer applies to the current source is reported
 and skipped. Knobs: HOTPATH_VARIANTS (comma-separated names), HOTPATH_REQUESTS (200),
-HOTPATH_ROUNDS (3).
+HOTPATH_ROUNDS (3). Run it with `make bench-hotpath`, which passes the Makefile's wasm-opt and
+its flags (WASM_OPT, WASM_FEATURES): variants are built as `make build` builds.
 """
 import http.client
 import os
@@ -28,9 +29,6 @@ REPO = run.REPO
 WORK = REPO / ".deps" / "bench-hotpath"
 
 
-# As the Makefile's WASM_FEATURES.
-WASM_FEATURES = ["--enable-bulk-memory", "--enable-sign-ext", "--enable-nontrapping-float-to-int",
-                 "--enable-mutable-globals", "--enable-multivalue", "--enable-reference-types"]
 
 
 class Stale(Exception):
@@ -99,12 +97,6 @@ def price_time(d):
         .ok()""", """    Some(UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000))""")
 
 
-def sha2_opt3(d):
-    """sha2 at opt-level 3 (how opt-z built it)."""
-    with open(d / "Cargo.toml", "a") as f:
-        f.write("\n[profile.release.package.sha2]\nopt-level = 3\n")
-
-
 def opt_level(level, package=None):
     def f(d):
         if package:
@@ -133,7 +125,7 @@ VARIANTS = {
     "head": ("tokengate as committed (opt-level 3, then wasm-opt -O3, as `make build`)", []),
     "worktree": (worktree.__doc__, [worktree]),
     "opt-z": ("the build before this change: opt-level \"z\" (sha2 at 3), no wasm-opt",
-              [opt_level('"z"'), sha2_opt3, no_wasm_opt]),
+              [opt_level('"z"'), opt_level(3, "sha2"), no_wasm_opt]),
     "opt-3-no-wasm-opt": ("opt-level 3 without wasm-opt (555 KiB)", [no_wasm_opt]),
     "prefix-hasher": (prefix_hasher.__doc__, [prefix_hasher]),
     "no-claim-headers": (no_claim_headers.__doc__, [no_claim_headers]),
@@ -168,9 +160,9 @@ def build(name, fns):
         raise Stale(f"build failed: {r.stderr[-1500:]}")
     out = WORK / f"{name}.wasm"
     shutil.copy(out_built, out)
-    if not (d / "no-wasm-opt").exists():  # as `make build`
-        tool = os.environ.get("WASM_OPT", str(REPO / ".deps/binaryen/node_modules/.bin/wasm-opt"))
-        subprocess.run([tool, "-O3", *WASM_FEATURES, str(out), "-o", str(out)], check=True)
+    if not (d / "no-wasm-opt").exists():  # as `make build`, with the Makefile's tool and flags
+        tool, features = os.environ["WASM_OPT"], os.environ["WASM_FEATURES"].split()
+        subprocess.run([tool, "-O3", *features, str(out), "-o", str(out)], check=True)
     return out
 
 

@@ -435,7 +435,8 @@ impl Config {
                 return err("revocation_endpoint needs cluster, authority and a path starting with '/'");
             }
             if r.client_id.is_some() != r.client_secret.is_some() {
-                return err("revocation_endpoint.client_id and revocation_endpoint.client_secret go together");
+                return err("revocation_endpoint.client_id and revocation_endpoint.client_secret go together \
+                            (client_secret may come from client_secret_env)");
             }
             if r.timeout_ms == 0 || r.timeout_ms > 60_000 {
                 return err("revocation_endpoint.timeout_ms must be between 1 and 60000");

@@ -694,12 +694,11 @@ class Envoy:
     def metric_at_least(self, name, n, timeout=3.0):
         """A metric once it reaches `n`, or its value at `timeout`. For the hit-path counters
         (`requests.allowed`, `cache.hit.local`), which each worker hands to Envoy on its tick."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.metric(name)
-            if value >= n or time.monotonic() > deadline:
-                return value
-            time.sleep(0.05)
+        try:
+            wait_until(lambda: self.metric(name) >= n, timeout, what=f"{name} >= {n}")
+        except TimeoutError:
+            pass  # the caller's assertion shows the value
+        return self.metric(name)
 
     def tokengate_stats(self):
         return {k: v for k, v in self.stats().items() if "tokengate." in k}
