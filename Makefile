@@ -39,6 +39,7 @@ $(WASM_OPT): tools/binaryen/package.json tools/binaryen/package-lock.json
 	cd $(DEPS)/binaryen && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+## toolchain: the wasm32-wasip1 target (rustup); a new machine has only the host's
 toolchain:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 
@@ -67,7 +68,8 @@ deps: toolchain envoy pydeps idp
 unit:
 	cargo test --locked --lib --tests
 
-clippy:
+## clippy: rustfmt and clippy, for the host and for the wasm target
+clippy: toolchain
 	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
 	cargo clippy --locked --release --target wasm32-wasip1 -- -D warnings
@@ -135,7 +137,7 @@ bench-noop: toolchain wasm-opt
 ## bench-deps: wrk, valgrind and perf (Debian), matplotlib (PyPI, in $(BENCH_VENV)), Envoy
 bench-deps: envoy $(BENCH_VENV)/.installed
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-	@command -v taskset >/dev/null || apt-get install -y -qq util-linux
+	@command -v taskset >/dev/null || { apt-get update -qq && apt-get install -y -qq util-linux; }
 	@command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; } || echo "valgrind unavailable: the callgrind phase will be skipped"
 	@command -v perf >/dev/null || { apt-get update -qq && apt-get install -y -qq linux-perf; } || echo "perf unavailable: the perf phase will be skipped"
 
