@@ -2,18 +2,26 @@
 //!
 //! Shared cache (every worker of the Envoy process): proxy-wasm shared data
 //! never frees a key, so the key space is fixed up front. A token's SHA-256
-//! picks one of `ceil(max_entries / SLOTS)` buckets, `tokengate.cache.<B>.<i>`;
-//! each bucket is a JSON list of at most `SLOTS` entries rewritten with CAS.
-//! A full bucket evicts the expired, then failed, then negative, then the
-//! soonest-expiring entry, so memory stays at `max_entries × max_entry_bytes`
-//! whatever the number of distinct tokens.
+//! picks one of `ceil(max_entries / SLOTS)` buckets,
+//! `tokengate.cache.<partition>.<B>.<i>`; each bucket is a JSON list of at
+//! most `SLOTS` entries rewritten with CAS. The partition is a digest of
+//! everything that shapes an answer (the introspection endpoint and client,
+//! the claims kept, the cache lifetimes), so listeners sharing a `vm_id` with
+//! another IdP or client never use, or wait for, each other's answers.
+//! A full bucket evicts the expired, then failed, then negative, then pending,
+//! then the soonest-expiring active entry, and an entry never evicts one that
+//! ranks above it: a flood of unknown tokens only displaces its own kind.
+//! Memory stays at `max_entries × max_entry_bytes` per partition whatever the
+//! number of distinct tokens.
 //!
 //! A bucket entry is an answer, or a marker that one worker is introspecting
 //! the token right now (`Pending`) or just failed to (`Failed`); the markers
 //! make a cold burst cost one introspection per process, not one per worker.
 //!
-//! Local cache (one per worker): a bounded map of hot answers, so a cache hit
-//! needs no shared-data read at all.
+//! Local cache (one per worker and configuration): a bounded map of hot
+//! active answers, so a cache hit needs no shared-data read at all. Negative
+//! answers stay in the shared cache only, so unknown tokens cannot push the
+//! hot ones out.
 
 use crate::bearer::Token;
 use crate::config;
@@ -44,6 +52,34 @@ pub fn parse_hex(text: &str) -> Option<TokenHash> {
         *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(out)
+}
+
+/// The shared-cache partition of a configuration: the first 8 bytes (hex)
+/// of a SHA-256 over everything that decides what is cached for a token.
+/// The secret is in it because a client with a wrong secret gets no answer.
+pub fn partition(cfg: &config::Config) -> String {
+    let i = &cfg.introspection;
+    let c = &cfg.cache;
+    let mut d = Sha256::new();
+    // Each field length-prefixed, so no two configurations hash alike by shifting bytes.
+    let mut field = |bytes: &[u8]| {
+        d.update((bytes.len() as u64).to_be_bytes());
+        d.update(bytes);
+    };
+    for text in [&i.cluster, &i.authority, &i.path, &i.token_type_hint] {
+        field(text.as_bytes());
+    }
+    field(i.client_id.as_deref().unwrap_or_default().as_bytes());
+    field(i.client_secret.as_deref().unwrap_or_default().as_bytes());
+    field(&i.max_response_bytes.to_be_bytes());
+    for claim in cfg.claims_to_headers.keys() {
+        field(claim.as_bytes());
+    }
+    field(b"cache");
+    for n in [c.max_ttl_s, c.negative_ttl_s, c.stale_if_error_s, c.max_entry_bytes as u64] {
+        field(&n.to_be_bytes());
+    }
+    d.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Entries per bucket: small enough that a bucket read stays cheap.
@@ -175,13 +211,26 @@ pub enum Claim {
 
 pub struct SharedCache<'s, S: Store + ?Sized> {
     store: &'s S,
+    /// `partition(config)`: answers of other configurations are not ours.
+    partition: &'s str,
     buckets: u64,
     max_entry_bytes: usize,
 }
 
+/// What became of an answer given to the shared cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    Cached,
+    /// Larger than `max_entry_bytes`: used, not cached.
+    TooLarge,
+    /// The bucket holds only entries that outrank it (a negative answer
+    /// among active ones): not cached, and nothing was evicted for it.
+    Outranked,
+}
+
 impl<'s, S: Store + ?Sized> SharedCache<'s, S> {
-    pub fn new(store: &'s S, cfg: &config::Cache) -> Self {
-        SharedCache { store, buckets: bucket_count(cfg.max_entries), max_entry_bytes: cfg.max_entry_bytes }
+    pub fn new(store: &'s S, cfg: &config::Cache, partition: &'s str) -> Self {
+        SharedCache { store, partition, buckets: bucket_count(cfg.max_entries), max_entry_bytes: cfg.max_entry_bytes }
     }
 
     fn key(&self, hash: &TokenHash) -> String {
@@ -189,7 +238,7 @@ impl<'s, S: Store + ?Sized> SharedCache<'s, S> {
         prefix.copy_from_slice(hash.get(..8).unwrap_or(&[0; 8]));
         let index = u64::from_be_bytes(prefix) % self.buckets;
         // The bucket count is in the key: a config with another size uses its own keys.
-        format!("tokengate.cache.{}.{index}", self.buckets)
+        format!("tokengate.cache.{}.{}.{index}", self.partition, self.buckets)
     }
 
     fn read(&self, hash: &TokenHash) -> Result<Vec<Slot>, StoreError> {
@@ -233,15 +282,15 @@ impl<'s, S: Store + ?Sized> SharedCache<'s, S> {
             outcome = Claim::Owner;
             let previous = slots.iter().find(|s| s.hash == hex).cloned();
             let marker = Slot::marker(hex.clone(), pending_until_ms, State::Pending, previous.as_ref(), now_ms);
-            put(&mut slots, marker, now_ms);
-            Some(encode(&slots))
+            // No room without evicting an answer: introspect without a marker
+            // (other workers may then ask too, which beats losing a hot answer).
+            put(&mut slots, marker, now_ms).then(|| encode(&slots))
         })?;
         Ok(outcome)
     }
 
     /// Stores an answer until `until_ms` (and as a stand-in until
-    /// `stale_until_ms`). Returns false when it was too large to cache (the
-    /// marker is then cleared instead).
+    /// `stale_until_ms`). When it is not cached, our marker is cleared instead.
     pub fn store_answer(
         &self,
         hash: &TokenHash,
@@ -249,20 +298,28 @@ impl<'s, S: Store + ?Sized> SharedCache<'s, S> {
         until_ms: u64,
         stale_until_ms: u64,
         now_ms: u64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Stored, StoreError> {
         let mut slot = Slot::new(hex(hash), until_ms, State::Answer(answer.clone()));
         slot.stale_until = stale_until_ms;
         let fits = encode(std::slice::from_ref(&slot)).len() <= self.max_entry_bytes;
         if !fits {
             self.release(hash, now_ms)?;
-            return Ok(false);
+            return Ok(Stored::TooLarge);
         }
+        let mut stored = Stored::Cached;
         update(self.store, &self.key(hash), |current| {
             let mut slots = current.map(decode).unwrap_or_default();
-            put(&mut slots, slot.clone(), now_ms);
-            Some(encode(&slots))
+            stored = Stored::Cached;
+            if put(&mut slots, slot.clone(), now_ms) {
+                return Some(encode(&slots));
+            }
+            stored = Stored::Outranked;
+            None
         })?;
-        Ok(true)
+        if stored == Stored::Outranked {
+            self.release(hash, now_ms)?;
+        }
+        Ok(stored)
     }
 
     /// Replaces our marker with a short-lived `Failed`, so waiters on other
@@ -277,8 +334,7 @@ impl<'s, S: Store + ?Sized> SharedCache<'s, S> {
             let previous = slots.iter().find(|s| s.hash == hex).cloned();
             let until = now_ms + FAILED_VISIBLE_MS;
             let slot = Slot::marker(hex.clone(), until, State::Failed { at: now_ms }, previous.as_ref(), now_ms);
-            put(&mut slots, slot, now_ms);
-            Some(encode(&slots))
+            put(&mut slots, slot, now_ms).then(|| encode(&slots))
         })?;
         Ok(())
     }
@@ -319,32 +375,36 @@ pub fn bucket_count(max_entries: u64) -> u64 {
     max_entries.div_ceil(SLOTS as u64).max(1)
 }
 
-/// Replaces the token's slot, making room if the bucket is full.
-fn put(slots: &mut Vec<Slot>, slot: Slot, now_ms: u64) {
-    slots.retain(|s| s.hash != slot.hash && s.alive(now_ms));
-    while slots.len() >= SLOTS {
-        let victim = slots
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, s)| (s.until > now_ms, eviction_rank(&s.state), s.until))
-            .map(|(i, _)| i);
+/// Replaces the token's slot, making room if the bucket is full. Returns
+/// false, changing nothing, when every slot outranks the new one.
+fn put(slots: &mut Vec<Slot>, slot: Slot, now_ms: u64) -> bool {
+    let mut kept: Vec<Slot> = slots.iter().filter(|s| s.hash != slot.hash && s.alive(now_ms)).cloned().collect();
+    let incoming = eviction_rank(&slot.state);
+    while kept.len() >= SLOTS {
+        // Stale-only stand-ins go first, then by rank, then the soonest to expire.
+        let victim = kept.iter().enumerate().min_by_key(|(_, s)| (s.until > now_ms, eviction_rank(&s.state), s.until));
         match victim {
-            Some(i) => {
-                slots.swap_remove(i);
+            Some((_, s)) if s.until > now_ms && eviction_rank(&s.state) > incoming => return false,
+            Some((i, _)) => {
+                kept.swap_remove(i);
             }
             None => break,
         }
     }
-    slots.push(slot);
+    kept.push(slot);
+    *slots = kept;
+    true
 }
 
-/// Lower goes first: a flood of bogus tokens evicts its own kind first.
+/// Lower goes first, and never makes way for a lower one: unknown tokens
+/// (negative answers, their in-flight markers) evict their own kind, never
+/// an active answer.
 fn eviction_rank(state: &State) -> u8 {
     match state {
         State::Failed { .. } => 0,
         State::Answer(Answer::Inactive) => 1,
-        State::Answer(Answer::Active(_)) => 2,
-        State::Pending => 3,
+        State::Pending => 2,
+        State::Answer(Answer::Active(_)) => 3,
     }
 }
 
@@ -391,8 +451,9 @@ impl LocalCache {
         self.map.get(hash).filter(|e| e.until_ms > now_ms)
     }
 
+    /// Keeps an active answer; negative ones are left to the shared cache.
     pub fn insert(&mut self, hash: TokenHash, answer: Rc<Answer>, until_ms: u64, now_ms: u64) {
-        if self.capacity == 0 {
+        if self.capacity == 0 || !matches!(*answer, Answer::Active(_)) {
             return;
         }
         if self.map.len() >= self.capacity && !self.map.contains_key(&hash) {
@@ -459,9 +520,9 @@ mod tests {
     #[test]
     fn stored_answer_is_a_hit_until_it_expires() {
         let s = MemoryStore::new();
-        let c = SharedCache::new(&s, &cfg(100));
+        let c = SharedCache::new(&s, &cfg(100), "p");
         assert_eq!(c.lookup(&h(1), 0).unwrap(), Lookup::Miss);
-        assert!(c.store_answer(&h(1), &active(None), 5_000, 0, 0).unwrap());
+        assert_eq!(c.store_answer(&h(1), &active(None), 5_000, 0, 0).unwrap(), Stored::Cached);
         assert_eq!(c.lookup(&h(1), 4_999).unwrap(), Lookup::Hit { answer: active(None), until_ms: 5_000 });
         assert_eq!(c.lookup(&h(1), 5_000).unwrap(), Lookup::Miss);
         assert_eq!(c.lookup(&h(2), 0).unwrap(), Lookup::Miss);
@@ -470,7 +531,7 @@ mod tests {
     #[test]
     fn only_one_claimant_becomes_owner() {
         let s = MemoryStore::new();
-        let c = SharedCache::new(&s, &cfg(100));
+        let c = SharedCache::new(&s, &cfg(100), "p");
         assert_eq!(c.claim(&h(1), 0, 3_000).unwrap(), Claim::Owner);
         assert_eq!(c.claim(&h(1), 10, 3_000).unwrap(), Claim::Pending);
         assert_eq!(c.lookup(&h(1), 10).unwrap(), Lookup::Pending);
@@ -483,7 +544,7 @@ mod tests {
     #[test]
     fn failure_is_seen_briefly_and_never_cached() {
         let s = MemoryStore::new();
-        let c = SharedCache::new(&s, &cfg(100));
+        let c = SharedCache::new(&s, &cfg(100), "p");
         c.claim(&h(1), 0, 3_000).unwrap();
         c.fail(&h(1), 100).unwrap();
         assert_eq!(c.lookup(&h(1), 200).unwrap(), Lookup::Failed { at_ms: 100 });
@@ -496,17 +557,17 @@ mod tests {
     #[test]
     fn oversized_answers_are_not_cached() {
         let s = MemoryStore::new();
-        let c = SharedCache::new(&s, &config::Cache { max_entry_bytes: 256, ..cfg(100) });
+        let c = SharedCache::new(&s, &config::Cache { max_entry_bytes: 256, ..cfg(100) }, "p");
         let big = Answer::Active(Claims { scope: Some("x".repeat(300)), ..Default::default() });
         c.claim(&h(1), 0, 3_000).unwrap();
-        assert!(!c.store_answer(&h(1), &big, 9_000, 0, 0).unwrap());
+        assert_eq!(c.store_answer(&h(1), &big, 9_000, 0, 0).unwrap(), Stored::TooLarge);
         assert_eq!(c.lookup(&h(1), 1).unwrap(), Lookup::Miss);
     }
 
     #[test]
     fn a_million_tokens_stay_within_max_entries() {
         let s = MemoryStore::new();
-        let c = SharedCache::new(&s, &cfg(1_000));
+        let c = SharedCache::new(&s, &cfg(1_000), "p");
         for n in 0..20_000 {
             c.store_answer(&h(n), &active(None), u64::MAX, 0, 0).unwrap();
         }
@@ -523,9 +584,9 @@ mod tests {
         let mut slots = Vec::new();
         for i in 0..SLOTS {
             let state = if i == 3 { State::Answer(Answer::Inactive) } else { State::Answer(active(None)) };
-            put(&mut slots, Slot::new(format!("{i}"), 100 + i as u64, state), 0);
+            assert!(put(&mut slots, Slot::new(format!("{i}"), 100 + i as u64, state), 0));
         }
-        put(&mut slots, Slot::new("new".into(), 50, State::Answer(active(None))), 0);
+        assert!(put(&mut slots, Slot::new("new".into(), 50, State::Answer(active(None))), 0));
         assert_eq!(slots.len(), SLOTS);
         assert!(slots.iter().all(|s| s.hash != "3"));
         assert!(slots.iter().any(|s| s.hash == "new"));
@@ -534,10 +595,10 @@ mod tests {
     #[test]
     fn garbage_bucket_reads_as_empty() {
         let s = MemoryStore::new();
-        let c = SharedCache::new(&s, &cfg(8));
+        let c = SharedCache::new(&s, &cfg(8), "p");
         s.set(&c.key(&h(1)), b"\xff{not json", crate::store::Guard::Absent).unwrap();
         assert_eq!(c.lookup(&h(1), 0).unwrap(), Lookup::Miss);
-        assert!(c.store_answer(&h(1), &active(None), 10, 0, 0).unwrap());
+        assert_eq!(c.store_answer(&h(1), &active(None), 10, 0, 0).unwrap(), Stored::Cached);
         assert!(matches!(c.lookup(&h(1), 0).unwrap(), Lookup::Hit { .. }));
     }
 
@@ -545,7 +606,7 @@ mod tests {
     fn stale_answer_outlives_the_cache_lifetime_and_survives_markers() {
         let s = MemoryStore::new();
         let cfg = config::Cache { stale_if_error_s: 10, ..cfg(100) };
-        let c = SharedCache::new(&s, &cfg);
+        let c = SharedCache::new(&s, &cfg, "p");
         let answer = active(Some(100));
         assert_eq!(stale_until_ms(&answer, &cfg, 5_000), 15_000);
         // Never past exp.
@@ -560,7 +621,7 @@ mod tests {
         c.fail(&h(1), 7_000).unwrap();
         assert_eq!(c.lookup_stale(&h(1), 7_500).unwrap(), Some(answer.clone()));
         assert_eq!(c.lookup_stale(&h(1), 15_000).unwrap(), None);
-        let off = SharedCache::new(&s, &cfg);
+        let off = SharedCache::new(&s, &cfg, "p");
         off.store_answer(&h(2), &answer, 5_000, 0, 0).unwrap();
         assert_eq!(off.lookup_stale(&h(2), 6_000).unwrap(), None);
     }
@@ -573,7 +634,7 @@ mod tests {
     fn release_keeps_the_stand_in() {
         let s = MemoryStore::new();
         let cfg = config::Cache { stale_if_error_s: 10, ..cfg(100) };
-        let c = SharedCache::new(&s, &cfg);
+        let c = SharedCache::new(&s, &cfg, "p");
         let answer = active(Some(100));
         c.store_answer(&h(1), &answer, 5_000, 15_000, 0).unwrap();
         assert_eq!(c.claim(&h(1), 6_000, 9_000).unwrap(), Claim::Owner);
@@ -582,11 +643,116 @@ mod tests {
         assert_eq!(c.lookup(&h(1), 6_200).unwrap(), Lookup::Miss, "no marker is left behind");
     }
 
+    /// The security review's reproduction: six unknown tokens in flight and
+    /// their negative answers emptied a bucket of eight active answers.
+    #[test]
+    fn unknown_tokens_never_evict_active_answers() {
+        let s = MemoryStore::new();
+        let c = SharedCache::new(&s, &cfg(SLOTS as u64), "p");
+        for n in 0..SLOTS as u32 {
+            assert_eq!(c.store_answer(&h(n), &active(None), 60_000, 0, 0).unwrap(), Stored::Cached);
+        }
+        for n in 100..120 {
+            // In flight: still the owner (it must introspect), but no marker displaces an answer.
+            assert_eq!(c.claim(&h(n), 10, 3_000).unwrap(), Claim::Owner);
+            assert_eq!(c.lookup(&h(n), 11).unwrap(), Lookup::Miss);
+            assert_eq!(c.store_answer(&h(n), &Answer::Inactive, 5_000, 0, 20).unwrap(), Stored::Outranked);
+            c.fail(&h(n), 30).unwrap();
+        }
+        for n in 0..SLOTS as u32 {
+            assert!(matches!(c.lookup(&h(n), 40).unwrap(), Lookup::Hit { .. }), "active answer {n} evicted");
+        }
+        // A new active answer still makes room, in place of the soonest to expire.
+        assert_eq!(c.store_answer(&h(50), &active(None), 70_000, 0, 50).unwrap(), Stored::Cached);
+        assert!(matches!(c.lookup(&h(50), 60).unwrap(), Lookup::Hit { .. }));
+    }
+
+    #[test]
+    fn unknown_tokens_evict_their_own_kind_first() {
+        let mut slots = Vec::new();
+        for i in 0..SLOTS {
+            let state = match i {
+                0 => State::Answer(Answer::Inactive),
+                1 => State::Pending,
+                _ => State::Answer(active(None)),
+            };
+            assert!(put(&mut slots, Slot::new(format!("{i}"), 100, state), 0));
+        }
+        assert!(put(&mut slots, Slot::new("neg".into(), 100, State::Answer(Answer::Inactive)), 0));
+        assert!(slots.iter().all(|s| s.hash != "0"), "the older negative answer went");
+        assert!(put(&mut slots, Slot::new("p".into(), 100, State::Pending), 0));
+        assert!(slots.iter().all(|s| s.hash != "neg"), "a marker outranks a negative answer");
+        assert!(!put(&mut slots, Slot::new("neg2".into(), 100, State::Answer(Answer::Inactive)), 0));
+        assert_eq!(slots.iter().filter(|s| matches!(s.state, State::Answer(Answer::Active(_)))).count(), SLOTS - 2);
+    }
+
+    fn config_json(extra: &str) -> config::Config {
+        let json = format!(
+            r#"{{"introspection": {{"cluster": "idp", "authority": "a", "path": "/i", "client_id": "gw", "client_secret": "s"}}{extra}}}"#
+        );
+        config::Config::parse(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn partition_follows_what_shapes_an_answer() {
+        let base = partition(&config_json(""));
+        assert_eq!(base.len(), 16);
+        assert_eq!(base, partition(&config_json("")), "stable");
+        // The denylist and admin API are shared by design: they do not split the cache.
+        let same = [r#", "required_scopes": ["read"]"#, r#", "realm": "r""#, r#", "cache": {"max_entries": 64}"#];
+        for extra in same {
+            assert_eq!(partition(&config_json(extra)), base, "{extra}");
+        }
+        let other = config_json("");
+        let mut differ = Vec::new();
+        for change in [
+            |c: &mut config::Config| c.introspection.cluster = "idp-b".into(),
+            |c: &mut config::Config| c.introspection.authority = "b".into(),
+            |c: &mut config::Config| c.introspection.path = "/j".into(),
+            |c: &mut config::Config| c.introspection.client_id = Some("other".into()),
+            |c: &mut config::Config| c.introspection.client_secret = Some("t".into()),
+            |c: &mut config::Config| {
+                c.claims_to_headers.insert("tenant".into(), "x-auth-tenant".into());
+            },
+            |c: &mut config::Config| c.cache.max_ttl_s = 1,
+            |c: &mut config::Config| c.cache.negative_ttl_s = 0,
+        ] {
+            let mut c = other.clone();
+            change(&mut c);
+            differ.push(partition(&c));
+        }
+        for p in &differ {
+            assert_ne!(p, &base);
+        }
+    }
+
+    #[test]
+    fn partitions_share_neither_answers_nor_markers() {
+        let s = MemoryStore::new();
+        let a = SharedCache::new(&s, &cfg(100), "aaaa");
+        let b = SharedCache::new(&s, &cfg(100), "bbbb");
+        a.store_answer(&h(1), &active(None), 9_000, 0, 0).unwrap();
+        assert_eq!(b.lookup(&h(1), 1).unwrap(), Lookup::Miss);
+        assert_eq!(a.claim(&h(2), 0, 3_000).unwrap(), Claim::Owner);
+        assert_eq!(b.claim(&h(2), 0, 3_000).unwrap(), Claim::Owner, "B asks its own IdP");
+    }
+
+    #[test]
+    fn local_cache_keeps_active_answers_only() {
+        let mut l = LocalCache::new(3);
+        l.insert(h(1), Rc::new(active(None)), 100, 0);
+        for n in 10..1_000 {
+            l.insert(h(n), Rc::new(Answer::Inactive), 100, 0);
+        }
+        assert_eq!(l.len(), 1, "unknown tokens neither fill nor flush it");
+        assert!(l.get(&h(1), 50).is_some());
+    }
+
     #[test]
     fn local_cache_is_bounded() {
         let mut l = LocalCache::new(3);
         for n in 0..10 {
-            l.insert(h(n), Rc::new(Answer::Inactive), 100, 0);
+            l.insert(h(n), Rc::new(active(None)), 100, 0);
             assert!(l.len() <= 3);
         }
         assert!(l.get(&h(9), 99).is_some());

@@ -12,7 +12,7 @@
 //! lives as long as the worker.
 
 use crate::bearer::Token;
-use crate::cache::{self, Claim, LocalCache, Lookup, SharedCache, TokenHash};
+use crate::cache::{self, Claim, LocalCache, Lookup, SharedCache, Stored, TokenHash};
 use crate::config::Config;
 use crate::denylist::{DenyView, Denylist};
 use crate::etcd::Poller;
@@ -40,6 +40,8 @@ const GRACE_MS: u64 = 1000;
 
 pub struct Worker {
     pub config: Config,
+    /// This configuration's part of the shared cache (`cache::partition`).
+    partition: String,
     pub metrics: Metrics,
     state: RefCell<State>,
     deny: RefCell<DenyView>,
@@ -115,6 +117,7 @@ impl Worker {
         // the worker's memory stops growing with them.
         let memo_entries = config.cache.local_entries.saturating_mul(2).max(1024);
         Worker {
+            partition: cache::partition(&config),
             config,
             metrics,
             state: RefCell::new(State {
@@ -188,8 +191,8 @@ impl Worker {
         }
     }
 
-    fn shared(&self) -> SharedCache<'static, SharedData> {
-        SharedCache::new(&SharedData, &self.config.cache)
+    fn shared(&self) -> SharedCache<'_, SharedData> {
+        SharedCache::new(&SharedData, &self.config.cache, &self.partition)
     }
 
     fn marker_until(&self, now_ms: u64) -> u64 {
@@ -317,8 +320,8 @@ impl Worker {
                 Some(until) => {
                     let stale_until = cache::stale_until_ms(&answer, &self.config.cache, until);
                     match shared.store_answer(&hash, &answer, until, stale_until, now) {
-                        Ok(true) => {}
-                        Ok(false) => self.metrics.cache_uncacheable.inc(),
+                        Ok(Stored::Cached | Stored::Outranked) => {}
+                        Ok(Stored::TooLarge) => self.metrics.cache_uncacheable.inc(),
                         Err(e) => {
                             self.metrics.cache_store_errors.inc();
                             log::warn!("shared cache write failed: {e:?}");

@@ -8,7 +8,7 @@ use libfuzzer_sys::arbitrary::Unstructured;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
 use std::rc::Rc;
-use tokengate::cache::{bucket_count, hex, Claim, LocalCache, Lookup, SharedCache, SLOTS};
+use tokengate::cache::{bucket_count, hex, Claim, LocalCache, Lookup, SharedCache, Stored, SLOTS};
 use tokengate::config;
 use tokengate::introspection::{Answer, Claims};
 use tokengate::store::{Guard, MemoryStore, Store};
@@ -69,7 +69,7 @@ fuzz_target!(|data: &[u8]| {
         ..Default::default()
     };
     let buckets = bucket_count(cfg.max_entries);
-    let key = |i: u64| format!("tokengate.cache.{buckets}.{i}");
+    let key = |i: u64| format!("tokengate.cache.f.{buckets}.{i}");
     let store = MemoryStore::new();
     let mut initial = Vec::new();
     for i in 0..buckets {
@@ -79,7 +79,7 @@ fuzz_target!(|data: &[u8]| {
         }
         initial.push(value);
     }
-    let cache = SharedCache::new(&store, &cfg);
+    let cache = SharedCache::new(&store, &cfg, "f");
     let mut local = LocalCache::new(int(&mut u, 0, 3) as usize);
     let mut now = int(&mut u, 0, 20_000);
 
@@ -94,6 +94,17 @@ fuzz_target!(|data: &[u8]| {
         // markers of a refresh (claim, fail, release), whatever they meet.
         let stand_in = cache.lookup_stale(&h, now).expect("store");
         let op = byte(&mut u) % 7;
+        // Active answers of other tokens, which nothing but another active answer may evict.
+        let others = |now| {
+            (0..POOL.len())
+                .filter(|&o| o != which)
+                .filter(|&o| {
+                    matches!(cache.lookup(&pool_hash(o), now).expect("store"), Lookup::Hit { answer: Answer::Active(_), .. })
+                })
+                .count()
+        };
+        let others_before = others(now);
+        let mut stored_active = false;
         match op {
             0 => {
                 cache.lookup(&h, now).expect("memory store");
@@ -101,7 +112,11 @@ fuzz_target!(|data: &[u8]| {
             1 => {
                 let until = now + int(&mut u, 1, 5_000);
                 match cache.claim(&h, now, until).expect("memory store") {
-                    Claim::Owner => assert_eq!(cache.lookup(&h, now).expect("store"), Lookup::Pending),
+                    // No marker where it would have evicted an answer.
+                    Claim::Owner => assert!(matches!(
+                        cache.lookup(&h, now).expect("store"),
+                        Lookup::Pending | Lookup::Miss | Lookup::Failed { .. }
+                    )),
                     Claim::Pending => assert_eq!(cache.lookup(&h, now).expect("store"), Lookup::Pending),
                     Claim::Hit { answer, until_ms } => {
                         assert!(until_ms > now);
@@ -113,7 +128,8 @@ fuzz_target!(|data: &[u8]| {
                 let a = answer(&mut u);
                 let until = now + int(&mut u, 1, 5_000);
                 let stale_until = if byte(&mut u) % 2 == 0 { 0 } else { until + int(&mut u, 0, 5_000) };
-                if cache.store_answer(&h, &a, until, stale_until, now).expect("memory store") {
+                stored_active = matches!(a, Answer::Active(_));
+                if cache.store_answer(&h, &a, until, stale_until, now).expect("memory store") == Stored::Cached {
                     assert_eq!(cache.lookup(&h, now).expect("store"), Lookup::Hit { answer: a.clone(), until_ms: until });
                     let later = until + int(&mut u, 0, 6_000);
                     let expected = (stale_until > later).then_some(a);
@@ -130,8 +146,13 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(after, before, "a failure never replaces an answer");
                 } else if after != (Lookup::Failed { at_ms: now }) {
                     // Left alone only for a live answer (in a bucket some other
-                    // writer left with duplicates).
-                    assert_ne!(before, Lookup::Miss, "a failure is not recorded");
+                    // writer left with duplicates), or in a bucket full of entries
+                    // that outrank a failure.
+                    let index = u64::from_be_bytes(h[..8].try_into().expect("8 bytes")) % buckets;
+                    let full = store.get(&key(index)).expect("store").is_some_and(|v| {
+                        matches!(serde_json::from_slice::<Value>(&v.value), Ok(Value::Array(s)) if s.len() == SLOTS)
+                    });
+                    assert!(before != Lookup::Miss || full, "a failure is not recorded");
                 }
             }
             4 => {
@@ -153,6 +174,9 @@ fuzz_target!(|data: &[u8]| {
                     assert!(entry.until_ms > now);
                 }
             }
+        }
+        if !stored_active && op != 6 {
+            assert!(others(now) >= others_before, "op {op} evicted another token's active answer");
         }
         if matches!(op, 1 | 3 | 4) {
             if let Some(before) = stand_in {

@@ -30,7 +30,9 @@ fuzz_target!(|data: &[u8]| {
 
     // The cache works with these bounds.
     let store = MemoryStore::new();
-    let shared = SharedCache::new(&store, &config.cache);
+    let partition = cache::partition(&config);
+    assert!(partition.len() == 16 && partition.bytes().all(|b| b.is_ascii_hexdigit()), "partition {partition:?}");
+    let shared = SharedCache::new(&store, &config.cache, &partition);
     let active = Answer::Active(Claims { exp: Some(NOW_S + 60), ..Default::default() });
     for answer in [&active, &Answer::Inactive] {
         if let Some(until) = cache::cache_until_ms(answer, &config.cache, now_ms) {

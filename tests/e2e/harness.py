@@ -755,6 +755,21 @@ def _set_port(address, port):
     socket_address["port_value"] = int(port)
 
 
+def loopback_cluster(name, port):
+    """A plain Envoy cluster for a test server on 127.0.0.1 (for `extra_clusters`)."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": port}}}}
+            ]}],
+        },
+    }
+
+
 def _set_cluster_port(cluster, port):
     endpoints = cluster["load_assignment"]["endpoints"]
     lb_endpoints = [e for group in endpoints for e in group["lb_endpoints"]]

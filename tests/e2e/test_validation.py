@@ -10,11 +10,12 @@ import re
 import secrets
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from conftest import CONCURRENCY
-from harness import GATEWAY_CLIENT, PLUGIN_CONFIG, bearer, burst
+from harness import GATEWAY_CLIENT, PLUGIN_CONFIG, Listener, bearer, burst, get, loopback_cluster, merge
 
 REALM = "tokengate"
 SHIPPED = json.loads(PLUGIN_CONFIG.read_text())
@@ -296,6 +297,57 @@ def test_requests_waiting_on_a_slow_idp_share_its_answer(envoys, mock_idp):
     statuses = burst(envoy.port, n=400, connections=32, headers=bearer(token))
     assert statuses.count(200) == 400, {s: statuses.count(s) for s in set(statuses)}
     assert 1 <= mock_idp.calls_for(token) <= CONCURRENCY
+
+
+def test_listeners_with_another_idp_never_share_answers(fresh, mock_idp):
+    # Two listeners, one vm_id: `data` asks IdP A, `other` asks IdP B and forwards one more claim.
+    idp_b = fresh.mock_idp()
+    other_config = merge(
+        idp_b.plugin_config(),
+        {"introspection": {"cluster": "idp_b"}, "claims_to_headers": {"tenant": "x-auth-tenant"}},
+    )
+    other = Listener("other", other_config)
+    envoy = fresh.envoy(mock_idp, extra_listeners=[other], extra_clusters=[loopback_cluster("idp_b", idp_b.port)])
+
+    known_to_a = unknown_token()
+    mock_idp.register_active(known_to_a, sub="alice")
+    assert upstream_headers(envoy.get("/", bearer(known_to_a)))["x-auth-subject"] == "alice"
+    statuses = burst(other.port, n=40, connections=8, headers=bearer(known_to_a))
+    assert statuses == [401] * 40, "B does not know the token; A's answer must not stand in"
+    assert_denied(get(other.port, "/", bearer(known_to_a)), 401, "invalid_token")
+    assert idp_b.calls_for(known_to_a) >= 1
+    assert mock_idp.calls_for(known_to_a) == 1
+
+    known_to_both = unknown_token()
+    mock_idp.register_active(known_to_both, sub="alice")
+    idp_b.register_active(known_to_both, sub="bob", tenant="t-1")
+    assert upstream_headers(envoy.get("/", bearer(known_to_both)))["x-auth-subject"] == "alice"
+    seen = upstream_headers(get(other.port, "/", bearer(known_to_both)))
+    assert (seen["x-auth-subject"], seen.get("x-auth-tenant")) == ("bob", "t-1")
+    assert idp_b.calls_for(known_to_both) == 1
+
+
+@pytest.mark.parametrize("local_entries", [0, 16])
+def test_flood_of_unknown_tokens_keeps_active_answers_cached(envoys, mock_idp, local_entries):
+    # One shared bucket (max_entries 8) filled with active answers, then a flood of
+    # unknown tokens whose introspections are slow, so their markers pile up too.
+    config = mock_idp.plugin_config(cache={"max_entries": 8, "local_entries": local_entries})
+    envoy = envoys.get(mock_idp, plugin_config=config, name=f"flood-{local_entries}")
+    active = [unknown_token() for _ in range(8)]
+    for token in active:
+        mock_idp.register_active(token)
+        assert envoy.get("/", bearer(token)).status == 200
+    assert [mock_idp.calls_for(t) for t in active] == [1] * 8
+
+    mock_idp.fault("slow", delay_ms=50)
+    with ThreadPoolExecutor(16) as pool:
+        flood = list(pool.map(lambda _: envoy.get("/", bearer(unknown_token())).status, range(300)))
+    assert flood == [401] * 300
+    mock_idp.fault("none")
+
+    for token in active:
+        assert burst(envoy.port, n=20, connections=8, headers=bearer(token)) == [200] * 20
+    assert [mock_idp.calls_for(t) for t in active] == [1] * 8, "the flood evicted active answers"
 
 
 def test_cache_entry_never_outlives_exp(envoy, idp):
