@@ -12,6 +12,8 @@ use crate::bearer::{self, Token};
 use crate::cache::{hash_token, hex, TokenHash};
 use crate::config;
 use crate::denylist::{Change, DenyError, Denylist, Kind, Record, MAX_PRINCIPAL_CHARS};
+use crate::introspection::Claims;
+use crate::jwt;
 use crate::store::Store;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -329,14 +331,15 @@ fn principal(kind: Kind, name: String, reason: String) -> Result<Revoke, Reply> 
 }
 
 /// Carries out an authorized, routed request against the denylist.
-/// `exp_of` gives a token's `exp` when the cache knows it.
+/// `cached` gives a token's active answer when the cache knows it (its
+/// `exp` bounds the record, its JWT identity is revoked with it).
 pub fn handle<S: Store + ?Sized>(
     route: &Route,
     revoke: Option<Revoke>,
     limits: &config::Denylist,
     store: &S,
     now: u64,
-    exp_of: &dyn Fn(&TokenHash) -> Option<u64>,
+    cached: &dyn Fn(&TokenHash) -> Option<Claims>,
 ) -> Handled {
     let list = Denylist::new(store, limits);
     let mut forward = Vec::new();
@@ -346,16 +349,28 @@ pub fn handle<S: Store + ?Sized>(
             // A token given twice is one revocation.
             let mut seen = std::collections::HashSet::new();
             tokens.retain(|t| seen.insert(t.clone()));
+            let mut identities: Vec<(TokenHash, u64)> = Vec::new();
             let items: Vec<(TokenHash, u64)> = tokens
                 .iter()
                 .map(|t| {
-                    let hash = hash_token(&bearer::from_admin(t));
-                    let expires = exp_of(&hash).filter(|&e| e > now).unwrap_or(now.saturating_add(limits.token_ttl_s));
+                    let token = bearer::from_admin(t);
+                    let hash = hash_token(&token);
+                    let known = cached(&hash);
+                    let exp = known.as_ref().and_then(|c| c.exp).filter(|&e| e > now);
+                    let expires = exp.unwrap_or(now.saturating_add(limits.token_ttl_s));
+                    // Every encoding of a JWT is denied through its identity.
+                    let identity = jwt::payload_identity(token.as_bytes()).or(known.and_then(|c| c.identity));
+                    if let Some(id) = identity.filter(|id| !identities.iter().any(|(i, _)| i == id)) {
+                        identities.push((id, expires));
+                    }
                     (hash, expires)
                 })
                 .collect();
-            match list.revoke_tokens(&items, &reason, now) {
-                Ok(done) => {
+            let revoked = list
+                .revoke_tokens(&items, &reason, now)
+                .and_then(|done| Ok((done, list.revoke_identities(&identities, &reason, now)?)));
+            match revoked {
+                Ok((done, jwts)) => {
                     for hash in &done.revoked {
                         log::info!("revoked token sha256:{} reason={reason:?}", hex(hash));
                     }
@@ -369,13 +384,32 @@ pub fn handle<S: Store + ?Sized>(
                             reason: reason.clone(),
                         }));
                     }
+                    for (hash, expires_at) in identities.iter().filter(|(h, _)| jwts.revoked.contains(h)) {
+                        log::info!("revoked JWT {}", Record::hashed_id(Kind::Jwt, hash));
+                        changes.push(Change::Revoked(Record {
+                            id: Record::hashed_id(Kind::Jwt, hash),
+                            kind: Kind::Jwt,
+                            revoked_at: now,
+                            expires_at: *expires_at,
+                            reason: reason.clone(),
+                        }));
+                    }
                     forward = tokens.iter().map(|t| bearer::from_admin(t)).collect();
                     let ids: Vec<String> = done.revoked.iter().take(MAX_IDS_IN_ANSWER).map(hex).collect();
-                    if done.full.is_empty() {
-                        Reply::ok(json!({"revoked": done.revoked.len(), "ids": ids}))
+                    let jti_ids: Vec<String> =
+                        jwts.revoked.iter().take(MAX_IDS_IN_ANSWER).map(|h| Record::hashed_id(Kind::Jwt, h)).collect();
+                    let mut body = json!({"revoked": done.revoked.len(), "ids": ids});
+                    if !jti_ids.is_empty() {
+                        body["jti_ids"] = json!(jti_ids);
+                    }
+                    if done.full.is_empty() && jwts.full.is_empty() {
+                        Reply::ok(body)
                     } else {
                         log::error!("denylist full, {} token(s) not revoked", done.full.len());
-                        let refused: Vec<String> = done.full.iter().take(MAX_IDS_IN_ANSWER).map(hex).collect();
+                        // A JWT whose identity found no room is not fully revoked either.
+                        let jwts_refused = jwts.full.iter().map(|h| Record::hashed_id(Kind::Jwt, h));
+                        let refused: Vec<String> =
+                            done.full.iter().map(hex).chain(jwts_refused).take(MAX_IDS_IN_ANSWER).collect();
                         Reply {
                             status: 507,
                             serialized: None,
@@ -584,11 +618,43 @@ mod tests {
     }
 
     #[test]
+    fn revoking_a_jwt_also_revokes_its_identity() {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let token = format!("{}.{}.c2ln", b64(r#"{"alg":"ES256"}"#), b64(r#"{"iss":"https://idp","jti":"j-1"}"#));
+        let store = MemoryStore::new();
+        let limits = config::Denylist::default();
+        let revoke = Revoke::Tokens { tokens: vec![token.clone()], reason: "leak".into() };
+        let done = handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &|_| None);
+        let jti_id = Record::hashed_id(Kind::Jwt, &jwt::identity("https://idp", "j-1"));
+        assert_eq!(done.reply.body.as_ref().unwrap()["jti_ids"], json!([jti_id]));
+        assert_eq!(done.changes.len(), 2, "the token and its identity reach etcd");
+        let listed: Value = serde_json::from_str(
+            &handle(&Route::List { offset: 0, limit: None }, None, &limits, &store, 101, &|_| None).reply.text().unwrap(),
+        )
+        .unwrap();
+        let records = listed["revocations"].as_array().unwrap();
+        let jti = records.iter().find(|r| r["kind"] == "jti").unwrap();
+        assert_eq!((jti["id"].as_str(), jti["reason"].as_str()), (Some(jti_id.as_str()), Some("leak")));
+        assert!(!listed.to_string().contains(&token), "the raw token never appears");
+
+        // An opaque token whose cached answer carried a jti: that identity is revoked too.
+        let known = Claims { identity: Some(jwt::identity("https://idp", "j-2")), ..Default::default() };
+        let revoke = Revoke::Tokens { tokens: vec!["opaque".into()], reason: String::new() };
+        let done = handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &|_| Some(known.clone()));
+        let expected = Record::hashed_id(Kind::Jwt, &jwt::identity("https://idp", "j-2"));
+        assert_eq!(done.reply.body.unwrap()["jti_ids"], json!([expected]));
+        // Undone by its id, in any case.
+        let upper = format!("jti:{}", expected.trim_start_matches("jti:").to_ascii_uppercase());
+        assert_eq!(handle(&Route::Undo(upper), None, &limits, &store, 102, &|_| None).reply.status, 204);
+    }
+
+    #[test]
     fn known_exp_bounds_the_record() {
         let store = MemoryStore::new();
         let limits = config::Denylist::default();
         let revoke = Revoke::Tokens { tokens: vec!["tok".into()], reason: String::new() };
-        handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &|_| Some(500));
+        handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &|_| Some(Claims { exp: Some(500), ..Default::default() }));
         let all = Route::List { offset: 0, limit: None };
         let listed: Value =
             serde_json::from_str(&handle(&all, None, &limits, &store, 101, &|_| None).reply.text().unwrap()).unwrap();

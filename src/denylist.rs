@@ -3,7 +3,8 @@
 //!
 //! Keys (fixed, so any configuration of the same `vm_id` reads the same ones):
 //! - `tokengate.deny.tokens.<i>`, `i < TOKEN_BUCKETS`: revoked token hashes
-//!   bucketed by hash prefix, each bucket capped at `bucket_capacity`;
+//!   and JWT identities (`jwt::identity`), bucketed by hash prefix, each
+//!   bucket capped at `bucket_capacity`;
 //! - `tokengate.deny.principals`: client and subject records, capped at
 //!   `max_principals`;
 //! - `tokengate.deny.gen`: a counter bumped after every change, so workers
@@ -34,12 +35,16 @@ pub enum Kind {
     Client,
     #[serde(rename = "sub")]
     Subject,
+    /// A JWT by its issuer and `jti`, whatever its encoding.
+    #[serde(rename = "jti")]
+    Jwt,
 }
 
 /// One revocation, as stored and as the admin API lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    /// Token: hex SHA-256. Client: `client:<id>`. Subject: `sub:<id>`.
+    /// Token: hex SHA-256. JWT: `jti:<hex jwt::identity>`. Client:
+    /// `client:<id>`. Subject: `sub:<id>`.
     pub id: String,
     pub kind: Kind,
     pub revoked_at: u64,
@@ -53,7 +58,13 @@ impl Record {
             Kind::Client => format!("client:{name}"),
             Kind::Subject => format!("sub:{name}"),
             Kind::Token => name.to_string(),
+            Kind::Jwt => format!("jti:{name}"),
         }
+    }
+
+    /// The id of a token (`Kind::Token`) or JWT identity (`Kind::Jwt`) record.
+    pub fn hashed_id(kind: Kind, hash: &TokenHash) -> String {
+        Record::principal_id(kind, &hex(hash))
     }
 }
 
@@ -140,6 +151,15 @@ impl<'s, S: Store + ?Sized> Denylist<'s, S> {
     /// Revokes tokens (by hash, with the time their record may expire).
     /// A token already revoked keeps its first `revoked_at`.
     pub fn revoke_tokens(&self, items: &[(TokenHash, u64)], reason: &str, now: u64) -> Result<Revoked, DenyError> {
+        self.revoke_hashed(Kind::Token, items, reason, now)
+    }
+
+    /// Revokes JWTs by `jwt::identity`, as `revoke_tokens` does tokens.
+    pub fn revoke_identities(&self, items: &[(TokenHash, u64)], reason: &str, now: u64) -> Result<Revoked, DenyError> {
+        self.revoke_hashed(Kind::Jwt, items, reason, now)
+    }
+
+    fn revoke_hashed(&self, kind: Kind, items: &[(TokenHash, u64)], reason: &str, now: u64) -> Result<Revoked, DenyError> {
         let reason = clip_reason(reason);
         let capacity = bucket_capacity(self.limits.max_tokens);
         let mut by_key: HashMap<String, Vec<(TokenHash, u64)>> = HashMap::new();
@@ -154,13 +174,13 @@ impl<'s, S: Store + ?Sized> Denylist<'s, S> {
                 let mut records = decode(current);
                 records.retain(|r| r.expires_at > now);
                 for (hash, expires_at) in &group {
-                    let id = hex(hash);
+                    let id = Record::hashed_id(kind, hash);
                     if let Some(r) = records.iter_mut().find(|r| r.id == id) {
                         r.expires_at = r.expires_at.max(*expires_at);
                     } else if records.len() < capacity {
                         records.push(Record {
                             id,
-                            kind: Kind::Token,
+                            kind,
                             revoked_at: now,
                             expires_at: *expires_at,
                             reason: reason.clone(),
@@ -270,7 +290,12 @@ impl<'s, S: Store + ?Sized> Denylist<'s, S> {
 
     /// The live record for a token, if it is revoked.
     pub fn token_record(&self, hash: &TokenHash, now: u64) -> Result<Option<Record>, StoreError> {
-        let id = hex(hash);
+        self.hashed_record(Kind::Token, hash, now)
+    }
+
+    /// The live record of a token (`Kind::Token`) or JWT identity (`Kind::Jwt`).
+    pub fn hashed_record(&self, kind: Kind, hash: &TokenHash, now: u64) -> Result<Option<Record>, StoreError> {
+        let id = Record::hashed_id(kind, hash);
         let value = self.store.get(&token_key(hash))?;
         let records = decode(value.as_ref().map(|v| v.value.as_slice()).filter(|b| !b.is_empty()));
         Ok(records.into_iter().find(|r| r.id == id && r.expires_at > now))
@@ -311,11 +336,10 @@ impl<'s, S: Store + ?Sized> Denylist<'s, S> {
 
 /// The shared-data key that holds a record with this admin id.
 fn key_for_id(id: &str) -> Option<String> {
-    match crate::cache::parse_hex(id) {
-        Some(hash) => Some(token_key(&hash)),
-        None if id.starts_with("client:") || id.starts_with("sub:") => Some(PRINCIPALS_KEY.to_string()),
-        None => None,
+    if let Some(hash) = crate::cache::parse_hex(id.strip_prefix("jti:").unwrap_or(id)) {
+        return Some(token_key(&hash));
     }
+    (id.starts_with("client:") || id.starts_with("sub:")).then(|| PRINCIPALS_KEY.to_string())
 }
 
 fn apply_one(records: &mut Vec<Record>, change: &Change, limit: usize, now: u64) -> bool {
@@ -324,7 +348,7 @@ fn apply_one(records: &mut Vec<Record>, change: &Change, limit: usize, now: u64)
         Change::Revoked(r) => {
             if let Some(x) = records.iter_mut().find(|x| x.id == r.id) {
                 // A later revocation of a client or subject covers more tokens.
-                if x.kind != Kind::Token && x.revoked_at < r.revoked_at {
+                if matches!(x.kind, Kind::Client | Kind::Subject) && x.revoked_at < r.revoked_at {
                     *x = r.clone();
                     return true;
                 }
@@ -349,13 +373,13 @@ fn apply_one(records: &mut Vec<Record>, change: &Change, limit: usize, now: u64)
     }
 }
 
-/// An admin id as records store it: token hashes in lower-case hex,
-/// client and subject ids as given.
+/// An admin id as records store it: token hashes and JWT identities in
+/// lower-case hex, client and subject ids as given.
 pub fn canonical_id(id: &str) -> String {
-    if crate::cache::parse_hex(id).is_some() {
-        id.to_ascii_lowercase()
-    } else {
-        id.to_string()
+    match id.strip_prefix("jti:") {
+        Some(hash) if crate::cache::parse_hex(hash).is_some() => format!("jti:{}", hash.to_ascii_lowercase()),
+        _ if crate::cache::parse_hex(id).is_some() => id.to_ascii_lowercase(),
+        _ => id.to_string(),
     }
 }
 
@@ -366,13 +390,21 @@ pub struct DenyView {
     principals: HashMap<(Kind, String), (u64, u64)>,
     /// Token hash → revoked until (0: not revoked), as last read.
     tokens: HashMap<TokenHash, u64>,
+    /// JWT identity → revoked until, likewise.
+    identities: HashMap<TokenHash, u64>,
     /// Bound on `tokens`; it starts over when full.
     memo_entries: usize,
 }
 
 impl DenyView {
     pub fn new(memo_entries: usize) -> DenyView {
-        DenyView { generation: None, principals: HashMap::new(), tokens: HashMap::new(), memo_entries }
+        DenyView {
+            generation: None,
+            principals: HashMap::new(),
+            tokens: HashMap::new(),
+            identities: HashMap::new(),
+            memo_entries,
+        }
     }
 
     /// Re-reads the principal list if anything changed since the last call.
@@ -382,6 +414,7 @@ impl DenyView {
             return Ok(());
         }
         self.tokens.clear();
+        self.identities.clear();
         self.principals = list
             .principals(now)?
             .into_iter()
@@ -389,7 +422,7 @@ impl DenyView {
                 let (kind, name) = match r.kind {
                     Kind::Client => (Kind::Client, r.id.strip_prefix("client:")?),
                     Kind::Subject => (Kind::Subject, r.id.strip_prefix("sub:")?),
-                    Kind::Token => return None,
+                    Kind::Token | Kind::Jwt => return None,
                 };
                 Some(((kind, name.to_string()), (r.revoked_at, r.expires_at)))
             })
@@ -405,14 +438,35 @@ impl DenyView {
         hash: &TokenHash,
         now: u64,
     ) -> Result<bool, StoreError> {
-        if let Some(&until) = self.tokens.get(hash) {
+        self.hashed_revoked(list, Kind::Token, hash, now)
+    }
+
+    /// Whether a JWT identity (`Claims::identity`) is revoked. Call `refresh` first.
+    pub fn identity_revoked<S: Store + ?Sized>(
+        &mut self,
+        list: &Denylist<'_, S>,
+        identity: &TokenHash,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        self.hashed_revoked(list, Kind::Jwt, identity, now)
+    }
+
+    fn hashed_revoked<S: Store + ?Sized>(
+        &mut self,
+        list: &Denylist<'_, S>,
+        kind: Kind,
+        hash: &TokenHash,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let memo = if kind == Kind::Jwt { &mut self.identities } else { &mut self.tokens };
+        if let Some(&until) = memo.get(hash) {
             return Ok(until > now);
         }
-        let until = list.token_record(hash, now)?.map_or(0, |r| r.expires_at);
-        if self.tokens.len() >= self.memo_entries {
-            self.tokens.clear();
+        let until = list.hashed_record(kind, hash, now)?.map_or(0, |r| r.expires_at);
+        if memo.len() >= self.memo_entries {
+            memo.clear();
         }
-        self.tokens.insert(*hash, until);
+        memo.insert(*hash, until);
         Ok(until > now)
     }
 
@@ -446,6 +500,30 @@ mod tests {
     fn h(n: u32) -> TokenHash {
         use sha2::Digest;
         sha2::Sha256::digest(n.to_be_bytes()).into()
+    }
+
+    #[test]
+    fn revoked_identity_is_seen_by_the_view_and_synced_like_a_token() {
+        let s = MemoryStore::new();
+        let l = limits();
+        let d = Denylist::new(&s, &l);
+        let mut view = DenyView::new(16);
+        view.refresh(&d, 100).unwrap();
+        assert!(!view.identity_revoked(&d, &h(7), 100).unwrap());
+        d.revoke_identities(&[(h(7), 500)], "", 100).unwrap();
+        view.refresh(&d, 100).unwrap();
+        assert!(view.identity_revoked(&d, &h(7), 100).unwrap());
+        assert!(!view.token_revoked(&d, &h(7), 100).unwrap(), "an identity record is not a token's");
+        assert!(!view.identity_revoked(&d, &h(7), 500).unwrap(), "expired");
+        // Another Envoy applies the same record by its id.
+        let other = MemoryStore::new();
+        let record = d.list(100).unwrap().remove(0);
+        assert_eq!((record.kind, record.id.clone()), (Kind::Jwt, format!("jti:{}", hex(&h(7)))));
+        let o = Denylist::new(&other, &l);
+        assert_eq!(o.apply(&[Change::Revoked(record.clone())], 100).unwrap(), 1);
+        assert_eq!(o.list(100).unwrap(), vec![record]);
+        assert!(o.undo(&format!("jti:{}", hex(&h(7))), 101).unwrap());
+        assert!(o.list(101).unwrap().is_empty());
     }
 
     #[test]

@@ -225,9 +225,9 @@ impl Filter {
 
     fn admin_handle(&mut self, worker: &Worker, route: &Route, revoke: Option<admin::Revoke>) -> Action {
         let now = now_ms();
-        let exp_of = |hash: &cache::TokenHash| worker.cached_exp(hash, now);
+        let cached = |hash: &cache::TokenHash| worker.cached_claims(hash, now);
         let handled =
-            admin::handle(route, revoke, &worker.config.denylist, &crate::store::SharedData, now / 1000, &exp_of);
+            admin::handle(route, revoke, &worker.config.denylist, &crate::store::SharedData, now / 1000, &cached);
         self.count(worker, route, &handled.reply);
         if handled.reply.status >= 300 {
             return self.admin_reply(worker, handled.reply);

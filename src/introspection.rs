@@ -3,6 +3,7 @@
 //! error, and errors are never cached and never let a request through.
 
 use crate::bearer::Token;
+use crate::cache::TokenHash;
 use crate::config::Introspection;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,29 @@ pub struct Claims {
     /// Other claims named in `claims_to_headers`, as header-ready strings.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra: BTreeMap<String, String>,
+    /// `jwt::identity` of the token (`iss` + `jti`), checked against the
+    /// denylist on every request like the token's own hash.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "jti_id", with = "hex_identity")]
+    pub identity: Option<TokenHash>,
+}
+
+/// An identity kept as hex in the shared cache: serde's own form for a
+/// 32-byte array is 32 numbers and costs the module kilobytes of code.
+mod hex_identity {
+    use crate::cache::{hex, parse_hex, TokenHash};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Option<TokenHash>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(hash) => s.serialize_str(&hex(hash)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TokenHash>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| parse_hex(&t).ok_or_else(|| serde::de::Error::custom("not a SHA-256 in hex"))).transpose()
+    }
 }
 
 impl Claims {
@@ -183,7 +207,16 @@ pub fn parse_answer(body: &[u8], wanted: &dyn Fn(&str) -> bool) -> Result<Answer
         nbf: time_claim(&object, "nbf")?,
         iat: time_claim(&object, "iat")?,
         extra: BTreeMap::new(),
+        identity: None,
     };
+    // A `jti` that is not a string names nothing; the token's hash still does.
+    if let Some(Value::String(jti)) = object.get("jti") {
+        let iss = match object.get("iss") {
+            Some(Value::String(iss)) => iss.as_str(),
+            _ => "",
+        };
+        claims.identity = Some(crate::jwt::identity(iss, jti));
+    }
     for (name, value) in &object {
         if matches!(name.as_str(), "scope" | "client_id" | "sub") || !wanted(name) {
             continue;

@@ -7,7 +7,8 @@
 //! and per-worker answers) → `worker` (coalesced introspection callouts) →
 //! `introspection` (RFC 7662 request and answer) → `policy` (active, exp,
 //! nbf, scopes, claim headers) → `outcome` (the reply for each denial).
-//! `headers` reads Envoy's header map in place, `config` parses the plugin configuration, `store` is the shared-data seam,
+//! `jwt` names a JWT by its issuer and `jti`, so that a revocation covers
+//! every encoding of it. `headers` reads Envoy's header map in place, `config` parses the plugin configuration, `store` is the shared-data seam,
 //! `metrics` the counters, `root` the per-worker root context.
 
 pub mod admin;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod denylist;
 pub mod headers;
 pub mod introspection;
+pub mod jwt;
 pub mod outcome;
 pub mod policy;
 pub mod store;

@@ -176,17 +176,17 @@ impl Worker {
         view.token_revoked(&list, hash, now_s)
     }
 
-    /// A token's `exp` if the cache knows it (for the admin API).
-    pub fn cached_exp(&self, hash: &TokenHash, now_ms: u64) -> Option<u64> {
-        let exp = |a: &Answer| match a {
-            Answer::Active(c) => c.exp,
+    /// What the cache knows of a token's active answer (for the admin API).
+    pub fn cached_claims(&self, hash: &TokenHash, now_ms: u64) -> Option<crate::introspection::Claims> {
+        let claims = |a: &Answer| match a {
+            Answer::Active(c) => Some(c.clone()),
             Answer::Inactive => None,
         };
         if let Some(e) = self.state.borrow().local.get(hash, now_ms) {
-            return exp(&e.answer);
+            return claims(&e.answer);
         }
         match self.shared().lookup(hash, now_ms) {
-            Ok(Lookup::Hit { answer, .. }) => exp(&answer),
+            Ok(Lookup::Hit { answer, .. }) => claims(&answer),
             _ => None,
         }
     }
@@ -313,7 +313,7 @@ impl Worker {
         let Some(hash) = self.state.borrow_mut().callouts.remove(&token_id) else {
             return;
         };
-        let verdict = self.read_response(num_headers, body_size);
+        let verdict = self.read_response(num_headers, body_size).map(|answer| self.with_token_identity(&hash, answer));
         let shared = self.shared();
         let verdict = match verdict {
             Ok(answer) => match cache::cache_until_ms(&answer, &self.config.cache, now) {
@@ -369,6 +369,19 @@ impl Worker {
         }
     }
 
+    /// A JWT's own `iss` + `jti` name it, whatever the answer says, so that
+    /// the admin API (which has only the token) revokes the same identity.
+    fn with_token_identity(&self, hash: &TokenHash, answer: Answer) -> Answer {
+        let Answer::Active(mut claims) = answer else {
+            return answer;
+        };
+        let state = self.state.borrow();
+        if let Some(identity) = state.flights.get(hash).and_then(|f| crate::jwt::payload_identity(f.token.as_bytes())) {
+            claims.identity = Some(identity);
+        }
+        Answer::Active(claims)
+    }
+
     fn read_response(&self, num_headers: usize, body_size: usize) -> Result<Answer, IntrospectionError> {
         let status = callout_status(num_headers);
         let max = self.config.introspection.max_response_bytes;
@@ -412,7 +425,7 @@ impl Worker {
     pub fn finish(&self, verdict: &Verdict, now_s: u64) -> bool {
         let decision = match verdict {
             Ok(answer) => match answer.as_ref() {
-                Answer::Active(claims) if self.deny.borrow().principal_revoked(claims, now_s) => Err(Denial::Revoked),
+                Answer::Active(claims) if self.claims_revoked(claims, now_s) => Err(Denial::Revoked),
                 _ => policy::decide(answer, &self.config.required_scopes, now_s),
             },
             Err(e) => Err(Denial::IdpUnavailable(e.description())),
@@ -435,6 +448,23 @@ impl Worker {
                 false
             }
         }
+    }
+
+    /// Whether the answer's client, subject or JWT identity is revoked (the
+    /// view was refreshed when the request's token hash was checked).
+    fn claims_revoked(&self, claims: &crate::introspection::Claims, now_s: u64) -> bool {
+        let mut view = self.deny.borrow_mut();
+        if view.principal_revoked(claims, now_s) {
+            return true;
+        }
+        let Some(identity) = &claims.identity else {
+            return false;
+        };
+        view.identity_revoked(&self.denylist(), identity, now_s).unwrap_or_else(|e| {
+            // Fail closed: a denylist that cannot be read proves nothing.
+            log::warn!("denylist read failed: {e:?}");
+            true
+        })
     }
 
     /// Sends the RFC 6750 reply for a denial to the current request.

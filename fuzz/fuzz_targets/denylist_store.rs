@@ -26,11 +26,12 @@ fn records(u: &mut Unstructured) -> Vec<u8> {
     }
     let mut list = Vec::new();
     for _ in 0..int(u, 0, 6) {
-        let (id, kind) = match byte(u) % 5 {
+        let (id, kind) = match byte(u) % 6 {
             0 => (format!("client:{}", pick(u, &NAMES)), "client"),
             1 => (format!("sub:{}", pick(u, &NAMES)), "sub"),
             2 => (format!("client:{}", pick(u, &NAMES)), "sub"),
             3 => (text(u, 12), "token"),
+            4 => (format!("jti:{}", hex(&pool_hash(byte(u) as usize))), "jti"),
             _ => (hex(&pool_hash(byte(u) as usize)), "token"),
         };
         list.push(json!({
@@ -100,10 +101,16 @@ fuzz_target!(|data: &[u8]| {
                 let items: Vec<(TokenHash, u64)> =
                     (0..int(&mut u, 0, 4)).map(|_| (pool_hash(byte(&mut u) as usize), now + int(&mut u, 1, 200))).collect();
                 let reason = text(&mut u, 300);
-                let out = list.revoke_tokens(&items, &reason, now).expect("memory store");
+                // A token or a JWT identity: same buckets, other ids.
+                let kind = if byte(&mut u) % 3 == 0 { Kind::Jwt } else { Kind::Token };
+                let out = match kind {
+                    Kind::Jwt => list.revoke_identities(&items, &reason, now),
+                    _ => list.revoke_tokens(&items, &reason, now),
+                }
+                .expect("memory store");
                 assert_eq!(out.revoked.len() + out.full.len(), items.len());
                 for h in &out.revoked {
-                    let r = list.token_record(h, now).expect("store").expect("a revoked token has a live record");
+                    let r = list.hashed_record(kind, h, now).expect("store").expect("a revoked token has a live record");
                     // A new record has the clipped reason; an older one keeps its own.
                     assert!(r.reason.chars().count() <= 200);
                 }
@@ -118,17 +125,22 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             2 => {
-                let id = match byte(&mut u) % 4 {
+                let id = match byte(&mut u) % 5 {
                     0 => hex(&pool_hash(byte(&mut u) as usize)).to_uppercase(),
-                    1 => format!("client:{}", pick(&mut u, &NAMES)),
-                    2 => format!("sub:{}", pick(&mut u, &NAMES)),
+                    1 => format!("jti:{}", hex(&pool_hash(byte(&mut u) as usize)).to_uppercase()),
+                    2 => format!("client:{}", pick(&mut u, &NAMES)),
+                    3 => format!("sub:{}", pick(&mut u, &NAMES)),
                     _ => text(&mut u, 70),
                 };
                 changed = list.undo(&id, now).expect("memory store");
-                if changed && !id.contains(':') {
-                    let h = (0..POOL.len()).map(pool_hash).find(|h| hex(h).eq_ignore_ascii_case(&id));
+                let (kind, hashed) = match id.strip_prefix("jti:") {
+                    Some(rest) => (Kind::Jwt, rest),
+                    None => (Kind::Token, id.as_str()),
+                };
+                if changed && !hashed.contains(':') {
+                    let h = (0..POOL.len()).map(pool_hash).find(|h| hex(h).eq_ignore_ascii_case(hashed));
                     if let Some(h) = h {
-                        assert_eq!(list.token_record(&h, now).expect("store"), None, "undone but still revoked");
+                        assert_eq!(list.hashed_record(kind, &h, now).expect("store"), None, "undone but still revoked");
                     }
                 }
             }
@@ -147,13 +159,19 @@ fuzz_target!(|data: &[u8]| {
         for i in 0..POOL.len() {
             let h = pool_hash(i);
             let raw = store.get(&token_key(&h)).expect("store").map(|v| v.value).unwrap_or_default();
-            let copies = serde_json::from_slice::<Vec<Value>>(&raw)
-                .map_or(0, |records| records.iter().filter(|r| r["id"] == hex(&h).as_str()).count());
-            if copies > 1 {
-                continue; // a list another writer left with duplicates (see the principals below)
+            for (kind, id) in [(Kind::Token, hex(&h)), (Kind::Jwt, format!("jti:{}", hex(&h)))] {
+                let copies = serde_json::from_slice::<Vec<Value>>(&raw)
+                    .map_or(0, |records| records.iter().filter(|r| r["id"] == id.as_str()).count());
+                if copies > 1 {
+                    continue; // a list another writer left with duplicates (see the principals below)
+                }
+                let direct = list.hashed_record(kind, &h, now).expect("store").is_some();
+                let seen = match kind {
+                    Kind::Jwt => view.identity_revoked(&list, &h, now),
+                    _ => view.token_revoked(&list, &h, now),
+                };
+                assert_eq!(seen.expect("store"), direct, "view and denylist disagree on {id}");
             }
-            let direct = list.token_record(&h, now).expect("store").is_some();
-            assert_eq!(view.token_revoked(&list, &h, now).expect("store"), direct, "view and denylist disagree on a token");
         }
         // (A list some other writer left with two records for one id is
         // read as the view reads it only at refresh time: skip those names.)

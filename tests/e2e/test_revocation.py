@@ -944,6 +944,65 @@ def test_principal_whose_name_has_a_slash_can_be_undone(mock_gate, mock_idp_serv
     assert statuses_over_connections(envoy, token) == [200] * (2 * CONCURRENCY)
 
 
+def _b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt_pair(iss="https://idp.test", jti=None):
+    """A JWT-shaped token and another encoding of it that a lenient server also accepts:
+    the same header and payload with another signature (as ECDSA's (r, n - s) would be)
+    and a payload whose last base64url character carries stray trailing bits."""
+    jti = jti or unique("jti")
+    header = _b64url(json.dumps({"alg": "ES256", "typ": "at+jwt"}).encode())
+    payload = json.dumps({"iss": iss, "jti": jti, "sub": "user-1", "pad": "x" * (1 + len(jti) % 3)}).encode()
+    while len(payload) % 3 == 0:  # some trailing bits must be free to flip
+        payload += b" "
+    encoded = _b64url(payload)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    flipped = encoded[:-1] + alphabet[alphabet.index(encoded[-1]) + 1]
+    assert base64.urlsafe_b64decode(flipped + "==") == payload
+    token = f"{header}.{encoded}.{_b64url(secrets.token_bytes(64))}"
+    altered = f"{header}.{flipped}.{_b64url(secrets.token_bytes(64))}"
+    return token, altered, (iss, jti)
+
+
+def jti_id(iss, jti):
+    """The admin id of a JWT identity: `jti:` + SHA-256 of a tag, `iss` and `jti`, each length-prefixed."""
+    digest = hashlib.sha256(b"tokengate.jti\0")
+    for part in (iss, jti):
+        digest.update(len(part.encode()).to_bytes(8, "big") + part.encode())
+    return "jti:" + digest.hexdigest()
+
+
+@pytest.mark.parametrize("answer_has_jti", [True, False], ids=["jti-in-answer", "jti-in-payload-only"])
+def test_revoked_jwt_stays_revoked_in_another_encoding(mock_gate, mock_idp_server, answer_has_jti):
+    idp, envoy, api = mock_idp_server, mock_gate, AdminApi(mock_gate)
+    token, altered, (iss, jti) = jwt_pair()
+    claims = {"iss": iss, "jti": jti} if answer_has_jti else {}
+    idp.register_active(token, **claims)
+    idp.register_active(altered, **claims)  # the lenient IdP calls both encodings active
+    assert envoy.get("/", bearer(token)).status == 200
+    burst_on_every_worker(envoy, altered, expect=200)  # cached on every worker before the revocation
+
+    body = assert_ok(api.revoke_form(token))
+    burst_on_every_worker(envoy, altered, expect=401)
+    assert_invalid_token(envoy.get("/", bearer(altered)))
+    assert body == {"revoked": 1, "ids": [sha256(token)], "jti_ids": [jti_id(iss, jti)]}
+    listed = api.listed()
+    assert listed[jti_id(iss, jti)]["kind"] == "jti"
+    assert listed[sha256(token)]["kind"] == "token"
+    assert token not in json.dumps(listed) and altered not in json.dumps(listed)
+
+    # A third encoding, never seen before the revocation, is refused on its first request.
+    _, third, _ = jwt_pair(iss, jti)
+    idp.register_active(third, **claims)
+    assert_invalid_token(envoy.get("/", bearer(third)))
+    # Undoing the identity lets the other encodings back in; the revoked token itself stays out.
+    assert api.undo(jti_id(iss, jti)).status == 204
+    assert envoy.get("/", bearer(altered)).status == 200
+    assert_invalid_token(envoy.get("/", bearer(token)))
+
+
 def test_a_token_given_twice_in_a_bulk_is_one_revocation(mock_gate, mock_idp_server):
     api = AdminApi(mock_gate)
     twice, once = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
