@@ -367,6 +367,26 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_written_again_ends_as_written_once() {
+        // The outbox re-sends a write whose admin client left, which etcd may have taken.
+        let mut principal = record("sub:b");
+        principal.kind = Kind::Subject;
+        let batch = [Change::Revoked(record("client:a")), Change::Undone { id: "sub:b".into(), undone_at: 11 }];
+        let without_lease = |lease: i64| txns("tg/", &batch, lease).join("\n").replace(&format!("\"{lease}\""), "L");
+        assert!(without_lease(7).contains(r#""lease":L"#));
+        assert_eq!(without_lease(7), without_lease(8), "the same keys and values, on another lease");
+
+        let s = MemoryStore::new();
+        let limits = crate::config::Denylist::default();
+        let list = crate::denylist::Denylist::new(&s, &limits);
+        list.apply(&[Change::Revoked(principal)], 20).unwrap();
+        assert_eq!(list.apply(&batch, 20).unwrap(), 2);
+        let once = list.list(20).unwrap();
+        assert_eq!(list.apply(&batch, 20).unwrap(), 0, "a poller reading it again applies nothing");
+        assert_eq!(list.list(20).unwrap(), once);
+    }
+
+    #[test]
     fn range_reads_the_prefix_from_a_revision() {
         let body: Value = serde_json::from_str(&range("tg/", 7)).unwrap();
         assert_eq!(B64.decode(body["key"].as_str().unwrap()).unwrap(), b"tg/");

@@ -243,7 +243,7 @@ impl Filter {
             if !handled.changes.is_empty() {
                 finishing.sync = EtcdWrite::start(cfg, handled.changes.clone(), now / 1000);
                 if finishing.sync.is_none() {
-                    finishing.sync_outcome = Some(queue(worker, &handled.changes));
+                    finishing.sync_outcome = Some(queue(worker, &handled.changes, "etcd unreachable"));
                 }
             }
         }
@@ -319,7 +319,7 @@ impl Filter {
                 }
                 Some(Written::Failed) => {
                     let changes = std::mem::take(&mut write.changes);
-                    f.sync_outcome = Some(queue(worker, &changes));
+                    f.sync_outcome = Some(queue(worker, &changes, "etcd unreachable"));
                     f.sync = None;
                 }
                 Some(Written::Refused) => {
@@ -362,6 +362,16 @@ impl Filter {
         self.admin_reply(worker, reply)
     }
 
+    /// Envoy cancels the etcd write with its stream: the outbox takes over.
+    fn abandon_admin(&mut self, worker: &Worker) {
+        let AdminState::Finishing(f) = &mut self.admin else {
+            return;
+        };
+        if let Some(write) = f.sync.take() {
+            queue(worker, &write.changes, "the admin client left before etcd answered");
+        }
+    }
+
     fn admin_reply(&mut self, worker: &Worker, reply: Reply) -> Action {
         self.admin = AdminState::Answered;
         if reply.status >= 400 {
@@ -383,12 +393,12 @@ impl Filter {
 
 /// Parks changes etcd did not take in the shared outbox, for the poller to
 /// flush; says what happened for the admin reply.
-fn queue(worker: &Worker, changes: &[Change]) -> &'static str {
+fn queue(worker: &Worker, changes: &[Change], why: &str) -> &'static str {
     let max = worker.config.cluster_sync.as_ref().map_or(0, |c| c.max_outbox);
     match cluster_sync::outbox_push(&crate::store::SharedData, changes, max) {
         Ok(0) => {
             worker.metrics.sync_queued.add(changes.len() as u64);
-            log::warn!("cluster sync: etcd unreachable, {} change(s) queued", changes.len());
+            log::warn!("cluster sync: {why}, {} change(s) queued", changes.len());
             "queued"
         }
         Ok(dropped) => {
@@ -415,8 +425,9 @@ impl Context for Filter {
     }
 
     fn on_done(&mut self) -> bool {
-        if let Some(worker) = &self.worker {
+        if let Some(worker) = self.worker.clone() {
             worker.forget(self.id);
+            self.abandon_admin(&worker);
         }
         true
     }

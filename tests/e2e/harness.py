@@ -907,6 +907,21 @@ class Etcd:
         for index in range(len(self.members)):
             self.stop_member(index)
 
+    def pause(self):
+        """SIGSTOP every member: connections are accepted (the kernel's backlog) and
+        requests are read by nobody, as with an etcd that hangs."""
+        for member in self.members:
+            if member.alive():
+                Processes._signal(member.proc, signal.SIGSTOP)
+
+    def resume(self, wait=True, timeout=30.0):
+        """SIGCONT every member; with `wait`, returns once each answers /health again."""
+        for member in self.members:
+            if member.alive():
+                Processes._signal(member.proc, signal.SIGCONT)
+        if wait:
+            self.wait_healthy(timeout=timeout)
+
     # ----- reading etcd (the v3 JSON gateway, no etcdctl needed) -----
 
     def call(self, path, body, member=None, timeout=3.0):

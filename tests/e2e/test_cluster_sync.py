@@ -67,16 +67,16 @@ class Gate:
         """n requests, each on its own connection, so every worker answers some."""
         return [self.status(token) for _ in range(n)]
 
-    def admin(self, method, path, body=None, content_type=None):
+    def admin(self, method, path, body=None, content_type=None, timeout=30.0):
         headers = dict(ADMIN)
         if content_type:
             headers["Content-Type"] = content_type
-        return request(self.admin_port, f"/tokengate{path}", headers, method, body, timeout=30.0)
+        return request(self.admin_port, f"/tokengate{path}", headers, method, body, timeout=timeout)
 
-    def revoke(self, token):
+    def revoke(self, token, timeout=30.0):
         """RFC 7009 form revoke; returns (reply, monotonic time the reply arrived)."""
         self.touched.append(sha256(token))
-        resp = self.admin("POST", "/revoke", urllib.parse.urlencode({"token": token}).encode(), FORM)
+        resp = self.admin("POST", "/revoke", urllib.parse.urlencode({"token": token}).encode(), FORM, timeout)
         return resp, time.monotonic()
 
     def revoke_json(self, obj):
@@ -169,6 +169,8 @@ def cluster(procs, workdir, mock_idp_server, upstream):
     envoys = launch_trio(procs, workdir, mock_idp_server, upstream, etcd, [f"envoy-sync-{i}" for i in (1, 2, 3)])
     for envoy in envoys:
         wait_for(lambda e=envoy: e.counter("cluster.etcd.membership_healthy") == 3, 10, "Envoy to see 3 healthy members")
+        # Until its first complete read of etcd an Envoy answers 503 (require_initial_sync).
+        wait_for(lambda e=envoy: e.metric("tokengate.sync.revision") > 0, 10, "Envoy's first complete read of etcd")
     yield Cluster(etcd, envoys, mock_idp_server)
     for envoy in envoys:
         envoy.stop()
@@ -355,8 +357,9 @@ def test_cluster_sync_bulk_revocation_spanning_several_txns_and_range_pages(clus
 
 @pytest.fixture
 def restore_etcd(cluster):
-    """Whatever a test stops, every member runs again (and Envoy sees it) afterwards."""
+    """Whatever a test stops or pauses, every member runs again (and Envoy sees it) afterwards."""
     yield cluster.etcd
+    cluster.etcd.resume(wait=False)
     cluster.etcd.start()
     for gate in cluster.gates:
         if gate.envoy.alive():
@@ -459,6 +462,44 @@ def test_cluster_sync_all_etcd_stopped_local_revocations_hold_and_propagation_re
     keys = etcd.get_prefix(PREFIX)
     assert f"{PREFIX}revoked/{sha256(queued)}" in keys
     assert f"{PREFIX}undone/{sha256(earlier)}" in keys and f"{PREFIX}revoked/{sha256(earlier)}" not in keys
+
+
+def test_cluster_sync_revocation_reaches_etcd_when_the_admin_client_leaves_mid_write(cluster, restore_etcd):
+    """etcd hangs (every member SIGSTOPped: connections accepted, nothing answered) and the
+    operator's client gives up after 0.5 s, while Envoy 1 still waits for etcd. Envoy
+    cancels the etcd write with the admin stream; the revocation, already applied on
+    Envoy 1, goes to its outbox instead (`sync.queued` + 1), so once etcd answers again
+    the poller writes it and Envoys 2 and 3 deny the token. Before the fix the write died
+    with the stream: nothing reached etcd or the outbox, and 2 and 3 kept serving it."""
+    one, *others = cluster.gates
+    token = cluster.token()
+    queued_before = one.metric("sync.queued")
+
+    cluster.etcd.pause()
+    with pytest.raises(TimeoutError):
+        one.revoke(token, timeout=0.5)
+    assert one.statuses(token) == [401] * (4 * CONCURRENCY), "revoked locally before etcd was asked"
+    assert sha256(token) in one.listed()
+    wait_for(lambda: one.metric("sync.queued") != queued_before, 10, "the abandoned write to be queued")
+    assert one.metric("sync.queued") == queued_before + 1, cluster.evidence()
+    assert "cluster sync: the admin client left before etcd answered, 1 change(s) queued" in one.envoy.log_text()
+    assert_passes_everywhere(cluster, others, token, "etcd hangs: the others cannot know yet")
+
+    cluster.etcd.resume()
+    back = time.monotonic()  # every member answers /health again
+    key = f"{PREFIX}revoked/{sha256(token)}"
+    # The others can only learn it from etcd, so watching from once it is there misses nothing.
+    wait_for(lambda: key in cluster.etcd.get_prefix(PREFIX), 30, f"{key} in etcd\n{cluster.evidence()}")
+    written = time.monotonic() - back
+    delays = watch(others, token, 401, back, limit=30.0)
+    shown = {name: (None if d is None else round(d, 3)) for name, d in delays.items()}
+    print(f"\nabandoned revocation on envoy 1 → 401 on 2 and 3, from etcd answering again: {shown}"
+          f" (in etcd after {written:.3f}s)")
+    assert None not in delays.values(), f"{shown}\n{cluster.evidence()}"
+    assert_revoked_everywhere(cluster, others, token, "after etcd answered again")
+    assert cluster.etcd.get_prefix(PREFIX)[key]["id"] == sha256(token)
+    wait_for(lambda: one.metric("sync.outbox") == 0, 10, "envoy 1's outbox to drain")
+    assert one.metric("sync.queued") == queued_before + 1
 
 
 def test_cluster_sync_bulk_revoke_naming_a_token_twice_is_written_to_etcd(cluster):
