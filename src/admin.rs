@@ -11,7 +11,7 @@
 use crate::bearer::{self, Token};
 use crate::cache::{hash_token, hex, TokenHash};
 use crate::config;
-use crate::denylist::{Change, DenyError, Denylist, Kind, Record, MAX_PRINCIPAL_CHARS};
+use crate::denylist::{Change, DenyError, Denylist, Kind, Record, Revoked, MAX_PRINCIPAL_CHARS};
 use crate::store::Store;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -356,10 +356,12 @@ pub fn handle<S: Store + ?Sized>(
                 .collect();
             match list.revoke_tokens(&items, &reason, now) {
                 Ok(done) => {
-                    for hash in &done.revoked {
-                        log::info!("revoked token sha256:{} reason={reason:?}", hex(hash));
-                    }
                     let reason = crate::denylist::clip_reason(&reason);
+                    if done.full.is_empty() {
+                        log::info!("{}", revoked_tokens_line(&done, &reason));
+                    } else {
+                        log::error!("{}", revoked_tokens_line(&done, &reason));
+                    }
                     for (hash, expires_at) in items.iter().filter(|(h, _)| done.revoked.contains(h)) {
                         changes.push(Change::Revoked(Record {
                             id: hex(hash),
@@ -374,7 +376,6 @@ pub fn handle<S: Store + ?Sized>(
                     if done.full.is_empty() {
                         Reply::ok(json!({"revoked": done.revoked.len(), "ids": ids}))
                     } else {
-                        log::error!("denylist full, {} token(s) not revoked", done.full.len());
                         let refused: Vec<String> = done.full.iter().take(MAX_IDS_IN_ANSWER).map(hex).collect();
                         Reply {
                             status: 507,
@@ -434,6 +435,23 @@ pub fn handle<S: Store + ?Sized>(
         },
     };
     Handled { reply, forward, changes }
+}
+
+/// Ids one log line names; the rest are counted.
+const MAX_IDS_IN_LOG: usize = 8;
+
+/// The one log line of a token revocation, however many tokens it held:
+/// its size is bounded by `MAX_IDS_IN_LOG` and the clipped reason.
+fn revoked_tokens_line(done: &Revoked, clipped_reason: &str) -> String {
+    let mut ids: Vec<String> = done.revoked.iter().take(MAX_IDS_IN_LOG).map(|h| format!("sha256:{}", hex(h))).collect();
+    if done.revoked.len() > MAX_IDS_IN_LOG {
+        ids.push(format!("and {} more", done.revoked.len() - MAX_IDS_IN_LOG));
+    }
+    let mut line = format!("revoked {} token(s) [{}] reason={clipped_reason:?}", done.revoked.len(), ids.join(", "));
+    if !done.full.is_empty() {
+        line.push_str(&format!("; {} token(s) refused: the denylist is full", done.full.len()));
+    }
+    line
 }
 
 fn store_failure(e: DenyError) -> Reply {
@@ -628,6 +646,29 @@ mod tests {
         assert_eq!(done.reply.status, 200);
         let hash = hash_token(&bearer::from_admin("tok"));
         assert!(Denylist::new(&store, &limits).token_record(&hash, now + 1).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_bulk_revocation_is_one_bounded_log_line_with_the_clipped_reason() {
+        let done = Revoked {
+            revoked: (0..200u32).map(|n| Sha256::digest(n.to_be_bytes()).into()).collect(),
+            full: Vec::new(),
+        };
+        let reason = crate::denylist::clip_reason(&"x".repeat(50_000));
+        let line = revoked_tokens_line(&done, &reason);
+        assert!(line.starts_with("revoked 200 token(s) [sha256:"), "{line}");
+        assert!(line.contains(&format!("sha256:{}", hex(&done.revoked[7]))));
+        assert!(!line.contains(&hex(&done.revoked[8])), "ids past the first 8 are counted, not listed");
+        assert!(line.contains("and 192 more"), "{line}");
+        assert!(line.ends_with(&format!("reason=\"{}\"", "x".repeat(crate::denylist::MAX_REASON_CHARS))), "{line}");
+        assert!(line.len() < 1000, "{} bytes", line.len());
+
+        // The worst reason: every kept character escaped by the log's quoting.
+        let worst = crate::denylist::clip_reason(&"\u{200b}".repeat(50_000));
+        let with_refusals = Revoked { full: done.revoked.clone(), ..done };
+        let line = revoked_tokens_line(&with_refusals, &worst);
+        assert!(line.ends_with("200 token(s) refused: the denylist is full"), "{line}");
+        assert!(line.len() < 3000, "{} bytes", line.len());
     }
 
     #[test]

@@ -460,6 +460,36 @@ def test_list_shows_hashes_and_undo_lets_the_token_back_in_everywhere(gate, idp)
     assert sha256(unseen) in api.listed(), "undoing one revocation leaves the others"
 
 
+def test_a_bulk_revocation_is_logged_once_with_its_reason_clipped(fresh):
+    """One log line per revocation request, the reason clipped as it is stored: a large
+    request cannot make Envoy write a large log."""
+    idp = fresh.mock_idp()
+    envoy = fresh.envoy(idp)
+    api = AdminApi(envoy)
+    tokens = [secrets.token_urlsafe(32) for _ in range(200)]
+    marker = unique("reason")
+    reason = marker + "-" + "x" * 50_000
+    stored = reason[:200]  # denylist::MAX_REASON_CHARS
+    before = len(envoy.log_text().encode())
+
+    body = assert_ok(api.revoke_json({"tokens": tokens, "reason": reason}))
+    assert body["revoked"] == len(tokens)
+    listed = api.listed()
+    assert {listed[sha256(t)]["reason"] for t in tokens} == {stored}
+    wait_until(lambda: marker in envoy.log_text(), 10, what="the revocation's log line")
+    grown = len(envoy.log_text().encode()) - before
+    envoy.stop()  # flushes the log
+
+    print(f"\n[revocation] one 200-token revocation with a 50,000-character reason: log +{grown} bytes")
+    assert grown < 4096, f"one revocation request grew Envoy's log by {grown} bytes"
+    log = envoy.log_text()
+    lines = [line for line in log.splitlines() if marker in line]
+    assert len(lines) == 1, f"{len(lines)} log lines for one revocation request"
+    assert f"revoked {len(tokens)} token(s)" in lines[0] and lines[0].endswith(f'reason="{stored}"'), lines[0][:300]
+    for token in tokens:
+        assert token not in log, "a token value is in Envoy's log"
+
+
 # --------------------------------------------------------------------------- 4. the admin credential
 
 
