@@ -126,6 +126,15 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The reply to a request outside the admin routes on a listener that
+/// serves them: such a request carries the admin credential, which must not
+/// be checked as an access token (that would send it to the authorization
+/// server), so it is answered here. `None` for an admin path.
+pub fn outside_admin(path: &str, prefix: &str) -> Option<Reply> {
+    (!is_admin_path(path, prefix))
+        .then(|| Reply::error(404, "not_found", "this listener serves only the tokengate admin API"))
+}
+
 /// Checks the admin credential: a bearer token whose SHA-256 is configured.
 pub fn authorize(authorization: &[&[u8]], token_sha256: &str) -> Result<(), Reply> {
     let denied = || {
@@ -493,6 +502,21 @@ mod tests {
         }
         for p in ["/", "/api", "/tokengatex/revoke", "/api/tokengate/revoke"] {
             assert!(!is_admin_path(p, PREFIX), "{p}");
+        }
+    }
+
+    #[test]
+    fn paths_outside_the_admin_routes_are_answered_404_on_the_admin_listener() {
+        for p in ["/tokengate-v2/revoke", "/api/tokengate/revoke", "/", "/elsewhere", "/tokengatex"] {
+            let reply = outside_admin(p, PREFIX).unwrap_or_else(|| panic!("{p} is not an admin path"));
+            assert_eq!(reply.status, 404, "{p}");
+            assert_eq!(reply.body.as_ref().unwrap()["error"], "not_found");
+        }
+        // Admin paths, disguised ones included, go to the admin API (which checks the credential first).
+        for p in
+            ["/tokengate/revoke", "/tokengate/revocations", "//tokengate/revoke", "/TOKENGATE/revoke", "/tokengate"]
+        {
+            assert_eq!(outside_admin(p, PREFIX), None, "{p}");
         }
     }
 

@@ -558,6 +558,32 @@ def test_data_listener_does_not_serve_the_admin_api(gate, idp, recorder):
     assert statuses_over_connections(gate, victim) == [200] * (2 * CONCURRENCY)
 
 
+# Just outside the admin routes: paths that an admin client may mistype or a caller may try.
+OUTSIDE_ADMIN_PATHS = ["/tokengate-v2/revoke", "/api/tokengate/revoke", "/tokengatex", "/elsewhere", "/"]
+
+
+def test_admin_listener_answers_404_outside_its_routes_and_never_sends_a_token_to_the_idp(mock_gate, mock_idp):
+    """The admin listener serves the admin API only: a request elsewhere on it is 404 from the
+    filter, whatever its credential, and the admin token (or any other) never reaches the IdP."""
+    envoy, api = mock_gate, AdminApi(mock_gate)
+    access = secrets.token_urlsafe(32)
+    mock_idp.register_active(access)
+    rejected = envoy.metric("tokengate.admin.rejected")
+    credentials = {"admin": ADMIN, "access": bearer(access), "none": None}
+    for path in OUTSIDE_ADMIN_PATHS:
+        for name, auth in credentials.items():
+            for method, body, content_type in [("GET", None, None), ("POST", b"token=x", FORM)]:
+                resp = api.call(method, path, auth, body, content_type)
+                assert_admin_refused(resp, 404, "not_found", what=f"{method} {path} ({name})")
+                assert resp.header("WWW-Authenticate") is None, resp.headers
+    assert mock_idp.calls_for(ADMIN_TOKEN) == 0, "the admin token was sent to the IdP"
+    assert mock_idp.introspections()["count"] == 0
+    asked = len(OUTSIDE_ADMIN_PATHS) * len(credentials) * 2
+    assert envoy.metric("tokengate.admin.rejected") - rejected == asked
+    # The admin API itself is unchanged beside them.
+    assert assert_ok(api.revoke_form(secrets.token_urlsafe(32)))["revoked"] == 1
+
+
 # --------------------------------------------------------------------------- 5. what the admin API refuses
 
 
