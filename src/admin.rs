@@ -12,6 +12,7 @@ use crate::bearer::{self, Token};
 use crate::cache::{hash_token, hex, TokenHash};
 use crate::config;
 use crate::denylist::{Change, DenyError, Denylist, Kind, Record, Revoked, MAX_PRINCIPAL_CHARS};
+use crate::introspection::is_usable_claim_value;
 use crate::store::Store;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -327,11 +328,16 @@ fn parse_json(body: &[u8]) -> Result<Revoke, Reply> {
 }
 
 fn principal(kind: Kind, name: String, reason: String) -> Result<Revoke, Reply> {
-    if name.is_empty() || name.chars().count() > MAX_PRINCIPAL_CHARS || name.chars().any(char::is_control) {
+    // A name no token's claim can match (see `is_usable_claim_value`) would revoke nothing.
+    if !is_usable_claim_value(&name) || name.chars().count() > MAX_PRINCIPAL_CHARS || name.chars().any(char::is_control)
+    {
         return Err(Reply::error(
             400,
             "invalid_request",
-            format!("the client id or subject must be 1 to {MAX_PRINCIPAL_CHARS} printable characters"),
+            format!(
+                "the client id or subject must be 1 to {MAX_PRINCIPAL_CHARS} printable characters, \
+                 without leading or trailing spaces"
+            ),
         ));
     }
     Ok(Revoke::Principal { kind, name, reason })
@@ -594,6 +600,14 @@ mod tests {
         assert_eq!(status(Some("application/json"), br#"{"tokens": ["a b"]}"#), 400);
         assert_eq!(status(Some("application/json"), br#"{"tokens": ["a","b","c","d"]}"#), 413);
         assert_eq!(status(Some("application/json"), br#"{"sub": ""}"#), 400);
+        // A claim value with surrounding spaces is never matched: revoking it would revoke nothing.
+        for name in [" admin", "admin ", " admin ", " "] {
+            let body = json!({"sub": name}).to_string();
+            assert_eq!(status(Some("application/json"), body.as_bytes()), 400, "{name:?}");
+            let body = json!({"client_id": name}).to_string();
+            assert_eq!(status(Some("application/json"), body.as_bytes()), 400, "{name:?}");
+        }
+        assert!(parse_revoke(Some("application/json"), br#"{"sub": "Ada Lovelace"}"#, &cfg).is_ok());
         assert_eq!(status(Some("application/x-www-form-urlencoded"), b"token_type_hint=x"), 400);
         assert_eq!(status(Some("application/x-www-form-urlencoded"), b"token=a&token=b"), 400);
         assert_eq!(status(Some("application/json"), &vec![b' '; 5000]), 413);

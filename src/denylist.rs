@@ -13,7 +13,7 @@
 
 use crate::cache::{hex, TokenHash};
 use crate::config;
-use crate::introspection::Claims;
+use crate::introspection::{is_usable_claim_value, Claims};
 use crate::store::{update, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -417,16 +417,18 @@ impl DenyView {
     }
 
     /// Whether the token's client or subject was revoked after it was issued
-    /// (a token without `iat` counts as issued before).
+    /// (a token without `iat` counts as issued before). A client id or
+    /// subject that is no usable claim value is matched by nothing, as it
+    /// reaches no header.
     pub fn principal_revoked(&self, claims: &Claims, now: u64) -> bool {
         if self.principals.is_empty() {
             return false;
         }
         let issued = claims.iat.unwrap_or(0);
         let hit = |kind: Kind, name: &Option<String>| {
-            name.as_ref().is_some_and(|n| {
+            name.as_deref().filter(|n| is_usable_claim_value(n)).is_some_and(|n| {
                 self.principals
-                    .get(&(kind, n.clone()))
+                    .get(&(kind, n.to_string()))
                     .is_some_and(|&(revoked_at, expires_at)| expires_at > now && issued <= revoked_at)
             })
         };
@@ -525,6 +527,21 @@ mod tests {
         assert!(!view.principal_revoked(&claims("other", Some(1)), 1001));
         let sub = Claims { sub: Some("app".into()), iat: Some(1), ..Default::default() };
         assert!(!view.principal_revoked(&sub, 1001), "a client id is not a subject");
+    }
+
+    #[test]
+    fn unusable_client_ids_and_subjects_are_matched_by_nothing() {
+        let s = MemoryStore::new();
+        let l = limits();
+        let d = Denylist::new(&s, &l);
+        d.revoke_principal(Kind::Subject, "admin", "", 1000).unwrap();
+        let mut view = DenyView::new(16);
+        view.refresh(&d, 1000).unwrap();
+        let sub = |name: &str| Claims { sub: Some(name.into()), iat: Some(1), ..Default::default() };
+        assert!(view.principal_revoked(&sub("admin"), 1001));
+        for refused in [" admin", "admin ", " admin ", ""] {
+            assert!(!view.principal_revoked(&sub(refused), 1001), "{refused:?}");
+        }
     }
 
     #[test]

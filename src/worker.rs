@@ -418,9 +418,11 @@ impl Worker {
             Ok(claims) => {
                 // The client's copies were removed on arrival, so adding is
                 // enough (and cheaper for Envoy than a replace).
-                for (header, value) in policy::claim_headers(claims, &self.config.claims_to_headers) {
+                let (headers, refused) = policy::claim_headers(claims, &self.config.claims_to_headers);
+                for (header, value) in headers {
                     let _ = hostcalls::add_map_value(MapType::HttpRequestHeaders, header, value);
                 }
+                self.metrics.claims_refused.add(refused);
                 if self.config.hide_credentials {
                     let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, "authorization");
                 }

@@ -415,6 +415,28 @@ def test_subject_revocation_refuses_its_earlier_tokens_only(gate, idp, request):
     assert statuses_over_connections(gate, later) == [200] * (2 * CONCURRENCY)
 
 
+def test_client_or_subject_with_surrounding_spaces_is_refused_and_never_matched(mock_gate, mock_idp):
+    """A claim value with surrounding spaces reaches no header (Envoy would strip the spaces,
+    and " admin" would read as "admin"), so revocations neither take nor match such a name."""
+    envoy, api = mock_gate, AdminApi(mock_gate)
+    name = unique("admin")
+    for kind, padded in [("sub", f" {name}"), ("sub", f"{name} "), ("client_id", f" {name} "), ("sub", " ")]:
+        assert_admin_refused(api.revoke_json({kind: padded}), 400, "invalid_request", what=repr(padded))
+    assert not [i for i in api.listed() if name in i], "a padded name was revoked"
+
+    exact, padded = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    mock_idp.register_active(exact, sub=name, iat=int(time.time()) - 5)
+    mock_idp.register_active(padded, sub=f" {name} ", iat=int(time.time()) - 5)
+    assert_ok(api.revoke_json({"sub": name}))
+    try:
+        assert_invalid_token(envoy.get("/", bearer(exact)))
+        resp = envoy.get("/", bearer(padded))
+        assert resp.status == 200, resp
+        assert "x-auth-subject" not in resp.json()["headers"], "the padded subject reads as the revoked one"
+    finally:
+        api.undo(f"sub:{name}")
+
+
 # --------------------------------------------------------------------------- 3. list and undo
 
 
