@@ -409,7 +409,11 @@ impl Worker {
     pub fn finish(&self, verdict: &Verdict, now_s: u64) -> bool {
         let decision = match verdict {
             Ok(answer) => match answer.as_ref() {
-                Answer::Active(claims) if self.deny.borrow().principal_revoked(claims, now_s) => Err(Denial::Revoked),
+                Answer::Active(claims)
+                    if self.deny.borrow().principal_revoked(claims, now_s, self.config.denylist.clock_skew_s) =>
+                {
+                    Err(Denial::Revoked)
+                }
                 _ => policy::decide(answer, &self.config.required_scopes, now_s),
             },
             Err(e) => Err(Denial::IdpUnavailable(e.description())),
