@@ -11,8 +11,8 @@
 use crate::bearer::{self, Token};
 use crate::cache::{hash_token, hex, TokenHash};
 use crate::config;
-use crate::denylist::{Change, DenyError, Denylist, Kind, Record, MAX_PRINCIPAL_CHARS};
-use crate::introspection::Claims;
+use crate::denylist::{Change, DenyError, Denylist, Kind, Record, Revoked, MAX_PRINCIPAL_CHARS};
+use crate::introspection::{is_usable_claim_value, Claims};
 use crate::jwt;
 use crate::store::Store;
 use serde::Deserialize;
@@ -126,6 +126,15 @@ fn percent_decode(text: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The reply to a request outside the admin routes on a listener that
+/// serves them: such a request carries the admin credential, which must not
+/// be checked as an access token (that would send it to the authorization
+/// server), so it is answered here. `None` for an admin path.
+pub fn outside_admin(path: &str, prefix: &str) -> Option<Reply> {
+    (!is_admin_path(path, prefix))
+        .then(|| Reply::error(404, "not_found", "this listener serves only the tokengate admin API"))
 }
 
 /// Checks the admin credential: a bearer token whose SHA-256 is configured.
@@ -320,11 +329,16 @@ fn parse_json(body: &[u8]) -> Result<Revoke, Reply> {
 }
 
 fn principal(kind: Kind, name: String, reason: String) -> Result<Revoke, Reply> {
-    if name.is_empty() || name.chars().count() > MAX_PRINCIPAL_CHARS || name.chars().any(char::is_control) {
+    // A name no token's claim can match (see `is_usable_claim_value`) would revoke nothing.
+    if !is_usable_claim_value(&name) || name.chars().count() > MAX_PRINCIPAL_CHARS || name.chars().any(char::is_control)
+    {
         return Err(Reply::error(
             400,
             "invalid_request",
-            format!("the client id or subject must be 1 to {MAX_PRINCIPAL_CHARS} printable characters"),
+            format!(
+                "the client id or subject must be 1 to {MAX_PRINCIPAL_CHARS} printable characters, \
+                 without leading or trailing spaces"
+            ),
         ));
     }
     Ok(Revoke::Principal { kind, name, reason })
@@ -371,10 +385,12 @@ pub fn handle<S: Store + ?Sized>(
                 .and_then(|done| Ok((done, list.revoke_identities(&identities, &reason, now)?)));
             match revoked {
                 Ok((done, jwts)) => {
-                    for hash in &done.revoked {
-                        log::info!("revoked token sha256:{} reason={reason:?}", hex(hash));
-                    }
                     let reason = crate::denylist::clip_reason(&reason);
+                    if done.full.is_empty() && jwts.full.is_empty() {
+                        log::info!("{}", revoked_tokens_line(&done, &jwts, &reason));
+                    } else {
+                        log::error!("{}", revoked_tokens_line(&done, &jwts, &reason));
+                    }
                     for (hash, expires_at) in items.iter().filter(|(h, _)| done.revoked.contains(h)) {
                         changes.push(Change::Revoked(Record {
                             id: hex(hash),
@@ -385,7 +401,6 @@ pub fn handle<S: Store + ?Sized>(
                         }));
                     }
                     for (hash, expires_at) in identities.iter().filter(|(h, _)| jwts.revoked.contains(h)) {
-                        log::info!("revoked JWT {}", Record::hashed_id(Kind::Jwt, hash));
                         changes.push(Change::Revoked(Record {
                             id: Record::hashed_id(Kind::Jwt, hash),
                             kind: Kind::Jwt,
@@ -405,7 +420,6 @@ pub fn handle<S: Store + ?Sized>(
                     if done.full.is_empty() && jwts.full.is_empty() {
                         Reply::ok(body)
                     } else {
-                        log::error!("denylist full, {} token(s) not revoked", done.full.len());
                         // A JWT whose identity found no room is not fully revoked either.
                         let jwts_refused = jwts.full.iter().map(|h| Record::hashed_id(Kind::Jwt, h));
                         let refused: Vec<String> =
@@ -470,6 +484,27 @@ pub fn handle<S: Store + ?Sized>(
     Handled { reply, forward, changes }
 }
 
+/// Ids one log line names; the rest are counted.
+const MAX_IDS_IN_LOG: usize = 8;
+
+/// The one log line of a token revocation, however many tokens it held:
+/// its size is bounded by `MAX_IDS_IN_LOG` and the clipped reason.
+fn revoked_tokens_line(done: &Revoked, jwts: &Revoked, clipped_reason: &str) -> String {
+    let mut ids: Vec<String> = done.revoked.iter().take(MAX_IDS_IN_LOG).map(|h| format!("sha256:{}", hex(h))).collect();
+    if done.revoked.len() > MAX_IDS_IN_LOG {
+        ids.push(format!("and {} more", done.revoked.len() - MAX_IDS_IN_LOG));
+    }
+    let mut line = format!("revoked {} token(s) [{}] reason={clipped_reason:?}", done.revoked.len(), ids.join(", "));
+    if !jwts.revoked.is_empty() {
+        line.push_str(&format!("; {} JWT identities (jti:)", jwts.revoked.len()));
+    }
+    let refused = done.full.len() + jwts.full.len();
+    if refused > 0 {
+        line.push_str(&format!("; {refused} refused: the denylist is full"));
+    }
+    line
+}
+
 fn store_failure(e: DenyError) -> Reply {
     log::error!("denylist write failed: {e:?}");
     Reply::error(503, "temporarily_unavailable", "the denylist could not be updated; nothing was changed or retry")
@@ -509,6 +544,21 @@ mod tests {
         }
         for p in ["/", "/api", "/tokengatex/revoke", "/api/tokengate/revoke"] {
             assert!(!is_admin_path(p, PREFIX), "{p}");
+        }
+    }
+
+    #[test]
+    fn paths_outside_the_admin_routes_are_answered_404_on_the_admin_listener() {
+        for p in ["/tokengate-v2/revoke", "/api/tokengate/revoke", "/", "/elsewhere", "/tokengatex"] {
+            let reply = outside_admin(p, PREFIX).unwrap_or_else(|| panic!("{p} is not an admin path"));
+            assert_eq!(reply.status, 404, "{p}");
+            assert_eq!(reply.body.as_ref().unwrap()["error"], "not_found");
+        }
+        // Admin paths, disguised ones included, go to the admin API (which checks the credential first).
+        for p in
+            ["/tokengate/revoke", "/tokengate/revocations", "//tokengate/revoke", "/TOKENGATE/revoke", "/tokengate"]
+        {
+            assert_eq!(outside_admin(p, PREFIX), None, "{p}");
         }
     }
 
@@ -586,6 +636,14 @@ mod tests {
         assert_eq!(status(Some("application/json"), br#"{"tokens": ["a b"]}"#), 400);
         assert_eq!(status(Some("application/json"), br#"{"tokens": ["a","b","c","d"]}"#), 413);
         assert_eq!(status(Some("application/json"), br#"{"sub": ""}"#), 400);
+        // A claim value with surrounding spaces is never matched: revoking it would revoke nothing.
+        for name in [" admin", "admin ", " admin ", " "] {
+            let body = json!({"sub": name}).to_string();
+            assert_eq!(status(Some("application/json"), body.as_bytes()), 400, "{name:?}");
+            let body = json!({"client_id": name}).to_string();
+            assert_eq!(status(Some("application/json"), body.as_bytes()), 400, "{name:?}");
+        }
+        assert!(parse_revoke(Some("application/json"), br#"{"sub": "Ada Lovelace"}"#, &cfg).is_ok());
         assert_eq!(status(Some("application/x-www-form-urlencoded"), b"token_type_hint=x"), 400);
         assert_eq!(status(Some("application/x-www-form-urlencoded"), b"token=a&token=b"), 400);
         assert_eq!(status(Some("application/json"), &vec![b' '; 5000]), 413);
@@ -694,6 +752,29 @@ mod tests {
         assert_eq!(done.reply.status, 200);
         let hash = hash_token(&bearer::from_admin("tok"));
         assert!(Denylist::new(&store, &limits).token_record(&hash, now + 1).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_bulk_revocation_is_one_bounded_log_line_with_the_clipped_reason() {
+        let done = Revoked {
+            revoked: (0..200u32).map(|n| Sha256::digest(n.to_be_bytes()).into()).collect(),
+            full: Vec::new(),
+        };
+        let reason = crate::denylist::clip_reason(&"x".repeat(50_000));
+        let line = revoked_tokens_line(&done, &Revoked::default(), &reason);
+        assert!(line.starts_with("revoked 200 token(s) [sha256:"), "{line}");
+        assert!(line.contains(&format!("sha256:{}", hex(&done.revoked[7]))));
+        assert!(!line.contains(&hex(&done.revoked[8])), "ids past the first 8 are counted, not listed");
+        assert!(line.contains("and 192 more"), "{line}");
+        assert!(line.ends_with(&format!("reason=\"{}\"", "x".repeat(crate::denylist::MAX_REASON_CHARS))), "{line}");
+        assert!(line.len() < 1000, "{} bytes", line.len());
+
+        // The worst reason: every kept character escaped by the log's quoting.
+        let worst = crate::denylist::clip_reason(&"\u{200b}".repeat(50_000));
+        let with_refusals = Revoked { full: done.revoked.clone(), ..done };
+        let line = revoked_tokens_line(&with_refusals, &Revoked::default(), &worst);
+        assert!(line.ends_with("; 200 refused: the denylist is full"), "{line}");
+        assert!(line.len() < 3000, "{} bytes", line.len());
     }
 
     #[test]

@@ -102,6 +102,10 @@ pub struct Denylist {
     /// Life of a client or subject record.
     #[serde(default = "default_denylist_principal_ttl_s")]
     pub principal_ttl_s: u64,
+    /// How far the authorization server's clock (a token's `iat`) may run
+    /// ahead of Envoy's, for client and subject revocations.
+    #[serde(default = "default_denylist_clock_skew_s")]
+    pub clock_skew_s: u64,
 }
 
 impl Default for Denylist {
@@ -111,6 +115,7 @@ impl Default for Denylist {
             max_principals: default_denylist_max_principals(),
             token_ttl_s: default_denylist_token_ttl_s(),
             principal_ttl_s: default_denylist_principal_ttl_s(),
+            clock_skew_s: default_denylist_clock_skew_s(),
         }
     }
 }
@@ -223,6 +228,9 @@ fn default_denylist_token_ttl_s() -> u64 {
 fn default_denylist_principal_ttl_s() -> u64 {
     86_400
 }
+fn default_denylist_clock_skew_s() -> u64 {
+    60
+}
 fn default_sync_prefix() -> String {
     "tokengate/".to_string()
 }
@@ -296,6 +304,9 @@ fn secret(
 fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
+
+/// Largest `denylist.clock_skew_s`: an hour covers any clock that is merely wrong.
+const MAX_CLOCK_SKEW_S: u64 = 3600;
 
 /// Headers the filter owns; a claim may not be mapped onto them.
 const RESERVED_HEADERS: &[&str] = &["authorization", "host", "content-length", "transfer-encoding", "connection"];
@@ -430,6 +441,9 @@ impl Config {
         if !(1..=TEN_YEARS_S).contains(&d.token_ttl_s) || !(1..=TEN_YEARS_S).contains(&d.principal_ttl_s) {
             return err("denylist.token_ttl_s and denylist.principal_ttl_s must be between 1 and 315360000");
         }
+        if d.clock_skew_s > MAX_CLOCK_SKEW_S {
+            return err(format!("denylist.clock_skew_s must be at most {MAX_CLOCK_SKEW_S}"));
+        }
         if let Some(r) = &self.revocation_endpoint {
             if r.cluster.trim().is_empty() || r.authority.trim().is_empty() || !r.path.starts_with('/') {
                 return err("revocation_endpoint needs cluster, authority and a path starting with '/'");
@@ -498,6 +512,7 @@ mod tests {
         assert_eq!(c.claims_to_headers.get("sub").map(String::as_str), Some("x-auth-subject"));
         assert!(!c.hide_credentials);
         assert_eq!(c.realm, "tokengate");
+        assert_eq!(c.denylist.clock_skew_s, 60);
     }
 
     #[test]
@@ -582,6 +597,8 @@ mod tests {
             (r#""admin": {"path_prefix": "/a/", "token_sha256": "00"}"#, "admin.path_prefix"),
             (r#""admin": {"path": "/a"}"#, "unknown field `path`"),
             (r#""denylist": {"max_tokens": 0}"#, "denylist.max_tokens"),
+            (r#""denylist": {"clock_skew_s": 3601}"#, "denylist.clock_skew_s"),
+            (r#""denylist": {"clock_skew_s": -1}"#, "invalid value"),
             (r#""cluster_sync": {"cluster": "etcd", "authority": "e", "prefix": "x"}"#, "cluster_sync.prefix"),
             (r#""cluster_sync": {"cluster": "etcd", "authority": "e", "poll_ms": 1}"#, "cluster_sync.poll_ms"),
             (r#""revocation_endpoint": {"cluster": "idp", "authority": "a", "path": "x"}"#, "revocation_endpoint"),

@@ -14,7 +14,7 @@
 
 use crate::cache::{hex, TokenHash};
 use crate::config;
-use crate::introspection::Claims;
+use crate::introspection::{is_usable_claim_value, Claims};
 use crate::store::{update, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -471,20 +471,32 @@ impl DenyView {
     }
 
     /// Whether the token's client or subject was revoked after it was issued
-    /// (a token without `iat` counts as issued before).
-    pub fn principal_revoked(&self, claims: &Claims, now: u64) -> bool {
+    /// (see `covers`). A client id or subject that is no usable claim value
+    /// is matched by nothing, as it reaches no header.
+    pub fn principal_revoked(&self, claims: &Claims, now: u64, skew_s: u64) -> bool {
         if self.principals.is_empty() {
             return false;
         }
-        let issued = claims.iat.unwrap_or(0);
         let hit = |kind: Kind, name: &Option<String>| {
-            name.as_ref().is_some_and(|n| {
-                self.principals
-                    .get(&(kind, n.clone()))
-                    .is_some_and(|&(revoked_at, expires_at)| expires_at > now && issued <= revoked_at)
+            name.as_deref().filter(|n| is_usable_claim_value(n)).is_some_and(|n| {
+                self.principals.get(&(kind, n.to_string())).is_some_and(|&(revoked_at, expires_at)| {
+                    expires_at > now && covers(revoked_at, claims.iat, now, skew_s)
+                })
             })
         };
         hit(Kind::Client, &claims.client_id) || hit(Kind::Subject, &claims.sub)
+    }
+}
+
+/// Whether a client or subject revocation made at `revoked_at` (Envoy's
+/// clock) covers a token issued at `iat` (the authorization server's clock),
+/// allowing that clock to run up to `skew_s` ahead. A token without `iat`, or
+/// with an `iat` further in the future than the skew allows, counts as
+/// issued before: its issue time proves nothing.
+pub fn covers(revoked_at: u64, iat: Option<u64>, now: u64, skew_s: u64) -> bool {
+    match iat {
+        None => true,
+        Some(iat) => iat <= revoked_at.saturating_add(skew_s) || iat > now.saturating_add(skew_s),
     }
 }
 
@@ -586,23 +598,63 @@ mod tests {
         assert_eq!(s.get("tokengate.deny.gen").unwrap().unwrap().value, b"");
     }
 
-    #[test]
-    fn principal_revocation_covers_tokens_issued_until_then() {
+    /// A worker's view of a denylist holding one client or subject revocation.
+    fn view_of_principal_revoked(kind: Kind, name: &str, at: u64) -> DenyView {
         let s = MemoryStore::new();
         let l = limits();
         let d = Denylist::new(&s, &l);
-        d.revoke_principal(Kind::Client, "app", "breach", 1000).unwrap();
+        d.revoke_principal(kind, name, "", at).unwrap();
         let mut view = DenyView::new(16);
-        view.refresh(&d, 1000).unwrap();
+        view.refresh(&d, at).unwrap();
+        view
+    }
+
+    #[test]
+    fn principal_revocation_covers_tokens_issued_until_then() {
+        let view = view_of_principal_revoked(Kind::Client, "app", 1000);
         let claims =
             |client: &str, iat: Option<u64>| Claims { client_id: Some(client.into()), iat, ..Default::default() };
-        assert!(view.principal_revoked(&claims("app", Some(999)), 1001));
-        assert!(view.principal_revoked(&claims("app", Some(1000)), 1001));
-        assert!(view.principal_revoked(&claims("app", None), 1001));
-        assert!(!view.principal_revoked(&claims("app", Some(1001)), 1001));
-        assert!(!view.principal_revoked(&claims("other", Some(1)), 1001));
+        assert!(view.principal_revoked(&claims("app", Some(999)), 1001, 0));
+        assert!(view.principal_revoked(&claims("app", Some(1000)), 1001, 0));
+        assert!(view.principal_revoked(&claims("app", None), 1001, 0));
+        assert!(!view.principal_revoked(&claims("app", Some(1001)), 1001, 0));
+        assert!(!view.principal_revoked(&claims("other", Some(1)), 1001, 0));
         let sub = Claims { sub: Some("app".into()), iat: Some(1), ..Default::default() };
-        assert!(!view.principal_revoked(&sub, 1001), "a client id is not a subject");
+        assert!(!view.principal_revoked(&sub, 1001, 0), "a client id is not a subject");
+        // With a skew allowance, a token the IdP stamped up to that much later is covered too.
+        assert!(view.principal_revoked(&claims("app", Some(1060)), 1001, 60));
+        assert!(!view.principal_revoked(&claims("app", Some(1061)), 1001, 60));
+    }
+
+    #[test]
+    fn a_revocation_allows_for_the_idp_clock_running_ahead() {
+        // Revoked at 1000 (Envoy's clock), checked at now = 1010, 60 s allowed.
+        let covered = |iat| covers(1000, iat, 1010, 60);
+        assert!(covered(None), "no iat: counts as issued before");
+        assert!(covered(Some(0)));
+        assert!(covered(Some(1000)));
+        assert!(covered(Some(1060)), "stamped by an IdP 60 s ahead, just before the revocation");
+        assert!(!covered(Some(1061)), "issued after the revocation, even by a clock 60 s ahead");
+        assert!(!covered(Some(1070)), "as late as now + skew: a later token, not a forged time");
+        assert!(covered(Some(1071)), "further in the future than the skew allows: its iat proves nothing");
+        assert!(covered(Some(u64::MAX)));
+        // Without an allowance the clocks are taken as equal.
+        assert!(covers(1000, Some(1000), 1010, 0));
+        assert!(!covers(1000, Some(1001), 1010, 0));
+        assert!(covers(1000, Some(1011), 1010, 0));
+        // Nothing overflows at the ends of time.
+        assert!(covers(u64::MAX, Some(u64::MAX), u64::MAX, u64::MAX));
+        assert!(!covers(0, Some(1), u64::MAX, 0));
+    }
+
+    #[test]
+    fn unusable_client_ids_and_subjects_are_matched_by_nothing() {
+        let view = view_of_principal_revoked(Kind::Subject, "admin", 1000);
+        let sub = |name: &str| Claims { sub: Some(name.into()), iat: Some(1), ..Default::default() };
+        assert!(view.principal_revoked(&sub("admin"), 1001, 0));
+        for refused in [" admin", "admin ", " admin ", ""] {
+            assert!(!view.principal_revoked(&sub(refused), 1001, 0), "{refused:?}");
+        }
     }
 
     #[test]

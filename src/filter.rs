@@ -74,9 +74,11 @@ impl Filter {
         };
         if let Some(admin) = &worker.config.admin {
             let path = headers.get(":path").unwrap_or_default();
-            if admin::is_admin_path(path, &admin.path_prefix) {
-                return self.admin_headers(worker, &headers, end_of_stream);
+            if let Some(reply) = admin::outside_admin(path, &admin.path_prefix) {
+                worker.metrics.admin_requests.inc();
+                return self.admin_reply(worker, reply);
             }
+            return self.admin_headers(worker, &headers, end_of_stream);
         }
         self.validate(worker, &headers)
     }

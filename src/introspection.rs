@@ -252,9 +252,9 @@ fn time_claim(o: &Map<String, Value>, name: &'static str) -> Result<Option<u64>,
     }
 }
 
-/// A claim as a header value: strings, numbers and booleans as text, a list
-/// of strings space-separated; anything else, or text a header cannot carry,
-/// is left out.
+/// A claim as text for a header: strings, numbers and booleans as text, a
+/// list of strings space-separated; anything else is left out. Whether the
+/// text may become a header is judged when it would (`is_usable_claim_value`).
 fn header_text(value: &Value) -> Option<String> {
     let text = match value {
         Value::String(s) => s.clone(),
@@ -266,12 +266,20 @@ fn header_text(value: &Value) -> Option<String> {
         }
         _ => return None,
     };
-    is_header_safe(&text).then_some(text)
+    Some(text)
 }
 
 /// No control characters: Envoy would refuse the header, or worse, split it.
 pub fn is_header_safe(text: &str) -> bool {
     text.bytes().all(|b| b >= 0x20 && b != 0x7f)
+}
+
+/// Whether a claim value may be set as a header and matched against client
+/// and subject revocations: header-safe, not empty, no leading or trailing
+/// space. Envoy strips such spaces, so `" admin"` would reach the upstream
+/// as `admin`; refusing the value keeps two distinct names from reading as one.
+pub fn is_usable_claim_value(text: &str) -> bool {
+    !text.is_empty() && !text.starts_with(' ') && !text.ends_with(' ') && is_header_safe(text)
 }
 
 #[cfg(test)]
@@ -375,9 +383,24 @@ mod tests {
     }
 
     #[test]
-    fn header_unsafe_claims_are_dropped() {
-        let Answer::Active(c) = parse(r#"{"active": true, "username": "a\r\nx-evil: 1"}"#).unwrap() else { panic!() };
-        assert_eq!(c.get("username"), None);
+    fn claim_values_are_kept_as_given_and_judged_as_headers() {
+        let Answer::Active(c) = parse(r#"{"active": true, "username": "a\r\nx-evil: 1", "aud": ["", "b"]}"#).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(c.get("username"), Some("a\r\nx-evil: 1"));
+        assert_eq!(c.get("aud"), Some(" b"));
+        assert!(!is_usable_claim_value("a\r\nx-evil: 1"));
+    }
+
+    #[test]
+    fn usable_claim_values_have_no_surrounding_spaces_and_are_not_empty() {
+        for good in ["admin", "read write", "a", "spiffe://ex.org/app", "\u{e9}l\u{e8}ve"] {
+            assert!(is_usable_claim_value(good), "{good:?}");
+        }
+        for bad in ["", " ", " admin", "admin ", " admin ", "a\tb", "\tadmin", "a\nb", "a\u{7f}"] {
+            assert!(!is_usable_claim_value(bad), "{bad:?}");
+        }
     }
 
     #[test]

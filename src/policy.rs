@@ -1,7 +1,7 @@
 //! The decision for an introspected token, made again on every request (a
 //! cached answer is never trusted past `exp` or for a scope it lacks).
 
-use crate::introspection::{is_header_safe, Answer, Claims};
+use crate::introspection::{is_usable_claim_value, Answer, Claims};
 use crate::outcome::Denial;
 use std::collections::BTreeMap;
 
@@ -24,12 +24,20 @@ pub fn decide<'a>(answer: &'a Answer, required_scopes: &[String], now_s: u64) ->
     Ok(claims)
 }
 
-/// The `(header, value)` pairs to set for the upstream.
-pub fn claim_headers<'a>(claims: &'a Claims, map: &'a BTreeMap<String, String>) -> Vec<(&'a str, &'a str)> {
-    map.iter()
+/// The `(header, value)` pairs to set for the upstream, and how many claims
+/// the answer had but were left out (not usable as a header value).
+pub fn claim_headers<'a>(claims: &'a Claims, map: &'a BTreeMap<String, String>) -> (Vec<(&'a str, &'a str)>, u64) {
+    let mut refused = 0;
+    let headers = map
+        .iter()
         .filter_map(|(claim, header)| claims.get(claim).map(|v| (header.as_str(), v)))
-        .filter(|(_, v)| is_header_safe(v))
-        .collect()
+        .filter(|(_, v)| {
+            let usable = is_usable_claim_value(v);
+            refused += u64::from(!usable);
+            usable
+        })
+        .collect();
+    (headers, refused)
 }
 
 #[cfg(test)]
@@ -80,6 +88,29 @@ mod tests {
         let map: BTreeMap<String, String> =
             [("sub".to_string(), "x-sub".to_string()), ("client_id".to_string(), "x-client".to_string())].into();
         let Answer::Active(c) = active("read") else { unreachable!() };
-        assert_eq!(claim_headers(&c, &map), vec![("x-sub", "alice")]);
+        assert_eq!(claim_headers(&c, &map), (vec![("x-sub", "alice")], 0));
+    }
+
+    #[test]
+    fn empty_or_space_padded_claims_are_left_out_and_counted() {
+        let map: BTreeMap<String, String> = [("sub", "x-sub"), ("client_id", "x-client"), ("scope", "x-scope")]
+            .into_iter()
+            .map(|(c, h)| (c.to_string(), h.to_string()))
+            .collect();
+        let claims = |sub: &str, client: &str| Claims {
+            sub: Some(sub.into()),
+            client_id: Some(client.into()),
+            scope: Some("read write".into()),
+            ..Default::default()
+        };
+        for sub in [" admin ", " admin", "admin ", "", "ad\nmin"] {
+            let c = claims(sub, "app");
+            assert_eq!(claim_headers(&c, &map), (vec![("x-client", "app"), ("x-scope", "read write")], 1), "{sub:?}");
+        }
+        let c = claims("", " app");
+        assert_eq!(claim_headers(&c, &map), (vec![("x-scope", "read write")], 2));
+        // A claim the answer does not have is absent, not refused.
+        let none = Claims::default();
+        assert_eq!(claim_headers(&none, &map), (vec![], 0));
     }
 }

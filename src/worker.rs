@@ -434,9 +434,11 @@ impl Worker {
             Ok(claims) => {
                 // The client's copies were removed on arrival, so adding is
                 // enough (and cheaper for Envoy than a replace).
-                for (header, value) in policy::claim_headers(claims, &self.config.claims_to_headers) {
+                let (headers, refused) = policy::claim_headers(claims, &self.config.claims_to_headers);
+                for (header, value) in headers {
                     let _ = hostcalls::add_map_value(MapType::HttpRequestHeaders, header, value);
                 }
+                self.metrics.claims_refused.add(refused);
                 if self.config.hide_credentials {
                     let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, "authorization");
                 }
@@ -454,7 +456,7 @@ impl Worker {
     /// view was refreshed when the request's token hash was checked).
     fn claims_revoked(&self, claims: &crate::introspection::Claims, now_s: u64) -> bool {
         let mut view = self.deny.borrow_mut();
-        if view.principal_revoked(claims, now_s) {
+        if view.principal_revoked(claims, now_s, self.config.denylist.clock_skew_s) {
             return true;
         }
         let Some(identity) = &claims.identity else {

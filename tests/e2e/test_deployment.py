@@ -128,8 +128,8 @@ def test_reference_admin_listener_normalises_paths_before_the_filter(envoys, moc
     resp = revoke(admin_port, token, path="//tokengate/./revoke")
     assert resp.status == 200, resp
     assert envoy.get("/", bearer(token)).status == 401
-    # Outside the admin routes the filter checks tokens as on the data
-    # listener; whatever it lets through meets the route's direct_response 404.
+    # Outside the admin routes the filter answers 404 itself, without
+    # checking (and so without introspecting) the request's token.
     other = mock_idp_server.issue_token(scope="read")
     assert request(admin_port, "/elsewhere", bearer(other)).status == 404
 

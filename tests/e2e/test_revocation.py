@@ -269,10 +269,10 @@ def gates(procs, workdir, recorder):
     cache.stop_all()
 
 
-def gate_for(gates, idp, admin_overrides=None, name=None):
-    """The shipped listeners (data + tokengate_admin, same vm_id) pointed at idp; one Envoy
-    per (IdP, admin overrides, name)."""
-    data = idp.plugin_config()
+def gate_for(gates, idp, admin_overrides=None, name=None, **overrides):
+    """The shipped listeners (data + tokengate_admin, same vm_id) pointed at idp, with
+    top-level `overrides` on both; one Envoy per (IdP, overrides, name)."""
+    data = idp.plugin_config(**overrides)
     admin = merge(merge(data, shipped_admin_additions()), {"admin": admin_overrides or {}})
     return gates.get(idp, data, listener_configs={"tokengate_admin": admin}, name=name)
 
@@ -280,6 +280,17 @@ def gate_for(gates, idp, admin_overrides=None, name=None):
 @pytest.fixture
 def gate(gates, idp):
     return gate_for(gates, idp)
+
+
+# denylist.clock_skew_s of `skewed_gate`: short, so that a token issued after a client or
+# subject revocation, and past the allowance, comes within seconds (oidc-provider stamps
+# iat with the time of issue; the shipped 60 s would take a minute per test).
+SHORT_SKEW_S = 2
+
+
+@pytest.fixture
+def skewed_gate(gates, idp):
+    return gate_for(gates, idp, denylist={"clock_skew_s": SHORT_SKEW_S})
 
 
 # --------------------------------------------------------------------------- 1. every worker, at once
@@ -351,7 +362,8 @@ def _principal_names(idp):
     return unique("client"), unique("bystander")
 
 
-def test_client_revocation_refuses_its_earlier_tokens_only(gate, idp, request):
+def test_client_revocation_refuses_its_earlier_tokens_only(skewed_gate, idp, request):
+    gate = skewed_gate
     api = AdminApi(gate)
     client, bystander = _principal_names(idp)
     request.addfinalizer(lambda: api.undo(f"client:{client}"))
@@ -376,10 +388,11 @@ def test_client_revocation_refuses_its_earlier_tokens_only(gate, idp, request):
     assert statuses_over_connections(gate, other) == [200] * (2 * CONCURRENCY), "another client is unaffected"
     assert api.listed()[f"client:{client}"] == revocation
 
-    # iat has a resolution of one second: a token issued in a later second is not covered.
-    sleep_until(revocation["revoked_at"] + 1.05)
+    # iat has a resolution of one second: a token issued in a later second than the
+    # revocation and its clock-skew allowance is not covered.
+    sleep_until(revocation["revoked_at"] + SHORT_SKEW_S + 1.05)
     later = issue(idp, client)
-    assert idp.introspect(later)["iat"] > revocation["revoked_at"]
+    assert idp.introspect(later)["iat"] > revocation["revoked_at"] + SHORT_SKEW_S
     assert statuses_over_connections(gate, later) == [200] * (2 * CONCURRENCY)
     assert_invalid_token(gate.get("/", bearer(seen)))
 
@@ -389,9 +402,10 @@ def test_client_revocation_refuses_its_earlier_tokens_only(gate, idp, request):
     assert statuses_over_connections(gate, seen) == [200] * (2 * CONCURRENCY)
 
 
-def test_subject_revocation_refuses_its_earlier_tokens_only(gate, idp, request):
+def test_subject_revocation_refuses_its_earlier_tokens_only(skewed_gate, idp, request):
     if idp.kind == "oidc":
         pytest.skip("oidc-provider's client-credentials tokens carry no sub (tests/idp/server.mjs)")
+    gate = skewed_gate
     api = AdminApi(gate)
     subject, other_subject = unique("user"), unique("user")
     request.addfinalizer(lambda: api.undo(f"sub:{subject}"))
@@ -410,9 +424,67 @@ def test_subject_revocation_refuses_its_earlier_tokens_only(gate, idp, request):
     assert_invalid_token(gate.get("/", bearer(own_b)))
     assert statuses_over_connections(gate, other) == [200] * (2 * CONCURRENCY)
 
-    sleep_until(revocation["revoked_at"] + 1.05)
+    sleep_until(revocation["revoked_at"] + SHORT_SKEW_S + 1.05)
     later = issue(idp, client_id=client, sub=subject)
     assert statuses_over_connections(gate, later) == [200] * (2 * CONCURRENCY)
+
+
+SHIPPED_SKEW_S = 60  # denylist.clock_skew_s default (src/config.rs), which envoy/envoy.yaml keeps
+
+
+def test_client_revocation_allows_for_an_idp_clock_ahead_by_clock_skew_s(gates, mock_idp, request):
+    """A client revocation compares the IdP's iat with Envoy's clock: a token the IdP stamped up
+    to clock_skew_s after the revocation may have been issued before it by a clock running
+    ahead, and an iat further in the future than that proves nothing."""
+    envoy = gate_for(gates, mock_idp)  # the shipped configuration: the default allowance
+    api = AdminApi(envoy)
+    client = unique("client")
+    request.addfinalizer(lambda: api.undo(f"client:{client}"))
+    bystander = secrets.token_urlsafe(32)
+    mock_idp.register_active(bystander, client_id=unique("client"), iat=int(time.time()) + 3600)
+
+    revoked_at = assert_ok(api.revoke_json({"client_id": client}))["revocation"]["revoked_at"]
+    # A second later a token can have been issued after the revocation (iat has 1 s resolution).
+    sleep_until(revoked_at + 1.05)
+    iats = {
+        "no iat": None,
+        "issued before": revoked_at - 10,
+        "issued at the revocation": revoked_at,
+        "stamped by an IdP clock_skew_s ahead": revoked_at + SHIPPED_SKEW_S,
+        "issued after, even by a clock that far ahead": revoked_at + SHIPPED_SKEW_S + 1,
+        "from further in the future than the allowance": int(time.time()) + SHIPPED_SKEW_S + 600,
+    }
+    want = {what: 200 if what.startswith("issued after") else 401 for what in iats}
+    tokens = {}
+    for what, iat in iats.items():
+        tokens[what] = secrets.token_urlsafe(32)
+        mock_idp.register_active(tokens[what], client_id=client, iat=iat)
+    seen = {what: statuses_over_connections(envoy, token) for what, token in tokens.items()}
+    assert seen == {what: [status] * (2 * CONCURRENCY) for what, status in want.items()}
+    assert_invalid_token(envoy.get("/", bearer(tokens["stamped by an IdP clock_skew_s ahead"])))
+    assert envoy.get("/", bearer(bystander)).status == 200, "another client's future iat is not refused"
+
+
+def test_client_or_subject_with_surrounding_spaces_is_refused_and_never_matched(mock_gate, mock_idp):
+    """A claim value with surrounding spaces reaches no header (Envoy would strip the spaces,
+    and " admin" would read as "admin"), so revocations neither take nor match such a name."""
+    envoy, api = mock_gate, AdminApi(mock_gate)
+    name = unique("admin")
+    for kind, padded in [("sub", f" {name}"), ("sub", f"{name} "), ("client_id", f" {name} "), ("sub", " ")]:
+        assert_admin_refused(api.revoke_json({kind: padded}), 400, "invalid_request", what=repr(padded))
+    assert not [i for i in api.listed() if name in i], "a padded name was revoked"
+
+    exact, padded = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    mock_idp.register_active(exact, sub=name, iat=int(time.time()) - 5)
+    mock_idp.register_active(padded, sub=f" {name} ", iat=int(time.time()) - 5)
+    assert_ok(api.revoke_json({"sub": name}))
+    try:
+        assert_invalid_token(envoy.get("/", bearer(exact)))
+        resp = envoy.get("/", bearer(padded))
+        assert resp.status == 200, resp
+        assert "x-auth-subject" not in resp.json()["headers"], "the padded subject reads as the revoked one"
+    finally:
+        api.undo(f"sub:{name}")
 
 
 # --------------------------------------------------------------------------- 3. list and undo
@@ -458,6 +530,36 @@ def test_list_shows_hashes_and_undo_lets_the_token_back_in_everywhere(gate, idp)
     assert_admin_refused(api.undo(sha256(secrets.token_urlsafe(32))), 404, "not_found")
     assert_admin_refused(api.undo("client:" + unique("never-revoked")), 404, "not_found")
     assert sha256(unseen) in api.listed(), "undoing one revocation leaves the others"
+
+
+def test_a_bulk_revocation_is_logged_once_with_its_reason_clipped(fresh):
+    """One log line per revocation request, the reason clipped as it is stored: a large
+    request cannot make Envoy write a large log."""
+    idp = fresh.mock_idp()
+    envoy = fresh.envoy(idp)
+    api = AdminApi(envoy)
+    tokens = [secrets.token_urlsafe(32) for _ in range(200)]
+    marker = unique("reason")
+    reason = marker + "-" + "x" * 50_000
+    stored = reason[:200]  # denylist::MAX_REASON_CHARS
+    before = len(envoy.log_text().encode())
+
+    body = assert_ok(api.revoke_json({"tokens": tokens, "reason": reason}))
+    assert body["revoked"] == len(tokens)
+    listed = api.listed()
+    assert {listed[sha256(t)]["reason"] for t in tokens} == {stored}
+    wait_until(lambda: marker in envoy.log_text(), 10, what="the revocation's log line")
+    grown = len(envoy.log_text().encode()) - before
+    envoy.stop()  # flushes the log
+
+    print(f"\n[revocation] one 200-token revocation with a 50,000-character reason: log +{grown} bytes")
+    assert grown < 4096, f"one revocation request grew Envoy's log by {grown} bytes"
+    log = envoy.log_text()
+    lines = [line for line in log.splitlines() if marker in line]
+    assert len(lines) == 1, f"{len(lines)} log lines for one revocation request"
+    assert f"revoked {len(tokens)} token(s)" in lines[0] and lines[0].endswith(f'reason="{stored}"'), lines[0][:300]
+    for token in tokens:
+        assert token not in log, "a token value is in Envoy's log"
 
 
 # --------------------------------------------------------------------------- 4. the admin credential
@@ -526,6 +628,32 @@ def test_data_listener_does_not_serve_the_admin_api(gate, idp, recorder):
     assert sha256(victim) not in listed and "client:app-a" not in listed
     assert sha256(already) in listed
     assert statuses_over_connections(gate, victim) == [200] * (2 * CONCURRENCY)
+
+
+# Just outside the admin routes: paths that an admin client may mistype or a caller may try.
+OUTSIDE_ADMIN_PATHS = ["/tokengate-v2/revoke", "/api/tokengate/revoke", "/tokengatex", "/elsewhere", "/"]
+
+
+def test_admin_listener_answers_404_outside_its_routes_and_never_sends_a_token_to_the_idp(mock_gate, mock_idp):
+    """The admin listener serves the admin API only: a request elsewhere on it is 404 from the
+    filter, whatever its credential, and the admin token (or any other) never reaches the IdP."""
+    envoy, api = mock_gate, AdminApi(mock_gate)
+    access = secrets.token_urlsafe(32)
+    mock_idp.register_active(access)
+    rejected = envoy.metric("tokengate.admin.rejected")
+    credentials = {"admin": ADMIN, "access": bearer(access), "none": None}
+    for path in OUTSIDE_ADMIN_PATHS:
+        for name, auth in credentials.items():
+            for method, body, content_type in [("GET", None, None), ("POST", b"token=x", FORM)]:
+                resp = api.call(method, path, auth, body, content_type)
+                assert_admin_refused(resp, 404, "not_found", what=f"{method} {path} ({name})")
+                assert resp.header("WWW-Authenticate") is None, resp.headers
+    assert mock_idp.calls_for(ADMIN_TOKEN) == 0, "the admin token was sent to the IdP"
+    assert mock_idp.introspections()["count"] == 0
+    asked = len(OUTSIDE_ADMIN_PATHS) * len(credentials) * 2
+    assert envoy.metric("tokengate.admin.rejected") - rejected == asked
+    # The admin API itself is unchanged beside them.
+    assert assert_ok(api.revoke_form(secrets.token_urlsafe(32)))["revoked"] == 1
 
 
 # --------------------------------------------------------------------------- 5. what the admin API refuses

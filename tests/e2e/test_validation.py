@@ -222,6 +222,25 @@ def test_spoofed_claim_headers_never_reach_upstream(envoy, idp):
             assert header not in seen, f"client-sent {header} reached the upstream"
 
 
+# Subjects an upstream would misread: Envoy strips a header value's surrounding spaces, so
+# " admin " would arrive as "admin", and an empty one names nobody.
+REFUSED_SUBJECTS = {"padded": " admin ", "leading-space": " admin", "trailing-space": "admin ", "empty": ""}
+
+
+@pytest.mark.parametrize("sub", REFUSED_SUBJECTS.values(), ids=REFUSED_SUBJECTS.keys())
+def test_claim_value_empty_or_with_surrounding_spaces_is_left_out_and_counted(envoys, mock_idp, sub):
+    envoy = envoys.get(mock_idp)
+    token = unknown_token()
+    mock_idp.register_active(token, sub=sub)
+    refused = envoy.metric("tokengate.claims.refused")
+    for _ in range(2):
+        # A client-sent subject cannot fill the gap either.
+        seen = upstream_headers(envoy.get("/resource", [*bearer(token).items(), ("x-auth-subject", "admin")]))
+        assert "x-auth-subject" not in seen, f"the upstream got x-auth-subject {seen['x-auth-subject']!r}"
+        assert (seen["x-auth-client-id"], seen["x-auth-scope"]) == ("app-a", "read")
+    assert envoy.metric("tokengate.claims.refused") - refused == 2
+
+
 def test_hide_credentials_keeps_authorization_from_upstream(envoys, idp):
     envoy = envoys.get(idp, idp.plugin_config(hide_credentials=True))
     token = issue(idp)
