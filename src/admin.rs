@@ -22,8 +22,10 @@ use sha2::{Digest, Sha256};
 /// Bulk answers list the revoked ids up to this many.
 const MAX_IDS_IN_ANSWER: usize = 1000;
 
+/// An admin route, as its method and path name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
+    /// A revoke, whose body is still to come.
     Revoke,
     /// `?offset=&limit=` page through the list (default: all of it).
     List {
@@ -31,6 +33,25 @@ pub enum Route {
         limit: Option<usize>,
     },
     Undo(String),
+}
+
+/// What an admin request asks for, complete: a revoke carries its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Revoke(Revoke),
+    List { offset: usize, limit: Option<usize> },
+    Undo(String),
+}
+
+impl Route {
+    /// The command a route is on its own, or the route back when it needs a body.
+    pub fn command(self) -> Result<Command, Route> {
+        match self {
+            Route::Revoke => Err(Route::Revoke),
+            Route::List { offset, limit } => Ok(Command::List { offset, limit }),
+            Route::Undo(id) => Ok(Command::Undo(id)),
+        }
+    }
 }
 
 /// An admin reply: status, JSON body (none for 204) and extra headers.
@@ -79,6 +100,17 @@ pub struct Handled {
     pub forward: Vec<Token>,
     /// What changed, for other Envoys (cluster sync).
     pub changes: Vec<Change>,
+    pub counts: Counts,
+}
+
+/// What a command did, for the `revocations.*` counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub tokens: u64,
+    pub principals: u64,
+    pub undone: u64,
+    /// Commands refused because the denylist is full.
+    pub refused: u64,
 }
 
 /// Whether a path is meant for the admin API, judged loosely (decoded,
@@ -348,8 +380,7 @@ fn principal(kind: Kind, name: String, reason: String) -> Result<Revoke, Reply> 
 /// `cached` gives a token's active answer when the cache knows it (its
 /// `exp` bounds the record, its JWT identity is revoked with it).
 pub fn handle<S: Store + ?Sized>(
-    route: &Route,
-    revoke: Option<Revoke>,
+    command: Command,
     limits: &config::Denylist,
     store: &S,
     now: u64,
@@ -358,8 +389,9 @@ pub fn handle<S: Store + ?Sized>(
     let list = Denylist::new(store, limits);
     let mut forward = Vec::new();
     let mut changes = Vec::new();
-    let reply = match (route, revoke) {
-        (Route::Revoke, Some(Revoke::Tokens { mut tokens, reason })) => {
+    let mut counts = Counts::default();
+    let reply = match command {
+        Command::Revoke(Revoke::Tokens { mut tokens, reason }) => {
             // A token given twice is one revocation.
             let mut seen = std::collections::HashSet::new();
             tokens.retain(|t| seen.insert(t.clone()));
@@ -413,6 +445,7 @@ pub fn handle<S: Store + ?Sized>(
                     let ids: Vec<String> = done.revoked.iter().take(MAX_IDS_IN_ANSWER).map(hex).collect();
                     let jti_ids: Vec<String> =
                         jwts.revoked.iter().take(MAX_IDS_IN_ANSWER).map(|h| Record::hashed_id(Kind::Jwt, h)).collect();
+                    counts.tokens = done.revoked.len() as u64;
                     let mut body = json!({"revoked": done.revoked.len(), "ids": ids});
                     if !jti_ids.is_empty() {
                         body["jti_ids"] = json!(jti_ids);
@@ -424,6 +457,7 @@ pub fn handle<S: Store + ?Sized>(
                         let jwts_refused = jwts.full.iter().map(|h| Record::hashed_id(Kind::Jwt, h));
                         let refused: Vec<String> =
                             done.full.iter().map(hex).chain(jwts_refused).take(MAX_IDS_IN_ANSWER).collect();
+                        counts.refused = 1;
                         Reply {
                             status: 507,
                             serialized: None,
@@ -439,25 +473,28 @@ pub fn handle<S: Store + ?Sized>(
                 Err(e) => store_failure(e),
             }
         }
-        (Route::Revoke, Some(Revoke::Principal { kind, name, reason })) => {
+        Command::Revoke(Revoke::Principal { kind, name, reason }) => {
             match list.revoke_principal(kind, &name, &reason, now) {
                 Ok(record) => {
                     log::info!("revoked {} reason={:?}", record.id, record.reason);
                     changes.push(Change::Revoked(record.clone()));
+                    counts.principals = 1;
                     Reply::ok(json!({"revoked": 1, "revocation": record}))
                 }
-                Err(DenyError::Full) => Reply::error(
-                    507,
-                    "denylist_full",
-                    "too many client and subject revocations: raise denylist.max_principals",
-                ),
+                Err(DenyError::Full) => {
+                    counts.refused = 1;
+                    Reply::error(
+                        507,
+                        "denylist_full",
+                        "too many client and subject revocations: raise denylist.max_principals",
+                    )
+                }
                 Err(e) => store_failure(e),
             }
         }
-        (Route::Revoke, None) => Reply::error(400, "invalid_request", "the request body is missing"),
-        (Route::List { offset, limit }, _) => match list.list(now) {
+        Command::List { offset, limit } => match list.list(now) {
             Ok(records) => {
-                let start = (*offset).min(records.len());
+                let start = offset.min(records.len());
                 let end = limit.map_or(records.len(), |l| start.saturating_add(l).min(records.len()));
                 let page = ListPage {
                     count: records.len(),
@@ -471,17 +508,18 @@ pub fn handle<S: Store + ?Sized>(
             }
             Err(e) => store_failure(DenyError::Store(e)),
         },
-        (Route::Undo(id), _) => match list.undo(id, now) {
+        Command::Undo(id) => match list.undo(&id, now) {
             Ok(true) => {
                 log::info!("revocation {id} undone");
-                changes.push(Change::Undone { id: crate::denylist::canonical_id(id), undone_at: now });
+                changes.push(Change::Undone { id: crate::denylist::canonical_id(&id), undone_at: now });
+                counts.undone = 1;
                 Reply { status: 204, body: None, serialized: None, headers: Vec::new() }
             }
             Ok(false) => Reply::error(404, "not_found", "no such revocation"),
             Err(e) => store_failure(e),
         },
     };
-    Handled { reply, forward, changes }
+    Handled { reply, forward, changes, counts }
 }
 
 /// Ids one log line names; the rest are counted.
@@ -655,15 +693,15 @@ mod tests {
         let limits = config::Denylist::default();
         let no_exp = |_: &TokenHash| None;
         let revoke = Revoke::Tokens { tokens: vec!["tok-1".into()], reason: "leak".into() };
-        let done = handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &no_exp);
+        let done = handle(Command::Revoke(revoke), &limits, &store, 100, &no_exp);
         assert_eq!(done.reply.status, 200);
         assert_eq!(done.reply.body.as_ref().unwrap()["revoked"], 1);
         assert_eq!(done.forward.len(), 1);
         let id = hex(&hash_token(&bearer::from_admin("tok-1")));
 
-        let all = Route::List { offset: 0, limit: None };
+        let all = Command::List { offset: 0, limit: None };
         let listed: Value =
-            serde_json::from_str(&handle(&all, None, &limits, &store, 101, &no_exp).reply.text().unwrap()).unwrap();
+            serde_json::from_str(&handle(all.clone(), &limits, &store, 101, &no_exp).reply.text().unwrap()).unwrap();
         let text = listed.to_string();
         assert!(!text.contains("tok-1"), "the raw token never appears");
         assert_eq!(listed["revocations"][0]["id"], id);
@@ -671,8 +709,8 @@ mod tests {
         assert_eq!(listed["revocations"][0]["revoked_at"], 100);
         assert_eq!(listed["revocations"][0]["expires_at"], 100 + limits.token_ttl_s);
 
-        assert_eq!(handle(&Route::Undo(id.clone()), None, &limits, &store, 102, &no_exp).reply.status, 204);
-        assert_eq!(handle(&Route::Undo(id), None, &limits, &store, 102, &no_exp).reply.status, 404);
+        assert_eq!(handle(Command::Undo(id.clone()), &limits, &store, 102, &no_exp).reply.status, 204);
+        assert_eq!(handle(Command::Undo(id), &limits, &store, 102, &no_exp).reply.status, 404);
     }
 
     #[test]
@@ -683,12 +721,12 @@ mod tests {
         let store = MemoryStore::new();
         let limits = config::Denylist::default();
         let revoke = Revoke::Tokens { tokens: vec![token.clone()], reason: "leak".into() };
-        let done = handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &|_| None);
+        let done = handle(Command::Revoke(revoke), &limits, &store, 100, &|_| None);
         let jti_id = Record::hashed_id(Kind::Jwt, &jwt::identity("https://idp", "j-1"));
         assert_eq!(done.reply.body.as_ref().unwrap()["jti_ids"], json!([jti_id]));
         assert_eq!(done.changes.len(), 2, "the token and its identity reach etcd");
         let listed: Value = serde_json::from_str(
-            &handle(&Route::List { offset: 0, limit: None }, None, &limits, &store, 101, &|_| None).reply.text().unwrap(),
+            &handle(Command::List { offset: 0, limit: None }, &limits, &store, 101, &|_| None).reply.text().unwrap(),
         )
         .unwrap();
         let records = listed["revocations"].as_array().unwrap();
@@ -699,12 +737,12 @@ mod tests {
         // An opaque token whose cached answer carried a jti: that identity is revoked too.
         let known = Claims { identity: Some(jwt::identity("https://idp", "j-2")), ..Default::default() };
         let revoke = Revoke::Tokens { tokens: vec!["opaque".into()], reason: String::new() };
-        let done = handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &|_| Some(known.clone()));
+        let done = handle(Command::Revoke(revoke), &limits, &store, 100, &|_| Some(known.clone()));
         let expected = Record::hashed_id(Kind::Jwt, &jwt::identity("https://idp", "j-2"));
         assert_eq!(done.reply.body.unwrap()["jti_ids"], json!([expected]));
         // Undone by its id, in any case.
         let upper = format!("jti:{}", expected.trim_start_matches("jti:").to_ascii_uppercase());
-        assert_eq!(handle(&Route::Undo(upper), None, &limits, &store, 102, &|_| None).reply.status, 204);
+        assert_eq!(handle(Command::Undo(upper), &limits, &store, 102, &|_| None).reply.status, 204);
     }
 
     #[test]
@@ -712,10 +750,10 @@ mod tests {
         let store = MemoryStore::new();
         let limits = config::Denylist::default();
         let revoke = Revoke::Tokens { tokens: vec!["tok".into()], reason: String::new() };
-        handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &|_| Some(Claims { exp: Some(500), ..Default::default() }));
-        let all = Route::List { offset: 0, limit: None };
+        handle(Command::Revoke(revoke), &limits, &store, 100, &|_| Some(Claims { exp: Some(500), ..Default::default() }));
+        let all = Command::List { offset: 0, limit: None };
         let listed: Value =
-            serde_json::from_str(&handle(&all, None, &limits, &store, 101, &|_| None).reply.text().unwrap()).unwrap();
+            serde_json::from_str(&handle(all.clone(), &limits, &store, 101, &|_| None).reply.text().unwrap()).unwrap();
         assert_eq!(listed["revocations"][0]["expires_at"], 500);
     }
 
@@ -724,9 +762,9 @@ mod tests {
         let store = MemoryStore::new();
         let limits = config::Denylist::default();
         let tokens: Vec<String> = (0..5).map(|i| format!("t{i}")).collect();
-        handle(&Route::Revoke, Some(Revoke::Tokens { tokens, reason: String::new() }), &limits, &store, 1, &|_| None);
+        handle(Command::Revoke(Revoke::Tokens { tokens, reason: String::new() }), &limits, &store, 1, &|_| None);
         let page = |offset, limit| -> Value {
-            let r = handle(&Route::List { offset, limit }, None, &limits, &store, 2, &|_| None).reply;
+            let r = handle(Command::List { offset, limit }, &limits, &store, 2, &|_| None).reply;
             serde_json::from_str(&r.text().unwrap()).unwrap()
         };
         let first = page(0, Some(2));
@@ -748,7 +786,7 @@ mod tests {
         let limits = config::Denylist { token_ttl_s: u64::MAX, ..Default::default() };
         let now = 1_800_000_000;
         let revoke = Revoke::Tokens { tokens: vec!["tok".into()], reason: String::new() };
-        let done = handle(&Route::Revoke, Some(revoke), &limits, &store, now, &|_| None);
+        let done = handle(Command::Revoke(revoke), &limits, &store, now, &|_| None);
         assert_eq!(done.reply.status, 200);
         let hash = hash_token(&bearer::from_admin("tok"));
         assert!(Denylist::new(&store, &limits).token_record(&hash, now + 1).unwrap().is_some());
@@ -782,7 +820,7 @@ mod tests {
         let store = MemoryStore::new();
         let limits = config::Denylist::default();
         let revoke = Revoke::Principal { kind: Kind::Subject, name: "alice".into(), reason: "left".into() };
-        let r = handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &|_| None).reply;
+        let r = handle(Command::Revoke(revoke), &limits, &store, 100, &|_| None).reply;
         assert_eq!(r.body.unwrap()["revocation"]["id"], "sub:alice");
     }
 }

@@ -20,6 +20,24 @@ impl HeaderMap {
         well_formed.then_some(map)
     }
 
+    /// A map of these headers, serialised as Envoy would (tests and fuzzing).
+    pub fn from_pairs<'a>(headers: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> HeaderMap {
+        let headers: Vec<_> = headers.into_iter().collect();
+        let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+        let mut buf = len(headers.len()).to_vec();
+        for (n, v) in &headers {
+            buf.extend(len(n.len()));
+            buf.extend(len(v.len()));
+        }
+        for (n, v) in &headers {
+            buf.extend(*n);
+            buf.push(0);
+            buf.extend(*v);
+            buf.push(0);
+        }
+        HeaderMap { buf }
+    }
+
     /// Every header in Envoy's order, repeated names included.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.raw_iter().into_iter().flatten().map_while(|e| e)
@@ -138,18 +156,7 @@ mod tests {
     use super::*;
 
     fn serialise(headers: &[(&str, &str)]) -> Vec<u8> {
-        let mut out = (headers.len() as u32).to_le_bytes().to_vec();
-        for (n, v) in headers {
-            out.extend((n.len() as u32).to_le_bytes());
-            out.extend((v.len() as u32).to_le_bytes());
-        }
-        for (n, v) in headers {
-            out.extend(n.as_bytes());
-            out.push(0);
-            out.extend(v.as_bytes());
-            out.push(0);
-        }
-        out
+        HeaderMap::from_pairs(headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes()))).buf
     }
 
     #[test]

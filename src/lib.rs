@@ -18,12 +18,14 @@ pub mod cluster_sync;
 pub mod config;
 pub mod denylist;
 pub mod headers;
+pub mod host;
 pub mod introspection;
 pub mod jwt;
 pub mod outcome;
 pub mod policy;
 pub mod store;
 
+mod admin_request;
 mod etcd;
 mod filter;
 mod metrics;

@@ -46,6 +46,10 @@ pub struct Metrics {
     pub sync_applied: Counter,
     pub sync_queued: Counter,
     pub sync_dropped: Counter,
+    /// Cluster sync's gauges: defined only where `cluster_sync` is configured.
+    pub sync_lag_ms: Gauge,
+    pub sync_revision: Gauge,
+    pub sync_outbox: Gauge,
 }
 
 /// A counter id; 0 means "not defined" and increments are dropped.
@@ -65,14 +69,48 @@ impl Counter {
 
     pub fn add(self, n: u64) {
         if self.0 != 0 && n > 0 {
-            let _ = hostcalls::increment_metric(self.0, i64::try_from(n).unwrap_or(i64::MAX));
+            increment(self.0, i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
     pub fn inc(self) {
         if self.0 != 0 {
-            // A lost increment is not worth failing a request over.
-            let _ = hostcalls::increment_metric(self.0, 1);
+            increment(self.0, 1);
+        }
+    }
+}
+
+// A lost increment is not worth failing a request over. Host builds (the
+// unit tests) have no Envoy: their metrics are never defined (id 0), and
+// these are not linked against host calls that do not exist there.
+#[cfg(target_arch = "wasm32")]
+fn increment(id: u32, n: i64) {
+    let _ = hostcalls::increment_metric(id, n);
+}
+
+#[cfg(target_arch = "wasm32")]
+fn record(id: u32, value: u64) {
+    let _ = hostcalls::record_metric(id, value);
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn increment(_id: u32, _n: i64) {}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn record(_id: u32, _value: u64) {}
+
+/// A gauge id; 0 means "not defined" and values are dropped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauge(u32);
+
+impl Gauge {
+    fn define(name: &str) -> Gauge {
+        Gauge(hostcalls::define_metric(MetricType::Gauge, name).unwrap_or(0))
+    }
+
+    pub fn record(self, value: u64) {
+        if self.0 != 0 {
+            record(self.0, value);
         }
     }
 }
@@ -116,8 +154,10 @@ impl Metrics {
         self.cache_hit_local.flush();
     }
 
-    pub fn define() -> Metrics {
+    /// Defines every metric with Envoy; cluster sync's gauges only `with_sync`.
+    pub fn define(with_sync: bool) -> Metrics {
         let c = |name: &str| Counter::define(&format!("tokengate.{name}"));
+        let g = |name: &str| if with_sync { Gauge::define(&format!("tokengate.{name}")) } else { Gauge::default() };
         let hot = |name: &str| HotCounter::define(&format!("tokengate.{name}"));
         Metrics {
             allowed: hot("requests.allowed"),
@@ -157,6 +197,9 @@ impl Metrics {
             sync_applied: c("sync.applied"),
             sync_queued: c("sync.queued"),
             sync_dropped: c("sync.dropped"),
+            sync_lag_ms: g("sync.lag_ms"),
+            sync_revision: g("sync.revision"),
+            sync_outbox: g("sync.outbox"),
         }
     }
 

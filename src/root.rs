@@ -4,7 +4,9 @@
 
 use crate::config::Config;
 use crate::filter::Filter;
+use crate::host::{Envoy, Host};
 use crate::metrics::Metrics;
+use crate::store::SharedData;
 use crate::worker::Worker;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -14,15 +16,21 @@ use std::rc::Rc;
 
 /// A name for this root context, unique within the process (each worker's
 /// VM numbers its contexts from 1, so the id alone would collide).
-fn instance_name() -> String {
+fn instance_name(host: &dyn Host) -> String {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(crate::worker::now_ms());
+    hasher.write_u64(host.now_ms());
     format!("{:016x}", hasher.finish())
 }
 
-#[derive(Default)]
 pub struct Root {
+    host: Rc<dyn Host>,
     worker: Option<Rc<Worker>>,
+}
+
+impl Default for Root {
+    fn default() -> Root {
+        Root { host: Rc::new(Envoy), worker: None }
+    }
 }
 
 impl Context for Root {
@@ -44,8 +52,10 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let worker = Worker::new(config, Metrics::define()).with_sync(instance_name());
-        let _ = hostcalls::set_tick_period(worker.slow_tick());
+        let metrics = Metrics::define(config.cluster_sync.is_some());
+        let worker = Worker::new(config, metrics, self.host.clone(), Rc::new(SharedData))
+            .with_sync(instance_name(&*self.host));
+        self.host.set_tick_period(worker.slow_tick());
         self.worker = Some(Rc::new(worker));
         log::info!("configured");
         true
@@ -58,7 +68,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Filter::new(context_id, self.worker.clone())))
+        Some(Box::new(Filter::new(context_id, self.worker.clone(), self.host.clone())))
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -20,13 +20,12 @@ use crate::introspection::{self, Answer, IntrospectionError, Request};
 use crate::metrics::Metrics;
 use crate::outcome::Denial;
 use crate::policy;
-use crate::store::SharedData;
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType, Status};
+use crate::host::Host;
+use crate::store::Store;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 /// What a request is told about its token.
 pub type Verdict = Result<Rc<Answer>, IntrospectionError>;
@@ -40,6 +39,9 @@ const GRACE_MS: u64 = 1000;
 
 pub struct Worker {
     pub config: Config,
+    /// Envoy (or a test's fake), and the shared data every worker sees.
+    pub host: Rc<dyn Host>,
+    pub store: Rc<dyn Store>,
     /// This configuration's part of the shared cache (`cache::partition`).
     partition: String,
     pub metrics: Metrics,
@@ -85,32 +87,14 @@ pub enum Found {
     Wait,
 }
 
-/// Sends a callout to the authorization server; its id, or Envoy's refusal.
-pub fn dispatch(cluster: &str, request: &Request, timeout_ms: u64) -> Result<u32, Status> {
+/// Sends a token form POST (introspection, RFC 7009) to an Envoy cluster.
+pub fn dispatch(host: &dyn Host, cluster: &str, request: &Request, timeout_ms: u64) -> Result<u32, String> {
     let headers: Vec<(&str, &str)> = request.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let timeout = Duration::from_millis(timeout_ms);
-    hostcalls::dispatch_http_call(cluster, headers, Some(request.body.as_bytes()), vec![], timeout)
-}
-
-/// The `:status` of the callout answer being handled (`None`: no headers,
-/// as after a reset or a refused connection).
-pub fn callout_status(num_headers: usize) -> Option<u32> {
-    if num_headers == 0 {
-        return None;
-    }
-    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status").ok().flatten()?;
-    std::str::from_utf8(&status).ok()?.parse().ok()
-}
-
-pub fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    host.dispatch(cluster, &headers, request.body.as_bytes(), Duration::from_millis(timeout_ms))
 }
 
 impl Worker {
-    pub fn new(config: Config, metrics: Metrics) -> Worker {
+    pub fn new(config: Config, metrics: Metrics, host: Rc<dyn Host>, store: Rc<dyn Store>) -> Worker {
         let local = LocalCache::new(config.cache.local_entries);
         // The memo pays off on local-cache hits (a miss reads shared data
         // anyway), so it is sized from that cache: both fill at once and
@@ -119,6 +103,8 @@ impl Worker {
         Worker {
             partition: cache::partition(&config),
             config,
+            host,
+            store,
             metrics,
             state: RefCell::new(State {
                 local,
@@ -140,7 +126,7 @@ impl Worker {
             return true;
         }
         let ready = match &self.config.cluster_sync {
-            Some(c) if c.require_initial_sync => crate::cluster_sync::is_loaded(&SharedData),
+            Some(c) if c.require_initial_sync => crate::cluster_sync::is_loaded(&*self.store),
             _ => true,
         };
         self.denylist_loaded.set(ready);
@@ -155,6 +141,10 @@ impl Worker {
         self
     }
 
+    fn io(&self) -> crate::etcd::Io<'_> {
+        crate::etcd::Io { host: &*self.host, store: &*self.store, metrics: &self.metrics }
+    }
+
     /// The tick period when nothing waits.
     pub fn slow_tick(&self) -> Duration {
         match &self.config.cluster_sync {
@@ -163,8 +153,8 @@ impl Worker {
         }
     }
 
-    pub fn denylist(&self) -> Denylist<'_, SharedData> {
-        Denylist::new(&SharedData, &self.config.denylist)
+    pub fn denylist(&self) -> Denylist<'_, dyn Store> {
+        Denylist::new(&*self.store, &self.config.denylist)
     }
 
     /// Whether the token is on the denylist; re-reads the denylist if it
@@ -191,8 +181,8 @@ impl Worker {
         }
     }
 
-    fn shared(&self) -> SharedCache<'_, SharedData> {
-        SharedCache::new(&SharedData, &self.config.cache, &self.partition)
+    fn shared(&self) -> SharedCache<'_, dyn Store> {
+        SharedCache::new(&*self.store, &self.config.cache, &self.partition)
     }
 
     fn marker_until(&self, now_ms: u64) -> u64 {
@@ -277,7 +267,7 @@ impl Worker {
     /// that request context, without it to the root context.
     fn send(&self, hash: TokenHash, token: &Token, sender: Option<u32>, now_ms: u64) -> Result<(), IntrospectionError> {
         let cfg = &self.config.introspection;
-        let sent = dispatch(&cfg.cluster, &introspection::request(cfg, token), cfg.timeout_ms);
+        let sent = dispatch(&*self.host, &cfg.cluster, &introspection::request(cfg, token), cfg.timeout_ms);
         self.metrics.introspection_calls.inc();
         let token_id = match sent {
             Ok(id) => id,
@@ -302,11 +292,11 @@ impl Worker {
 
     /// An introspection answer arrived (in a request context or the root).
     pub fn on_callout_response(&self, token_id: u32, num_headers: usize, body_size: usize) {
-        let now = now_ms();
+        let now = self.host.now_ms();
         if let (Some(sync), Some(cfg)) = (&self.sync, &self.config.cluster_sync) {
             let mut poller = sync.borrow_mut();
             if poller.owns(token_id) {
-                poller.on_response(cfg, &self.denylist(), &self.metrics, (token_id, num_headers, body_size), now);
+                poller.on_response(&self.io(), cfg, &self.denylist(), (token_id, num_headers, body_size), now);
                 return;
             }
         }
@@ -383,18 +373,17 @@ impl Worker {
     }
 
     fn read_response(&self, num_headers: usize, body_size: usize) -> Result<Answer, IntrospectionError> {
-        let status = callout_status(num_headers);
+        let status = self.host.callout_status(num_headers);
         let max = self.config.introspection.max_response_bytes;
         introspection::check_response(status, body_size, max)?;
-        let body =
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();
+        let body = self.host.callout_body(body_size);
         let map = &self.config.claims_to_headers;
         introspection::parse_answer(&body, &|claim| map.contains_key(claim))
     }
 
     /// Answers every parked request of a flight.
     fn resolve(&self, hash: &TokenHash, waiters: &[u32], verdict: &Verdict) {
-        let now_s = now_ms() / 1000;
+        let now_s = self.host.now_ms() / 1000;
         // Waiters were checked against the denylist when they arrived; a
         // token, client or subject revoked while they waited is caught here.
         let revoked = match self.token_revoked(hash, now_s) {
@@ -409,13 +398,13 @@ impl Worker {
                 continue;
             }
             // A request that went away leaves no context to act on.
-            if hostcalls::set_effective_context(ctx).is_err() {
+            if !self.host.set_effective_context(ctx) {
                 continue;
             }
             if revoked {
                 self.deny(&Denial::Revoked);
             } else if self.finish(verdict, now_s) {
-                let _ = hostcalls::resume_http_request();
+                self.host.resume_request();
             }
         }
     }
@@ -436,11 +425,11 @@ impl Worker {
                 // enough (and cheaper for Envoy than a replace).
                 let (headers, refused) = policy::claim_headers(claims, &self.config.claims_to_headers);
                 for (header, value) in headers {
-                    let _ = hostcalls::add_map_value(MapType::HttpRequestHeaders, header, value);
+                    self.host.add_request_header(header, value);
                 }
                 self.metrics.claims_refused.add(refused);
                 if self.config.hide_credentials {
-                    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, "authorization");
+                    self.host.remove_request_header("authorization");
                 }
                 self.metrics.allowed();
                 true
@@ -472,7 +461,7 @@ impl Worker {
     /// Sends the RFC 6750 reply for a denial to the current request.
     pub fn deny(&self, denial: &Denial) {
         self.metrics.denied(denial);
-        send_denial(denial, &self.config.realm);
+        send_denial(&*self.host, denial, &self.config.realm);
     }
 
     /// Whether request `ctx` is still parked.
@@ -508,7 +497,7 @@ impl Worker {
             (true, true) => {
                 state.flights.remove(&hash);
                 drop(state);
-                let _ = self.shared().release(&hash, now_ms());
+                let _ = self.shared().release(&hash, self.host.now_ms());
             }
             (true, false) => {
                 drop(state);
@@ -525,9 +514,9 @@ impl Worker {
     /// gives up on callouts Envoy never answered.
     pub fn tick(&self) {
         self.metrics.flush();
-        let now = now_ms();
+        let now = self.host.now_ms();
         if let (Some(sync), Some(cfg)) = (&self.sync, &self.config.cluster_sync) {
-            sync.borrow_mut().tick(cfg, &self.metrics, now);
+            sync.borrow_mut().tick(&self.io(), cfg, now);
         }
         let hashes: Vec<TokenHash> = self.state.borrow().flights.keys().copied().collect();
         for hash in hashes {
@@ -614,7 +603,7 @@ impl Worker {
         if state.fast_tick != fast {
             state.fast_tick = fast;
             drop(state);
-            let _ = hostcalls::set_tick_period(if fast { FAST_TICK } else { self.slow_tick() });
+            self.host.set_tick_period(if fast { FAST_TICK } else { self.slow_tick() });
         }
     }
 
@@ -632,11 +621,12 @@ pub fn short(hash: &TokenHash) -> String {
 }
 
 /// Sends an RFC 6750 reply to the current request.
-pub fn send_denial(denial: &Denial, realm: &str) {
+pub fn send_denial(host: &dyn Host, denial: &Denial, realm: &str) {
     let reply = denial.reply(realm);
-    let mut headers = vec![("content-type", "application/json"), ("cache-control", "no-store")];
-    if let Some(challenge) = reply.challenge.as_deref() {
-        headers.push(("www-authenticate", challenge));
-    }
-    let _ = hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
+    let challenge = reply.challenge.as_deref().map(|c| ("www-authenticate", c));
+    crate::host::send_json(host, reply.status, challenge.as_slice(), Some(&reply.body));
 }
+
+#[cfg(test)]
+#[path = "worker_tests.rs"]
+mod tests;

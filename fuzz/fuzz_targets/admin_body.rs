@@ -4,7 +4,7 @@
 use fuzzkit::{int, pick, text};
 use libfuzzer_sys::arbitrary::Unstructured;
 use libfuzzer_sys::fuzz_target;
-use tokengate::admin::{handle, parse_revoke, Revoke, Route};
+use tokengate::admin::{handle, parse_revoke, Command, Counts, Revoke};
 use tokengate::bearer::{self, MAX_TOKEN_BYTES};
 use tokengate::cache::hash_token;
 use tokengate::config;
@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(!body.is_empty() && body.len() <= cfg.max_body_bytes);
     let limits = config::Denylist::default();
     let store = MemoryStore::new();
-    let done = handle(&Route::Revoke, Some(revoke.clone()), &limits, &store, NOW, &|_| None);
+    let done = handle(Command::Revoke(revoke.clone()), &limits, &store, NOW, &|_| None);
     assert_eq!(done.reply.status, 200, "{:?}", done.reply);
     let reply_text = done.reply.text().unwrap_or_default();
     let list = Denylist::new(&store, &limits);
@@ -72,6 +72,7 @@ fuzz_target!(|data: &[u8]| {
             }
             let unique: std::collections::HashSet<&String> = tokens.iter().collect();
             assert_eq!(done.forward.len(), unique.len(), "each token is forwarded once");
+            assert_eq!(done.counts, Counts { tokens: unique.len() as u64, ..Counts::default() });
         }
         Revoke::Principal { kind, name, .. } => {
             assert!(kind != Kind::Token);
@@ -81,6 +82,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(principals.len(), 1);
             assert_eq!(principals[0].kind, kind);
             assert!(principals[0].id.ends_with(name.as_str()));
+            assert_eq!(done.counts, Counts { principals: 1, ..Counts::default() });
         }
     }
 });

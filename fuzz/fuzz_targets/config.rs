@@ -3,7 +3,7 @@
 //! and requests the filter derives from it are exercised too.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tokengate::admin::{self, handle, Revoke, Route};
+use tokengate::admin::{self, handle, Command, Revoke, Route};
 use tokengate::bearer;
 use tokengate::cache::{self, hash_token, Lookup, SharedCache};
 use tokengate::config::Config;
@@ -50,12 +50,12 @@ fuzz_target!(|data: &[u8]| {
 
     // A revocation made with these limits holds.
     let revoke = Revoke::Tokens { tokens: vec![token.as_str().to_string()], reason: "fuzz".into() };
-    let done = handle(&Route::Revoke, Some(revoke), &config.denylist, &store, NOW_S, &|_| None);
+    let done = handle(Command::Revoke(revoke), &config.denylist, &store, NOW_S, &|_| None);
     assert_eq!(done.reply.status, 200, "{:?}", done.reply);
     let list = Denylist::new(&store, &config.denylist);
     assert!(list.token_record(&hash, NOW_S).expect("store").is_some(), "a revocation that does not hold");
     let principal = Revoke::Principal { kind: Kind::Client, name: "app".into(), reason: String::new() };
-    let done = handle(&Route::Revoke, Some(principal), &config.denylist, &store, NOW_S, &|_| None);
+    let done = handle(Command::Revoke(principal), &config.denylist, &store, NOW_S, &|_| None);
     assert_eq!(done.reply.status, 200, "{:?}", done.reply);
     assert_eq!(list.principals(NOW_S).expect("store").len(), 1, "a principal revocation that does not hold");
 

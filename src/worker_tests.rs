@@ -1,0 +1,234 @@
+//! The request path and its flights on the host: real `Filter`s and
+//! `Worker`s over `FakeHost` (Envoy) and `MemoryStore` (shared data), with
+//! callout answers, ticks and disconnects delivered in the orders the e2e
+//! suite found races in.
+
+use super::*;
+use crate::bearer;
+use crate::filter::Filter;
+use crate::host::fake::{Event, FakeHost};
+use crate::store::MemoryStore;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
+
+const CONFIG: &str = r#"{
+    "introspection": {"cluster": "idp", "authority": "idp", "path": "/introspect",
+                      "client_id": "gw", "client_secret": "s", "timeout_ms": 1000},
+    "required_scopes": ["read"]
+}"#;
+const T0: u64 = 1_800_000_000_000;
+const ACTIVE: &[u8] = br#"{"active": true, "scope": "read", "sub": "alice", "client_id": "app"}"#;
+
+/// One worker (one VM's root context) on a shared store.
+struct Rig {
+    host: Rc<FakeHost>,
+    worker: Rc<Worker>,
+}
+
+impl Rig {
+    fn new(store: &Rc<MemoryStore>) -> Rig {
+        let host = Rc::new(FakeHost::new(T0));
+        let config = Config::parse(CONFIG.as_bytes()).unwrap();
+        let worker = Worker::new(config, Metrics::default(), host.clone(), store.clone());
+        Rig { host, worker: Rc::new(worker) }
+    }
+
+    /// A request with this token arrives on context `ctx`.
+    fn request(&self, ctx: u32, token: &str) -> (Filter, Action) {
+        let auth = format!("Bearer {token}");
+        self.host.request(ctx, &[(":method", "GET"), (":path", "/"), ("authorization", &auth)]);
+        let mut filter = Filter::new(ctx, Some(self.worker.clone()), self.host.clone());
+        let action = filter.on_http_request_headers(3, true);
+        (filter, action)
+    }
+
+    /// The IdP answers callout `id`.
+    fn answer(&self, id: u32, status: Option<u32>, body: &[u8]) {
+        let (num_headers, body_size) = self.host.answer(status, body);
+        self.worker.on_callout_response(id, num_headers, body_size);
+    }
+
+    fn callout_ids(&self) -> Vec<u32> {
+        self.host.callouts.borrow().iter().map(|c| c.id).collect()
+    }
+
+    fn tick_after(&self, ms: u64) {
+        self.host.advance(ms);
+        self.worker.tick();
+    }
+
+    /// Resumed contexts and (context, status) of local replies, in order.
+    fn outcomes(&self) -> (Vec<u32>, Vec<(u32, u32)>) {
+        let (mut resumed, mut replies) = (Vec::new(), Vec::new());
+        for event in self.host.take_events() {
+            match event {
+                Event::Resume { ctx } => resumed.push(ctx),
+                Event::Reply { ctx, status, .. } => replies.push((ctx, status)),
+                _ => {}
+            }
+        }
+        (resumed, replies)
+    }
+}
+
+fn store() -> Rc<MemoryStore> {
+    Rc::new(MemoryStore::new())
+}
+
+#[test]
+fn a_cold_miss_sends_one_introspection_and_resumes_every_waiter_with_its_claims() {
+    let rig = Rig::new(&store());
+    let (_f1, a1) = rig.request(1, "tok-1");
+    let (_f2, a2) = rig.request(2, "tok-1");
+    assert_eq!((a1, a2), (Action::Pause, Action::Pause));
+    let callout = rig.host.last_callout().unwrap();
+    assert_eq!(rig.callout_ids(), vec![callout.id], "the second request joined the flight");
+    assert_eq!(callout.cluster, "idp");
+    assert_eq!(String::from_utf8_lossy(&callout.body), "token=tok-1&token_type_hint=access_token");
+    assert!(callout.headers.contains(&(":path".into(), "/introspect".into())));
+
+    rig.answer(callout.id, Some(200), ACTIVE);
+    let events = rig.host.take_events();
+    for ctx in [1, 2] {
+        assert!(events.contains(&Event::Resume { ctx }), "{events:?}");
+        let subject = Event::AddHeader { ctx, name: "x-auth-subject".into(), value: "alice".into() };
+        assert!(events.contains(&subject), "{events:?}");
+    }
+    // Cached: the next request passes at once, with no callout.
+    let (_f3, a3) = rig.request(3, "tok-1");
+    assert_eq!((a3, rig.callout_ids().len()), (Action::Continue, 1));
+}
+
+#[test]
+fn another_worker_waits_for_the_marker_instead_of_asking_again() {
+    let shared = store();
+    let (a, b) = (Rig::new(&shared), Rig::new(&shared));
+    let (_fa, _) = rig_request(&a, 1, "tok-2");
+    let (_fb, action) = rig_request(&b, 7, "tok-2");
+    assert_eq!(action, Action::Pause);
+    assert!(b.callout_ids().is_empty(), "B saw A's Pending marker");
+    assert_eq!(b.host.tick.get(), Some(FAST_TICK), "B polls while it waits");
+
+    a.answer(a.callout_ids()[0], Some(200), ACTIVE);
+    assert_eq!(a.outcomes(), (vec![1], vec![]));
+    b.tick_after(10);
+    assert_eq!(b.outcomes(), (vec![7], vec![]));
+    assert!(b.callout_ids().is_empty());
+    assert_eq!(b.host.tick.get(), Some(SLOW_TICK), "nothing left to poll for");
+}
+
+fn rig_request(rig: &Rig, ctx: u32, token: &str) -> (Filter, Action) {
+    rig.request(ctx, token)
+}
+
+#[test]
+fn a_marker_that_never_resolves_is_taken_over() {
+    let shared = store();
+    let (a, b) = (Rig::new(&shared), Rig::new(&shared));
+    let (_fa, _) = a.request(1, "tok-3");
+    let (_fb, _) = b.request(7, "tok-3");
+    // A's VM dies with the callout out: its marker lives timeout + grace.
+    b.tick_after(500);
+    assert!(b.callout_ids().is_empty(), "still A's turn");
+    b.tick_after(1_000 + GRACE_MS);
+    let ids = b.callout_ids();
+    assert_eq!(ids.len(), 1, "B took over once");
+    b.answer(ids[0], Some(200), ACTIVE);
+    assert_eq!(b.outcomes(), (vec![7], vec![]));
+}
+
+#[test]
+fn a_sender_that_disconnects_leaves_the_call_to_the_root() {
+    let rig = Rig::new(&store());
+    let (mut sender, _) = rig.request(1, "tok-4");
+    let (_waiter, _) = rig.request(2, "tok-4");
+    let first = rig.callout_ids()[0];
+    sender.on_done(); // Envoy cancels the sender's callout with it
+    assert_eq!(rig.host.tick.get(), Some(FAST_TICK));
+    rig.tick_after(10);
+    let ids = rig.callout_ids();
+    assert_eq!(ids.len(), 2, "re-sent from the root");
+    // The cancelled call's answer, should one still come, belongs to nobody.
+    rig.answer(first, Some(200), ACTIVE);
+    assert_eq!(rig.outcomes(), (vec![], vec![]));
+    rig.answer(ids[1], Some(200), ACTIVE);
+    assert_eq!(rig.outcomes(), (vec![2], vec![]));
+}
+
+#[test]
+fn a_sender_that_disconnects_alone_releases_the_marker() {
+    let shared = store();
+    let (a, b) = (Rig::new(&shared), Rig::new(&shared));
+    let (mut sender, _) = a.request(1, "tok-5");
+    sender.on_done();
+    a.tick_after(10);
+    assert_eq!(a.callout_ids().len(), 1, "nobody waits: no re-send");
+    // Another worker asks at once instead of waiting for a marker nobody answers.
+    let (_fb, _) = b.request(7, "tok-5");
+    assert_eq!(b.callout_ids().len(), 1);
+}
+
+#[test]
+fn a_token_revoked_while_its_requests_wait_is_refused_when_the_answer_comes() {
+    let rig = Rig::new(&store());
+    let (_f, _) = rig.request(1, "tok-6");
+    let token = bearer::parse(&[b"Bearer tok-6"], 4096).unwrap();
+    let hash = cache::hash_token(&token);
+    rig.worker.denylist().revoke_tokens(&[(hash, T0 / 1000 + 60)], "leak", T0 / 1000).unwrap();
+    rig.answer(rig.callout_ids()[0], Some(200), ACTIVE);
+    assert_eq!(rig.outcomes(), (vec![], vec![(1, 401)]));
+}
+
+#[test]
+fn an_answer_after_its_deadline_is_ignored_and_the_waiters_got_503() {
+    let rig = Rig::new(&store());
+    let (_f1, _) = rig.request(1, "tok-7");
+    let (_f2, _) = rig.request(2, "tok-7");
+    let id = rig.callout_ids()[0];
+    rig.tick_after(1_000 + GRACE_MS + 1);
+    assert_eq!(rig.outcomes(), (vec![], vec![(1, 503), (2, 503)]));
+    rig.answer(id, Some(200), ACTIVE);
+    assert_eq!(rig.outcomes(), (vec![], vec![]), "no second answer to anyone");
+    // Nothing was cached from the failure: the next request asks again.
+    let (_f3, _) = rig.request(3, "tok-7");
+    assert_eq!(rig.callout_ids().len(), 2);
+}
+
+#[test]
+fn a_failed_introspection_reaches_the_waiters_on_other_workers_as_503() {
+    let shared = store();
+    let (a, b) = (Rig::new(&shared), Rig::new(&shared));
+    let (_fa, _) = a.request(1, "tok-8");
+    let (_fb, _) = b.request(7, "tok-8");
+    a.answer(a.callout_ids()[0], Some(500), b"oops");
+    assert_eq!(a.outcomes(), (vec![], vec![(1, 503)]));
+    b.tick_after(10);
+    assert_eq!(b.outcomes(), (vec![], vec![(7, 503)]));
+    assert!(b.callout_ids().is_empty(), "B does not retry a failure it waited for");
+}
+
+#[test]
+fn a_callout_envoy_refuses_answers_503_at_once() {
+    let rig = Rig::new(&store());
+    rig.host.refuse_dispatch.set(true);
+    let (_f, action) = rig.request(1, "tok-9");
+    assert_eq!(action, Action::Pause);
+    assert_eq!(rig.outcomes(), (vec![], vec![(1, 503)]));
+    // The marker was released: once Envoy takes calls again, the token is asked about.
+    rig.host.refuse_dispatch.set(false);
+    let (_f, _) = rig.request(2, "tok-9");
+    assert_eq!(rig.callout_ids().len(), 1);
+}
+
+#[test]
+fn an_inactive_answer_is_401_and_is_remembered_for_negative_ttl_s() {
+    let rig = Rig::new(&store());
+    let (_f, _) = rig.request(1, "tok-10");
+    rig.answer(rig.callout_ids()[0], Some(200), br#"{"active": false}"#);
+    assert_eq!(rig.outcomes(), (vec![], vec![(1, 401)]));
+    let (_f, _) = rig.request(2, "tok-10");
+    assert_eq!((rig.callout_ids().len(), rig.outcomes().1), (1, vec![(2, 401)]));
+    rig.host.advance(5_000);
+    let (_f, _) = rig.request(3, "tok-10");
+    assert_eq!(rig.callout_ids().len(), 2, "forgotten after negative_ttl_s");
+}
