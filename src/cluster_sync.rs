@@ -11,8 +11,8 @@
 //! One root context per Envoy process leads (a lease in shared data taken
 //! with CAS) and polls changes since the last revision it applied. Writes
 //! that could not reach etcd wait in a bounded outbox in shared data, which
-//! the leader flushes. This module has the pure parts; `sync_glue` sends the
-//! callouts.
+//! the leader flushes. This module has the pure parts; `etcd` sends the
+//! callouts (over `host::Host`).
 
 use crate::denylist::{Change, Record};
 use crate::store::{update, Store, StoreError};

@@ -3,13 +3,20 @@
 //! revoked tokens at the edge.
 //!
 //! The request path, module by module:
-//! `filter` (Envoy's callbacks) → `bearer` (the credential) → `cache` (shared
-//! and per-worker answers) → `worker` (coalesced introspection callouts) →
-//! `introspection` (RFC 7662 request and answer) → `policy` (active, exp,
+//! `filter` (Envoy's callbacks for one request) → `bearer` (the credential)
+//! → `denylist` (revoked tokens, JWT identities, clients, subjects) → `worker`
+//! (the local and shared `cache`, and the introspection callouts in flight)
+//! → `introspection` (RFC 7662 request and answer) → `policy` (active, exp,
 //! nbf, scopes, claim headers) → `outcome` (the reply for each denial).
-//! `jwt` names a JWT by its issuer and `jti`, so that a revocation covers
-//! every encoding of it. `headers` reads Envoy's header map in place, `config` parses the plugin configuration, `store` is the shared-data seam,
-//! `metrics` the counters, `root` the per-worker root context.
+//! On the admin listener, `admin_request` takes the request through `admin`
+//! (routes, bodies, the change itself) and its follow-ups: `etcd` (the
+//! callouts of `cluster_sync`) and RFC 7009 forwards.
+//!
+//! Beside the path: `host` is everything asked of Envoy (one trait, with
+//! Envoy's implementation and a fake for host tests), `store` the shared-data
+//! seam, `headers` reads Envoy's header map in place, `jwt` names a JWT by
+//! its issuer and `jti`, `config` parses the plugin configuration, `metrics`
+//! declares every counter and gauge, `root` is the per-worker root context.
 
 pub mod admin;
 pub mod bearer;
