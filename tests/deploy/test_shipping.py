@@ -8,7 +8,7 @@
   strictly: an unknown field is an error, as with `kubectl apply`;
 - the compose file matches the compose-spec schema vendored by check-jsonschema;
 - the README documents every configuration key and every metric;
-- `make oci` says what is missing when there is no Docker engine.
+- `make oci` picks docker or podman, and says what is missing when neither can build.
 
 Needs the module (`make build`) and Envoy (`make envoy`); starts no server.
 """
@@ -382,19 +382,40 @@ def test_readme_keeps_the_admin_api_section():
 OCI = shipped.ENVOY_DIR / "istio" / "build-oci.sh"
 
 
-def test_oci_says_when_the_docker_client_is_missing():
-    env = dict(os.environ, DOCKER="/nonexistent/docker")
+def test_oci_says_when_the_client_is_missing():
+    env = dict(os.environ, OCI_CLIENT="/nonexistent/docker")
     proc = subprocess.run([str(OCI), "preflight"], capture_output=True, text=True, env=env, timeout=30)
-    assert proc.returncode != 0
-    assert "Docker client ('/nonexistent/docker') is not installed" in proc.stderr
+    assert proc.returncode == 3
+    assert "the container client ('/nonexistent/docker') is not installed" in proc.stderr
+
+
+def fake_client(folder, name, script):
+    folder.mkdir(exist_ok=True)
+    fake = folder / name
+    fake.write_text("#!/bin/sh\n" + script)
+    fake.chmod(0o755)
+    return fake
 
 
 def test_oci_says_when_the_docker_engine_is_not_running(tmp_path):
     # A fake client that fails as docker does without an engine.
-    fake = tmp_path / "docker"
-    fake.write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon at unix:///nonexistent.sock.' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    env = dict(os.environ, DOCKER=str(fake))
+    fake = fake_client(tmp_path, "docker", "echo 'Cannot connect to the Docker daemon at unix:///nonexistent.sock.' >&2\nexit 1\n")
+    env = dict(os.environ, OCI_CLIENT=str(fake))
     proc = subprocess.run([str(OCI), "preflight"], capture_output=True, text=True, env=env, timeout=30)
-    assert proc.returncode != 0
-    assert "no Docker engine is reachable" in proc.stderr and "Cannot connect" in proc.stderr
+    assert proc.returncode == 4
+    assert "no engine is reachable" in proc.stderr and "Cannot connect" in proc.stderr
+
+
+def test_oci_builds_with_podman_when_no_docker_engine_answers(tmp_path, module):
+    """A docker client without an engine and podman (daemonless) on PATH: podman builds the image."""
+    bin_dir = tmp_path / "bin"
+    fake_client(bin_dir, "docker", "echo 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
+    calls = tmp_path / "podman-calls"
+    fake_client(bin_dir, "podman", f'echo "$1" >> {calls}\n')
+    env = {k: v for k, v in os.environ.items() if k != "OCI_CLIENT"}
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    for argv in (["preflight"], ["build", str(module), "tokengate:test"]):
+        proc = subprocess.run([str(OCI), *argv], capture_output=True, text=True, env=env, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+    assert calls.read_text().split() == ["info", "build"]
+    assert "built tokengate:test with podman" in proc.stdout
