@@ -28,8 +28,16 @@ build: toolchain wasm-opt
 	@$(MAKE) --no-print-directory $(WASM)
 	@ls -l $(WASM) | awk '{print "wasm: " $$5 " bytes  $(WASM)"}'
 
+# `compose up` before the first build leaves an empty directory where the
+# module goes (the engine creates missing bind-mount sources): remake over it.
+ifneq ($(wildcard $(WASM)/.),)
+.PHONY: $(WASM)
+endif
+# Envoy's official image runs as uid 101: the module is world-readable whatever the umask.
 $(WASM): $(CARGO_WASM) $(WASM_OPT)
+	@if [ -d $@ ]; then rmdir $@ && echo "removed the empty directory $@ (from a compose up before make build)"; fi
 	$(WASM_OPT) -O3 $(WASM_FEATURES) $(CARGO_WASM) -o $@
+	chmod a+r $@
 
 ## wasm-opt: binaryen's wasm-opt (npm, pinned in tools/binaryen) into $(DEPS)/binaryen
 wasm-opt: $(WASM_OPT)

@@ -333,6 +333,31 @@ def test_compose_publishes_on_loopback_and_mounts_read_only(module):
     assert (shipped.COMPOSE_FILE.parent / mounts["/etc/envoy/envoy.yaml"]).resolve() == shipped.COMPOSE_BOOTSTRAP
 
 
+def test_module_build_replaces_an_early_compose_mount_and_is_world_readable(module, tmp_path):
+    """`compose up` before `make build` leaves an empty directory where the module goes, and
+    the official Envoy image reads the module as uid 101: the build writes the module over that
+    directory, readable by every user even under umask 077. (The Makefile's module rule, run in
+    a scratch tree holding a cargo output; wasm-opt is the real one.)"""
+    for name in ("Makefile", ".deps", "tools"):
+        (tmp_path / name).symlink_to(REPO / name)
+    left_by_compose = tmp_path / "target" / "tokengate.wasm"
+    left_by_compose.mkdir(parents=True)
+    cargo_out = tmp_path / "target" / "wasm32-wasip1" / "release" / "tokengate.wasm"
+    cargo_out.parent.mkdir(parents=True)
+    cargo_out.write_bytes(module.read_bytes())
+    # Even older than the directory, as when the module was built before a `rm` and a `compose up`.
+    os.utime(cargo_out, (1, 1))
+    wasm_opt = ".deps/binaryen/node_modules/.bin/wasm-opt"
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "-o", wasm_opt, "target/tokengate.wasm"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o077),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert left_by_compose.is_file()
+    assert left_by_compose.read_bytes()[:4] == b"\0asm"
+    assert left_by_compose.stat().st_mode & 0o777 == 0o644
+
+
 # --------------------------------------------------------------------------- README
 
 
