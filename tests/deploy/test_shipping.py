@@ -313,19 +313,49 @@ def test_compose_spec_check_rejects_a_broken_file(tmp_path):
     assert proc.returncode != 0 and "imagee" in proc.stdout + proc.stderr
 
 
+def compose_mounts(service):
+    """[(source, target, read_only)] of a compose service, short or long syntax."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target, mode = volume.split(":")
+            mounts.append((source, target, mode == "ro"))
+        else:
+            assert volume["type"] == "bind", volume
+            mounts.append((volume["source"], volume["target"], volume.get("read_only") is True))
+    return mounts
+
+
+COMPOSE_PORTS = {
+    "envoy": {"TOKENGATE_DATA_PORT": (8080, 8080), "TOKENGATE_ADMIN_PORT": (8081, 8081),
+              "TOKENGATE_ENVOY_ADMIN_PORT": (9901, 9901)},
+    "idp": {"TOKENGATE_IDP_PORT": (9000, 9000)},
+    "upstream": {},
+}
+
+
 def test_compose_publishes_on_loopback_and_mounts_read_only(module):
     compose = shipped.load_yaml(shipped.COMPOSE_FILE)
     assert compose["services"]["envoy"]["image"] == "envoyproxy/envoy:v1.40.0"
-    published = []
+    # docker-compose 1.29 refuses a top-level name; the README passes -p instead.
+    assert "name" not in compose
     for name, service in compose["services"].items():
-        published += service.get("ports", [])
-        for volume in service.get("volumes", []):
-            source, target, mode = volume.split(":")
-            assert mode == "ro", f"{name}: {volume}"
+        # Each published port: the host's loopback, on the port README.md documents unless its variable says otherwise.
+        published = {}
+        for port in service.get("ports", []):
+            match = re.fullmatch(r"127\.0\.0\.1:\$\{(\w+):-(\d+)\}:(\d+)", port)
+            assert match, f"{name}: {port}"
+            published[match[1]] = (int(match[2]), int(match[3]))
+        assert published == COMPOSE_PORTS[name]
+        for source, target, read_only in compose_mounts(service):
+            assert read_only, f"{name}: {source}"
             assert (shipped.COMPOSE_FILE.parent / source).exists(), f"{name}: {source} does not exist"
-    assert published and all(p.startswith("127.0.0.1:") for p in published), published
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in compose["services"]["envoy"]["volumes"]}
+    mounts = {target: source for source, target, _ in compose_mounts(compose["services"]["envoy"])}
     assert (shipped.COMPOSE_FILE.parent / mounts["/etc/tokengate/tokengate.wasm"]).resolve() == module.resolve()
+    # Long syntax for the module: Docker refuses a missing module instead of creating a
+    # directory; no `bind:` options, whose create_host_path docker-compose 1.29 refuses.
+    (module_mount,) = [v for v in compose["services"]["envoy"]["volumes"] if not isinstance(v, str)]
+    assert module_mount["target"] == "/etc/tokengate/tokengate.wasm" and "bind" not in module_mount
     bootstrap = shipped.load_yaml(shipped.COMPOSE_BOOTSTRAP)
     for listener in bootstrap["static_resources"]["listeners"]:
         for f in shipped.wasm_filters(listener):
