@@ -26,7 +26,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 COMPOSE_FILE=$HERE/../../envoy/docker-compose.yaml
 PYTHON_IMAGE=docker.io/library/python:3.11-slim
 ENVOY_IMAGE=docker.io/envoyproxy/envoy:v1.40.0
-LABEL="io.tokengate.stand-in=built by tests/compose/stand-in-images.sh, not the official image"
+STAND_IN="built by tests/compose/stand-in-images.sh, not the official image"
 SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
 WORK=$(mktemp -d)
 trap '$SUDO rm -rf "$WORK"' EXIT
@@ -91,8 +91,10 @@ build_python() {
   }
   # Smaller: no downloaded packages, no package lists. `python` as in the official image.
   $SUDO sh -c "rm -rf '$work'/rootfs/var/cache/apt/archives/*.deb '$work'/rootfs/var/lib/apt/lists/* && ln -s /usr/bin/python3 '$work/rootfs/usr/local/bin/python'"
-  $SUDO tar -C "$work/rootfs" -c . | "$ENGINE" import \
-    --change 'CMD ["python3"]' --change 'ENV LANG=C.UTF-8' --change "LABEL $LABEL" \
+  local quiet=()
+  [ "$ENGINE" = podman ] && quiet=(--quiet)  # docker import prints only the id
+  $SUDO tar -C "$work/rootfs" -c . | "$ENGINE" import "${quiet[@]}" \
+    --change 'CMD ["python3"]' --change 'ENV LANG=C.UTF-8' --change "LABEL io.tokengate.stand-in=\"$STAND_IN\"" \
     - "$PYTHON_IMAGE" >/dev/null
 }
 
@@ -105,7 +107,7 @@ build_envoy() {
   cp "$HERE/docker-entrypoint.sh" "$context/"
   local never_pull=()
   [ "$ENGINE" = podman ] && never_pull=(--pull=never)  # docker build pulls only when asked
-  "$ENGINE" build "${never_pull[@]}" --quiet --label "$LABEL" --build-arg "BASE=$PYTHON_IMAGE" \
+  "$ENGINE" build "${never_pull[@]}" --quiet --label "io.tokengate.stand-in=$STAND_IN" --build-arg "BASE=$PYTHON_IMAGE" \
     --file "$HERE/envoy-stand-in.Containerfile" --tag "$ENVOY_IMAGE" "$context" >/dev/null
 }
 
