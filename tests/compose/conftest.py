@@ -26,6 +26,7 @@ from harness import free_port, get, parse_stats, wait_until  # noqa: E402
 ENGINE = os.environ.get("ENGINE", "podman")
 COMPOSE = shlex.split(os.environ.get("COMPOSE", "podman-compose"))
 COMPOSE_FILE = REPO / "envoy" / "docker-compose.yaml"
+SERVICES = ("envoy", "idp", "upstream")
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
 # The variables docker-compose.yaml reads for its published ports.
@@ -90,14 +91,17 @@ class Stack:
         return "\n".join(out)
 
     def up(self):
-        self.compose("up", "-d")
+        # podman-compose 1.0 exits 0 even when a container could not start: its output says why.
+        proc = self.compose("up", "-d")
+        self.up_said = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
         wait_until(self._ready, 120, interval=0.5, what=f"the compose project {self.project} to serve")
 
     def _ready(self):
         containers = self.containers()
-        stopped = {s: c for s, c in containers.items() if c["status"] != "running"}
-        if stopped or set(containers) != {"envoy", "idp", "upstream"}:
-            raise AssertionError(f"not every service is running: {sorted(stopped) or sorted(containers)}\n{self.logs(stopped)}")
+        stopped = {s for s, c in containers.items() if c["status"] != "running"}
+        missing = set(SERVICES) - set(containers)
+        if stopped or missing:
+            raise AssertionError(f"not running: {sorted(stopped | missing)}\n{self.logs(stopped)}\nup said:\n{self.up_said}")
         # Each demo server says so once it listens; Envoy's /ready once its listeners are up.
         for service in ("idp", "upstream"):
             logs = run([ENGINE, "logs", containers[service]["id"]])

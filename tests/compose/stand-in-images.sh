@@ -102,7 +102,10 @@ build_envoy() {
   local envoy_bin=$1 context=$WORK/envoy
   mkdir "$context"
   say "building a STAND-IN for $ENVOY_IMAGE: $PYTHON_IMAGE + $envoy_bin"
-  "$envoy_bin" --version | grep -q '/1\.40\.0/' || { say "$envoy_bin is not Envoy 1.40.0"; return 1; }
+  case $("$envoy_bin" --version) in
+    */1.40.0/*) ;;
+    *) say "$envoy_bin is not Envoy 1.40.0"; return 1 ;;
+  esac
   ln "$envoy_bin" "$context/envoy" 2>/dev/null || cp "$envoy_bin" "$context/envoy"
   cp "$HERE/docker-entrypoint.sh" "$context/"
   local never_pull=()

@@ -11,7 +11,7 @@ import urllib.parse
 import pytest
 from harness import bearer, get, request, wait_until
 
-from conftest import COMPOSE, ENGINE
+from conftest import COMPOSE, ENGINE, SERVICES
 
 ADMIN = bearer("admin-demo-token")
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -93,4 +93,4 @@ def test_stop_ends_every_container_cleanly(stack, walk):
     stack.compose("stop")
     states = {service: (c["status"], c["exit_code"]) for service, c in stack.containers().items()}
     killed = [service for service, (_, code) in states.items() if code != 0]
-    assert states == {service: ("exited", 0) for service in ("envoy", "idp", "upstream")}, stack.logs(killed, lines=5)
+    assert states == {service: ("exited", 0) for service in SERVICES}, stack.logs(killed, lines=5)
