@@ -32,8 +32,16 @@ build: toolchain wasm-opt
 	@$(MAKE) --no-print-directory $(WASM)
 	@ls -l $(WASM) | awk '{print "wasm: " $$5 " bytes  $(WASM)"}'
 
+# `compose up` before the first build leaves an empty directory where the
+# module goes (the engine creates missing bind-mount sources): remake over it.
+ifneq ($(wildcard $(WASM)/.),)
+.PHONY: $(WASM)
+endif
+# Envoy's official image runs as uid 101: the module is world-readable whatever the umask.
 $(WASM): $(CARGO_WASM) $(WASM_OPT)
+	@if [ -d $@ ]; then rmdir $@ && echo "removed the empty directory $@ (from a compose up before make build)"; fi
 	$(WASM_OPT) -O3 $(WASM_FEATURES) $(CARGO_WASM) -o $@
+	chmod a+r $@
 
 ## wasm-opt: binaryen's wasm-opt (npm, pinned in tools/binaryen) into $(DEPS)/binaryen
 wasm-opt: $(WASM_OPT)
@@ -83,7 +91,7 @@ e2e: build deps etcd
 	$(PY) -m pytest tests/e2e -q -p no:cacheprovider $(PYTEST_ARGS)
 
 ## test: everything CI runs
-test: clippy unit fuzz-short deploy-check e2e
+test: clippy unit fuzz-short deploy-check e2e compose-test
 
 ## run: Envoy + demo authorization server + echo upstream on 127.0.0.1, in the foreground
 run: build deps
@@ -98,7 +106,7 @@ clean:
 # them equal to envoy/tokengate.json + envoy/overlays.yaml.
 OCI_IMAGE ?= tokengate:dev
 
-.PHONY: render deploy-check oci
+.PHONY: render deploy-check oci compose-test compose-deps
 
 ## render: write the plugin configuration into every shipped file (after editing envoy/tokengate.json or envoy/overlays.yaml)
 render: pydeps
@@ -108,11 +116,38 @@ render: pydeps
 deploy-check: build envoy pydeps
 	$(PY) -m pytest tests/deploy -q -p no:cacheprovider
 
-## oci: the Istio Wasm OCI image $(OCI_IMAGE) (needs a Docker engine; not part of `make test`)
+## oci: the Istio Wasm OCI image $(OCI_IMAGE), with docker or podman (OCI_CLIENT chooses)
 oci:
 	@envoy/istio/build-oci.sh preflight
 	@$(MAKE) --no-print-directory build
 	envoy/istio/build-oci.sh build $(WASM) $(OCI_IMAGE)
+
+# `make compose-test` (part of `make test`) runs envoy/docker-compose.yaml as
+# shipped and walks README.md's "docker compose" section against it
+# (tests/compose/test_compose.py), then builds `make oci` and takes the image
+# apart (test_oci.py). Debian's podman, runc, podman-compose and debootstrap
+# are installed when missing. The images the compose file names are used if
+# present, else pulled, else built here as labelled stand-ins
+# (tests/compose/stand-in-images.sh). podman reads tests/compose/containers.conf
+# (runc, no default rlimits), so nothing in /etc changes. With Docker:
+#   make compose-test COMPOSE_ENGINE=docker COMPOSE="docker compose"
+COMPOSE_ENGINE ?= podman
+COMPOSE        ?= podman-compose
+COMPOSE_DEBS   := $(if $(filter podman,$(COMPOSE_ENGINE)),podman runc podman-compose) debootstrap
+
+## compose-test: the docker compose demo run and checked, and the `make oci` image taken apart (podman by default)
+compose-test: export CONTAINERS_CONF ?= $(abspath tests/compose/containers.conf)
+compose-test: build envoy pydeps compose-deps
+	ENGINE=$(COMPOSE_ENGINE) tests/compose/stand-in-images.sh $(ENVOY_BIN)
+	ENGINE=$(COMPOSE_ENGINE) COMPOSE="$(COMPOSE)" $(PY) -m pytest tests/compose -q -p no:cacheprovider
+
+## compose-deps: $(COMPOSE_DEBS) (Debian), unless installed
+compose-deps:
+	@missing=$$(for deb in $(COMPOSE_DEBS); do dpkg -s $$deb >/dev/null 2>&1 || echo $$deb; done); \
+	if [ -n "$$missing" ]; then \
+	  $(SUDO) apt-get update && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	fi
 
 # ----------------------------------------------------------------- benchmark (issue 6)
 # `make bench`: tokengate against bare Envoy, a no-op wasm filter and ext_authz,

@@ -1,25 +1,39 @@
 #!/usr/bin/env bash
 # Build the Istio Wasm OCI image (envoy/istio/Dockerfile) from the release module.
 #
-#   build-oci.sh preflight                 is a Docker engine usable? (says what is missing)
+#   build-oci.sh preflight                 can an image be built here? (says what is missing)
 #   build-oci.sh build <module.wasm> <image>
 #
-# `make oci` runs both. DOCKER overrides the client binary (default: docker).
+# `make oci` runs both. The image is built with docker when a Docker engine
+# answers, else with podman (no daemon needed); OCI_CLIENT names the client
+# to use instead (docker, podman, or a path).
 set -euo pipefail
 
-DOCKER=${DOCKER:-docker}
 HERE=$(cd "$(dirname "$0")" && pwd)
 
+client() {
+  if [[ -n ${OCI_CLIENT:-} ]]; then
+    echo "$OCI_CLIENT"
+  elif command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+    echo docker
+  elif command -v podman >/dev/null 2>&1; then
+    echo podman
+  else
+    echo docker  # for preflight's message: the client most people expect
+  fi
+}
+
 preflight() {
-  if ! command -v "$DOCKER" >/dev/null 2>&1; then
-    echo "make oci: the Docker client ('$DOCKER') is not installed." >&2
-    echo "          Install Docker (client and engine), or build the image elsewhere from envoy/istio/Dockerfile." >&2
+  local client err
+  client=$(client)
+  if ! command -v "$client" >/dev/null 2>&1; then
+    echo "make oci: the container client ('$client') is not installed." >&2
+    echo "          Install Docker (client and engine) or podman, or build the image elsewhere from envoy/istio/Dockerfile." >&2
     return 3
   fi
-  local err
-  if ! err=$("$DOCKER" info --format '{{.ServerVersion}}' 2>&1 >/dev/null); then
-    echo "make oci: the Docker client is installed, but no Docker engine is reachable." >&2
-    echo "          Start the engine (or set DOCKER_HOST). The client said:" >&2
+  if ! err=$("$client" info 2>&1 >/dev/null); then
+    echo "make oci: the container client ('$client') is installed, but no engine is reachable." >&2
+    echo "          Start the Docker engine (or set DOCKER_HOST), or use podman (OCI_CLIENT=podman). The client said:" >&2
     printf '%s\n' "$err" | sed 's/^/            /' >&2
     return 4
   fi
@@ -37,9 +51,11 @@ build() {
   context=$(mktemp -d)
   trap 'rm -rf "$context"' RETURN
   cp "$wasm" "$context/plugin.wasm"
-  "$DOCKER" build --file "$HERE/Dockerfile" --tag "$image" "$context"
-  echo "make oci: built $image ($(sha256sum "$wasm" | cut -d' ' -f1) as plugin.wasm)"
-  echo "          push it (docker push $image), then set url: oci://$image in envoy/istio/wasmplugin.yaml"
+  local client
+  client=$(client)
+  "$client" build --file "$HERE/Dockerfile" --tag "$image" "$context"
+  echo "make oci: built $image with $client ($(sha256sum "$wasm" | cut -d' ' -f1) as plugin.wasm)"
+  echo "          push it ($(basename "$client") push $image), then set url: oci://$image in envoy/istio/wasmplugin.yaml"
 }
 
 case ${1:-} in

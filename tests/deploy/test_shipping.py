@@ -8,7 +8,7 @@
   strictly: an unknown field is an error, as with `kubectl apply`;
 - the compose file matches the compose-spec schema vendored by check-jsonschema;
 - the README documents every configuration key and every metric;
-- `make oci` says what is missing when there is no Docker engine.
+- `make oci` picks docker or podman, and says what is missing when neither can build.
 
 Needs the module (`make build`) and Envoy (`make envoy`); starts no server.
 """
@@ -313,24 +313,79 @@ def test_compose_spec_check_rejects_a_broken_file(tmp_path):
     assert proc.returncode != 0 and "imagee" in proc.stdout + proc.stderr
 
 
+def compose_mounts(service):
+    """[(source, target, read_only)] of a compose service, short or long syntax."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target, mode = volume.split(":")
+            mounts.append((source, target, mode == "ro"))
+        else:
+            assert volume["type"] == "bind", volume
+            mounts.append((volume["source"], volume["target"], volume.get("read_only") is True))
+    return mounts
+
+
+COMPOSE_PORTS = {
+    "envoy": {"TOKENGATE_DATA_PORT": (8080, 8080), "TOKENGATE_ADMIN_PORT": (8081, 8081),
+              "TOKENGATE_ENVOY_ADMIN_PORT": (9901, 9901)},
+    "idp": {"TOKENGATE_IDP_PORT": (9000, 9000)},
+    "upstream": {},
+}
+
+
 def test_compose_publishes_on_loopback_and_mounts_read_only(module):
     compose = shipped.load_yaml(shipped.COMPOSE_FILE)
     assert compose["services"]["envoy"]["image"] == "envoyproxy/envoy:v1.40.0"
-    published = []
+    # docker-compose 1.29 refuses a top-level name; the README passes -p instead.
+    assert "name" not in compose
     for name, service in compose["services"].items():
-        published += service.get("ports", [])
-        for volume in service.get("volumes", []):
-            source, target, mode = volume.split(":")
-            assert mode == "ro", f"{name}: {volume}"
+        # Each published port: the host's loopback, on the port README.md documents unless its variable says otherwise.
+        published = {}
+        for port in service.get("ports", []):
+            match = re.fullmatch(r"127\.0\.0\.1:\$\{(\w+):-(\d+)\}:(\d+)", port)
+            assert match, f"{name}: {port}"
+            published[match[1]] = (int(match[2]), int(match[3]))
+        assert published == COMPOSE_PORTS[name]
+        for source, target, read_only in compose_mounts(service):
+            assert read_only, f"{name}: {source}"
             assert (shipped.COMPOSE_FILE.parent / source).exists(), f"{name}: {source} does not exist"
-    assert published and all(p.startswith("127.0.0.1:") for p in published), published
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in compose["services"]["envoy"]["volumes"]}
+    mounts = {target: source for source, target, _ in compose_mounts(compose["services"]["envoy"])}
     assert (shipped.COMPOSE_FILE.parent / mounts["/etc/tokengate/tokengate.wasm"]).resolve() == module.resolve()
+    # Long syntax for the module: Docker refuses a missing module instead of creating a
+    # directory; no `bind:` options, whose create_host_path docker-compose 1.29 refuses.
+    (module_mount,) = [v for v in compose["services"]["envoy"]["volumes"] if not isinstance(v, str)]
+    assert module_mount["target"] == "/etc/tokengate/tokengate.wasm" and "bind" not in module_mount
     bootstrap = shipped.load_yaml(shipped.COMPOSE_BOOTSTRAP)
     for listener in bootstrap["static_resources"]["listeners"]:
         for f in shipped.wasm_filters(listener):
             assert f["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] == "/etc/tokengate/tokengate.wasm"
     assert (shipped.COMPOSE_FILE.parent / mounts["/etc/envoy/envoy.yaml"]).resolve() == shipped.COMPOSE_BOOTSTRAP
+
+
+def test_module_build_replaces_an_early_compose_mount_and_is_world_readable(module, tmp_path):
+    """`compose up` before `make build` leaves an empty directory where the module goes, and
+    the official Envoy image reads the module as uid 101: the build writes the module over that
+    directory, readable by every user even under umask 077. (The Makefile's module rule, run in
+    a scratch tree holding a cargo output; wasm-opt is the real one.)"""
+    for name in ("Makefile", ".deps", "tools"):
+        (tmp_path / name).symlink_to(REPO / name)
+    left_by_compose = tmp_path / "target" / "tokengate.wasm"
+    left_by_compose.mkdir(parents=True)
+    cargo_out = tmp_path / "target" / "wasm32-wasip1" / "release" / "tokengate.wasm"
+    cargo_out.parent.mkdir(parents=True)
+    cargo_out.write_bytes(module.read_bytes())
+    # Even older than the directory, as when the module was built before a `rm` and a `compose up`.
+    os.utime(cargo_out, (1, 1))
+    wasm_opt = ".deps/binaryen/node_modules/.bin/wasm-opt"
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "-o", wasm_opt, "target/tokengate.wasm"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o077),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert left_by_compose.is_file()
+    assert left_by_compose.read_bytes()[:4] == b"\0asm"
+    assert left_by_compose.stat().st_mode & 0o777 == 0o644
 
 
 # --------------------------------------------------------------------------- README
@@ -382,19 +437,40 @@ def test_readme_keeps_the_admin_api_section():
 OCI = shipped.ENVOY_DIR / "istio" / "build-oci.sh"
 
 
-def test_oci_says_when_the_docker_client_is_missing():
-    env = dict(os.environ, DOCKER="/nonexistent/docker")
+def test_oci_says_when_the_client_is_missing():
+    env = dict(os.environ, OCI_CLIENT="/nonexistent/docker")
     proc = subprocess.run([str(OCI), "preflight"], capture_output=True, text=True, env=env, timeout=30)
-    assert proc.returncode != 0
-    assert "Docker client ('/nonexistent/docker') is not installed" in proc.stderr
+    assert proc.returncode == 3
+    assert "the container client ('/nonexistent/docker') is not installed" in proc.stderr
+
+
+def fake_client(folder, name, script):
+    folder.mkdir(exist_ok=True)
+    fake = folder / name
+    fake.write_text("#!/bin/sh\n" + script)
+    fake.chmod(0o755)
+    return fake
 
 
 def test_oci_says_when_the_docker_engine_is_not_running(tmp_path):
     # A fake client that fails as docker does without an engine.
-    fake = tmp_path / "docker"
-    fake.write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon at unix:///nonexistent.sock.' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    env = dict(os.environ, DOCKER=str(fake))
+    fake = fake_client(tmp_path, "docker", "echo 'Cannot connect to the Docker daemon at unix:///nonexistent.sock.' >&2\nexit 1\n")
+    env = dict(os.environ, OCI_CLIENT=str(fake))
     proc = subprocess.run([str(OCI), "preflight"], capture_output=True, text=True, env=env, timeout=30)
-    assert proc.returncode != 0
-    assert "no Docker engine is reachable" in proc.stderr and "Cannot connect" in proc.stderr
+    assert proc.returncode == 4
+    assert "no engine is reachable" in proc.stderr and "Cannot connect" in proc.stderr
+
+
+def test_oci_builds_with_podman_when_no_docker_engine_answers(tmp_path, module):
+    """A docker client without an engine and podman (daemonless) on PATH: podman builds the image."""
+    bin_dir = tmp_path / "bin"
+    fake_client(bin_dir, "docker", "echo 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
+    calls = tmp_path / "podman-calls"
+    fake_client(bin_dir, "podman", f'echo "$1" >> {calls}\n')
+    env = {k: v for k, v in os.environ.items() if k != "OCI_CLIENT"}
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    for argv in (["preflight"], ["build", str(module), "tokengate:test"]):
+        proc = subprocess.run([str(OCI), *argv], capture_output=True, text=True, env=env, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+    assert calls.read_text().split() == ["info", "build"]
+    assert "built tokengate:test with podman" in proc.stdout

@@ -8,10 +8,15 @@
   to the filter), in the same place.
 - envoy/envoy.yaml: its admin listener (the harness keeps every template
   listener) revokes through a path Envoy normalises first.
+- envoy/compose/listen_all.py: the demo servers start under it, as
+  docker-compose.yaml runs them (tests/compose runs the whole compose file).
 
 tests/deploy checks the same files offline (schemas, `envoy --mode validate`).
 """
 import json
+import os
+import signal
+import socket
 import sys
 import urllib.parse
 
@@ -19,7 +24,7 @@ import pytest
 import yaml
 
 from conftest import CONCURRENCY
-from harness import REPO, Envoy, bearer, burst, free_port, request
+from harness import REPO, SERVERS, Envoy, bearer, burst, free_port, get, post_form, request, wait_for_port
 
 sys.path.insert(0, str(REPO / "tests" / "deploy"))
 import shipped  # noqa: E402  (tests/deploy/shipped.py: reads the files in envoy/)
@@ -175,3 +180,38 @@ def test_compose_bootstrap_runs_with_local_addresses(procs, workdir, mock_idp_se
         assert envoy.get("/").status == 401
     finally:
         envoy.stop()
+
+
+LISTEN_ALL = REPO / "envoy" / "compose" / "listen_all.py"
+
+
+@pytest.mark.parametrize(
+    "script, probe, answer",
+    [
+        (
+            "mock_idp.py",
+            lambda port: post_form(port, "/oauth2/token", {"client_id": "demo", "scope": "read"}),
+            {"token_type": "Bearer", "scope": "read", "expires_in": 3600},
+        ),
+        ("echo_upstream.py", lambda port: get(port, "/hello"), {"method": "GET", "path": "/hello", "body": ""}),
+    ],
+    ids=["idp", "upstream"],
+)
+def test_compose_servers_run_under_listen_all(procs, workdir, script, probe, answer):
+    """docker-compose.yaml starts each demo server as `listen_all.py <script> --port N`."""
+    port = free_port()
+    proc = procs.start(
+        f"listen-all-{script}",
+        [sys.executable, LISTEN_ALL, SERVERS / script, "--port", port],
+        workdir / f"listen-all-{script}-{port}.log",
+    )
+    wait_for_port(proc, port)
+    resp = probe(port)
+    assert resp.status == 200, resp
+    assert {k: v for k, v in resp.json().items() if k in answer} == answer
+    # Every interface, not just 127.0.0.1: Envoy comes from another container.
+    # (127.0.0.2 is loopback too, but a socket bound to 127.0.0.1 does not answer it.)
+    socket.create_connection(("127.0.0.2", port), timeout=5).close()
+    # What `docker stop` and `compose down` send the container's PID 1: a clean stop, not a kill.
+    os.kill(proc.popen.pid, signal.SIGTERM)
+    assert proc.popen.wait(30) == 0, proc.log_tail()
