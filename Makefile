@@ -144,10 +144,7 @@ compose-test: build envoy pydeps compose-deps
 ## compose-deps: $(COMPOSE_DEBS) (Debian), unless installed
 compose-deps:
 	@missing=$$(for deb in $(COMPOSE_DEBS); do dpkg -s $$deb >/dev/null 2>&1 || echo $$deb; done); \
-	if [ -n "$$missing" ]; then \
-	  $(SUDO) apt-get update && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
-	fi
+	if [ -n "$$missing" ]; then $(call apt_install,$$missing); fi
 
 # ----------------------------------------------------------------- benchmark (issue 6)
 # `make bench`: tokengate against bare Envoy, a no-op wasm filter and ext_authz,
