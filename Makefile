@@ -162,7 +162,7 @@ bench: build bench-noop bench-deps
 	$(BENCH_VENV)/bin/python bench/run.py
 
 ## bench-hotpath: instructions per request of sketched hit-path changes (callgrind; writes bench/hotpath.md)
-bench-hotpath: bench-noop bench-deps
+bench-hotpath: build bench-noop bench-deps
 	WASM_OPT=$(abspath $(WASM_OPT)) WASM_FEATURES="$(WASM_FEATURES)" $(BENCH_VENV)/bin/python bench/hotpath.py
 
 ## bench-noop: the no-op proxy-wasm filter (variant B and the profile ladder), built like tokengate
