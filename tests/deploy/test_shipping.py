@@ -39,6 +39,16 @@ def module():
     return shipped.WASM
 
 
+# The EnvoyFilter route ships the module in a ConfigMap, which the Kubernetes API
+# server refuses above 1 MiB: the budget keeps room under that.
+MODULE_BUDGET_BYTES = 900 * 1024
+
+
+def test_module_fits_its_budget(module):
+    size = module.stat().st_size
+    assert size <= MODULE_BUDGET_BYTES, f"{module} is {size} bytes, over the {MODULE_BUDGET_BYTES}-byte budget"
+
+
 @pytest.fixture(scope="session")
 def configs():
     return shipped.variants()
