@@ -376,7 +376,7 @@ fn principal(kind: Kind, name: String, reason: String) -> Result<Revoke, Reply> 
     Ok(Revoke::Principal { kind, name, reason })
 }
 
-/// Carries out an authorized, routed request against the denylist.
+/// Carries out an admin command against the denylist.
 /// `cached` gives a token's active answer when the cache knows it (its
 /// `exp` bounds the record, its JWT identity is revoked with it).
 pub fn handle<S: Store + ?Sized>(
@@ -387,139 +387,160 @@ pub fn handle<S: Store + ?Sized>(
     cached: &dyn Fn(&TokenHash) -> Option<Claims>,
 ) -> Handled {
     let list = Denylist::new(store, limits);
-    let mut forward = Vec::new();
-    let mut changes = Vec::new();
-    let mut counts = Counts::default();
-    let reply = match command {
-        Command::Revoke(Revoke::Tokens { mut tokens, reason }) => {
-            // A token given twice is one revocation.
-            let mut seen = std::collections::HashSet::new();
-            tokens.retain(|t| seen.insert(t.clone()));
-            let mut identities: Vec<(TokenHash, u64)> = Vec::new();
-            let items: Vec<(TokenHash, u64)> = tokens
-                .iter()
-                .map(|t| {
-                    let token = bearer::from_admin(t);
-                    let hash = hash_token(&token);
-                    let known = cached(&hash);
-                    let exp = known.as_ref().and_then(|c| c.exp).filter(|&e| e > now);
-                    let expires = exp.unwrap_or(now.saturating_add(limits.token_ttl_s));
-                    // Every encoding of a JWT is denied through its identity.
-                    let identity = jwt::payload_identity(token.as_bytes()).or(known.and_then(|c| c.identity));
-                    if let Some(id) = identity.filter(|id| !identities.iter().any(|(i, _)| i == id)) {
-                        identities.push((id, expires));
-                    }
-                    (hash, expires)
-                })
-                .collect();
-            let revoked = list
-                .revoke_tokens(&items, &reason, now)
-                .and_then(|done| Ok((done, list.revoke_identities(&identities, &reason, now)?)));
-            match revoked {
-                Ok((done, jwts)) => {
-                    let reason = crate::denylist::clip_reason(&reason);
-                    if done.full.is_empty() && jwts.full.is_empty() {
-                        log::info!("{}", revoked_tokens_line(&done, &jwts, &reason));
-                    } else {
-                        log::error!("{}", revoked_tokens_line(&done, &jwts, &reason));
-                    }
-                    for (hash, expires_at) in items.iter().filter(|(h, _)| done.revoked.contains(h)) {
-                        changes.push(Change::Revoked(Record {
-                            id: hex(hash),
-                            kind: Kind::Token,
-                            revoked_at: now,
-                            expires_at: *expires_at,
-                            reason: reason.clone(),
-                        }));
-                    }
-                    for (hash, expires_at) in identities.iter().filter(|(h, _)| jwts.revoked.contains(h)) {
-                        changes.push(Change::Revoked(Record {
-                            id: Record::hashed_id(Kind::Jwt, hash),
-                            kind: Kind::Jwt,
-                            revoked_at: now,
-                            expires_at: *expires_at,
-                            reason: reason.clone(),
-                        }));
-                    }
-                    forward = tokens.iter().map(|t| bearer::from_admin(t)).collect();
-                    let ids: Vec<String> = done.revoked.iter().take(MAX_IDS_IN_ANSWER).map(hex).collect();
-                    let jti_ids: Vec<String> =
-                        jwts.revoked.iter().take(MAX_IDS_IN_ANSWER).map(|h| Record::hashed_id(Kind::Jwt, h)).collect();
-                    counts.tokens = done.revoked.len() as u64;
-                    let mut body = json!({"revoked": done.revoked.len(), "ids": ids});
-                    if !jti_ids.is_empty() {
-                        body["jti_ids"] = json!(jti_ids);
-                    }
-                    if done.full.is_empty() && jwts.full.is_empty() {
-                        Reply::ok(body)
-                    } else {
-                        // A JWT whose identity found no room is not fully revoked either.
-                        let jwts_refused = jwts.full.iter().map(|h| Record::hashed_id(Kind::Jwt, h));
-                        let refused: Vec<String> =
-                            done.full.iter().map(hex).chain(jwts_refused).take(MAX_IDS_IN_ANSWER).collect();
-                        counts.refused = 1;
-                        Reply {
-                            status: 507,
-                            serialized: None,
-                            body: Some(json!({
-                                "error": "denylist_full",
-                                "error_description": "some tokens were not revoked: raise denylist.max_tokens",
-                                "revoked": done.revoked.len(), "ids": ids, "refused": refused,
-                            })),
-                            headers: Vec::new(),
-                        }
-                    }
-                }
-                Err(e) => store_failure(e),
-            }
+    match command {
+        Command::Revoke(Revoke::Tokens { tokens, reason }) => {
+            revoke_tokens(&list, limits, tokens, &reason, now, cached)
         }
-        Command::Revoke(Revoke::Principal { kind, name, reason }) => {
-            match list.revoke_principal(kind, &name, &reason, now) {
-                Ok(record) => {
-                    log::info!("revoked {} reason={:?}", record.id, record.reason);
-                    changes.push(Change::Revoked(record.clone()));
-                    counts.principals = 1;
-                    Reply::ok(json!({"revoked": 1, "revocation": record}))
-                }
-                Err(DenyError::Full) => {
-                    counts.refused = 1;
-                    Reply::error(
-                        507,
-                        "denylist_full",
-                        "too many client and subject revocations: raise denylist.max_principals",
-                    )
-                }
-                Err(e) => store_failure(e),
+        Command::Revoke(Revoke::Principal { kind, name, reason }) => revoke_principal(&list, kind, &name, &reason, now),
+        Command::List { offset, limit } => Handled::from(list_page(&list, offset, limit, now)),
+        Command::Undo(id) => undo(&list, &id, now),
+    }
+}
+
+impl From<Reply> for Handled {
+    /// A reply that changed nothing.
+    fn from(reply: Reply) -> Handled {
+        Handled { reply, forward: Vec::new(), changes: Vec::new(), counts: Counts::default() }
+    }
+}
+
+/// Revokes tokens by hash, and the JWTs among them by identity.
+fn revoke_tokens<S: Store + ?Sized>(
+    list: &Denylist<'_, S>,
+    limits: &config::Denylist,
+    mut tokens: Vec<String>,
+    reason: &str,
+    now: u64,
+    cached: &dyn Fn(&TokenHash) -> Option<Claims>,
+) -> Handled {
+    // A token given twice is one revocation.
+    let mut seen = std::collections::HashSet::new();
+    tokens.retain(|t| seen.insert(t.clone()));
+    let mut identities: Vec<(TokenHash, u64)> = Vec::new();
+    let items: Vec<(TokenHash, u64)> = tokens
+        .iter()
+        .map(|t| {
+            let token = bearer::from_admin(t);
+            let hash = hash_token(&token);
+            let known = cached(&hash);
+            let exp = known.as_ref().and_then(|c| c.exp).filter(|&e| e > now);
+            let expires = exp.unwrap_or(now.saturating_add(limits.token_ttl_s));
+            // Every encoding of a JWT is denied through its identity.
+            let identity = jwt::payload_identity(token.as_bytes()).or(known.and_then(|c| c.identity));
+            if let Some(id) = identity.filter(|id| !identities.iter().any(|(i, _)| i == id)) {
+                identities.push((id, expires));
             }
-        }
-        Command::List { offset, limit } => match list.list(now) {
-            Ok(records) => {
-                let start = offset.min(records.len());
-                let end = limit.map_or(records.len(), |l| start.saturating_add(l).min(records.len()));
-                let page = ListPage {
-                    count: records.len(),
-                    offset: start,
-                    next_offset: (end < records.len()).then_some(end),
-                    revocations: records.get(start..end).unwrap_or_default(),
-                };
-                // Serialised straight from the records: a JSON tree of a
-                // large list would grow this worker's memory for good.
-                Reply { status: 200, body: None, serialized: serde_json::to_string(&page).ok(), headers: Vec::new() }
-            }
-            Err(e) => store_failure(DenyError::Store(e)),
-        },
-        Command::Undo(id) => match list.undo(&id, now) {
-            Ok(true) => {
-                log::info!("revocation {id} undone");
-                changes.push(Change::Undone { id: crate::denylist::canonical_id(&id), undone_at: now });
-                counts.undone = 1;
-                Reply { status: 204, body: None, serialized: None, headers: Vec::new() }
-            }
-            Ok(false) => Reply::error(404, "not_found", "no such revocation"),
-            Err(e) => store_failure(e),
-        },
+            (hash, expires)
+        })
+        .collect();
+    let revoked = list
+        .revoke_tokens(&items, reason, now)
+        .and_then(|tokens| Ok((tokens, list.revoke_identities(&identities, reason, now)?)));
+    let (tokens_done, jwts) = match revoked {
+        Ok(both) => both,
+        Err(e) => return Handled::from(store_failure(e)),
     };
+    let reason = crate::denylist::clip_reason(reason);
+    if tokens_done.full.is_empty() && jwts.full.is_empty() {
+        log::info!("{}", revoked_tokens_line(&tokens_done, &jwts, &reason));
+    } else {
+        log::error!("{}", revoked_tokens_line(&tokens_done, &jwts, &reason));
+    }
+    let record = |kind: Kind, hash: &TokenHash, expires_at: u64| {
+        let id = Record::hashed_id(kind, hash);
+        Change::Revoked(Record { id, kind, revoked_at: now, expires_at, reason: reason.clone() })
+    };
+    let token_records = items.iter().filter(|(h, _)| tokens_done.revoked.contains(h)).map(|(h, e)| (Kind::Token, h, e));
+    let jwt_records = identities.iter().filter(|(h, _)| jwts.revoked.contains(h)).map(|(h, e)| (Kind::Jwt, h, e));
+    let changes = token_records.chain(jwt_records).map(|(kind, hash, expires)| record(kind, hash, *expires)).collect();
+    let forward = tokens.iter().map(|t| bearer::from_admin(t)).collect();
+    let refused = !tokens_done.full.is_empty() || !jwts.full.is_empty();
+    let counts = Counts { tokens: tokens_done.revoked.len() as u64, refused: u64::from(refused), ..Counts::default() };
+    let reply = revoked_tokens_reply(&tokens_done, &jwts);
     Handled { reply, forward, changes, counts }
+}
+
+/// 200 with the revoked ids, or 507 naming those that found no room.
+fn revoked_tokens_reply(tokens: &Revoked, jwts: &Revoked) -> Reply {
+    let ids: Vec<String> = tokens.revoked.iter().take(MAX_IDS_IN_ANSWER).map(hex).collect();
+    let jti_ids: Vec<String> =
+        jwts.revoked.iter().take(MAX_IDS_IN_ANSWER).map(|h| Record::hashed_id(Kind::Jwt, h)).collect();
+    if tokens.full.is_empty() && jwts.full.is_empty() {
+        if jti_ids.is_empty() {
+            return Reply::ok(json!({"revoked": tokens.revoked.len(), "ids": ids}));
+        }
+        return Reply::ok(json!({"revoked": tokens.revoked.len(), "ids": ids, "jti_ids": jti_ids}));
+    }
+    // A JWT whose identity found no room is not fully revoked either.
+    let jwts_refused = jwts.full.iter().map(|h| Record::hashed_id(Kind::Jwt, h));
+    let refused: Vec<String> = tokens.full.iter().map(hex).chain(jwts_refused).take(MAX_IDS_IN_ANSWER).collect();
+    Reply {
+        status: 507,
+        serialized: None,
+        body: Some(json!({
+            "error": "denylist_full",
+            "error_description": "some tokens were not revoked: raise denylist.max_tokens",
+            "revoked": tokens.revoked.len(), "ids": ids, "refused": refused,
+        })),
+        headers: Vec::new(),
+    }
+}
+
+fn revoke_principal<S: Store + ?Sized>(
+    list: &Denylist<'_, S>,
+    kind: Kind,
+    name: &str,
+    reason: &str,
+    now: u64,
+) -> Handled {
+    match list.revoke_principal(kind, name, reason, now) {
+        Ok(record) => {
+            log::info!("revoked {} reason={:?}", record.id, record.reason);
+            let mut done = Handled::from(Reply::ok(json!({"revoked": 1, "revocation": record})));
+            done.changes.push(Change::Revoked(record));
+            done.counts.principals = 1;
+            done
+        }
+        Err(DenyError::Full) => {
+            let message = "too many client and subject revocations: raise denylist.max_principals";
+            let mut done = Handled::from(Reply::error(507, "denylist_full", message));
+            done.counts.refused = 1;
+            done
+        }
+        Err(e) => Handled::from(store_failure(e)),
+    }
+}
+
+fn list_page<S: Store + ?Sized>(list: &Denylist<'_, S>, offset: usize, limit: Option<usize>, now: u64) -> Reply {
+    let records = match list.list(now) {
+        Ok(records) => records,
+        Err(e) => return store_failure(DenyError::Store(e)),
+    };
+    let start = offset.min(records.len());
+    let end = limit.map_or(records.len(), |l| start.saturating_add(l).min(records.len()));
+    let page = ListPage {
+        count: records.len(),
+        offset: start,
+        next_offset: (end < records.len()).then_some(end),
+        revocations: records.get(start..end).unwrap_or_default(),
+    };
+    // Serialised straight from the records: a JSON tree of a large list
+    // would grow this worker's memory for good.
+    Reply { status: 200, body: None, serialized: serde_json::to_string(&page).ok(), headers: Vec::new() }
+}
+
+fn undo<S: Store + ?Sized>(list: &Denylist<'_, S>, id: &str, now: u64) -> Handled {
+    match list.undo(id, now) {
+        Ok(true) => {
+            log::info!("revocation {id} undone");
+            let mut done = Handled::from(Reply { status: 204, body: None, serialized: None, headers: Vec::new() });
+            done.changes.push(Change::Undone { id: crate::denylist::canonical_id(id), undone_at: now });
+            done.counts.undone = 1;
+            done
+        }
+        Ok(false) => Handled::from(Reply::error(404, "not_found", "no such revocation")),
+        Err(e) => Handled::from(store_failure(e)),
+    }
 }
 
 /// Ids one log line names; the rest are counted.
@@ -750,7 +771,9 @@ mod tests {
         let store = MemoryStore::new();
         let limits = config::Denylist::default();
         let revoke = Revoke::Tokens { tokens: vec!["tok".into()], reason: String::new() };
-        handle(Command::Revoke(revoke), &limits, &store, 100, &|_| Some(Claims { exp: Some(500), ..Default::default() }));
+        handle(Command::Revoke(revoke), &limits, &store, 100, &|_| {
+            Some(Claims { exp: Some(500), ..Default::default() })
+        });
         let all = Command::List { offset: 0, limit: None };
         let listed: Value =
             serde_json::from_str(&handle(all.clone(), &limits, &store, 101, &|_| None).reply.text().unwrap()).unwrap();

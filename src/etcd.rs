@@ -196,29 +196,10 @@ impl Poller {
         answer_of: (u32, usize, usize),
         now_ms: u64,
     ) {
-        let metrics = io.metrics;
         let (token_id, num_headers, body_size) = answer_of;
         if let Some(flush) = self.flush.as_mut().filter(|f| f.owns(token_id)) {
             if let Some(done) = flush.on_response(io.host, cfg, token_id, num_headers, body_size) {
-                match done {
-                    Written::Ok => {
-                        let _ = cluster_sync::outbox_remove(io.store, &flush.changes);
-                    }
-                    Written::Failed => {
-                        log::warn!(
-                            "cluster sync: etcd did not take {} queued change(s); retrying",
-                            flush.changes.len()
-                        );
-                        metrics.sync_failures.inc();
-                    }
-                    Written::Refused => {
-                        // Retrying would block everything queued behind it.
-                        log::error!("cluster sync: etcd refused {} queued change(s); dropped", flush.changes.len());
-                        metrics.sync_failures.inc();
-                        metrics.sync_dropped.add(flush.changes.len() as u64);
-                        let _ = cluster_sync::outbox_remove(io.store, &flush.changes);
-                    }
-                }
+                flushed(io, &flush.changes, done);
                 self.flush = None;
             }
             return;
@@ -228,31 +209,55 @@ impl Poller {
         }
         self.poll = None;
         let from = cluster_sync::next_revision(io.store).unwrap_or(0);
-        let page = answer(io.host, num_headers, body_size).and_then(|b| cluster_sync::parse_range(&b, &cfg.prefix, from).ok());
-        let Some(Page { changes, next_min_revision, more }) = page else {
-            metrics.sync_failures.inc();
-            self.next_poll_ms = now_ms + cfg.poll_ms;
-            return;
-        };
+        let page =
+            answer(io.host, num_headers, body_size).and_then(|b| cluster_sync::parse_range(&b, &cfg.prefix, from).ok());
+        match page.map(|page| self.apply(io, list, page, now_ms)) {
+            Some(true) => self.start_poll(io, cfg, now_ms),
+            Some(false) => self.next_poll_ms = now_ms + cfg.poll_ms,
+            None => {
+                io.metrics.sync_failures.inc();
+                self.next_poll_ms = now_ms + cfg.poll_ms;
+            }
+        }
+    }
+
+    /// Applies a page read from etcd; true when more pages wait.
+    fn apply(&mut self, io: &Io<'_>, list: &Denylist<'_, dyn Store>, page: Page, now_ms: u64) -> bool {
+        let Page { changes, next_min_revision, more } = page;
         match list.apply(&changes, now_ms / 1000) {
-            Ok(n) => metrics.sync_applied.add(n as u64),
+            Ok(n) => io.metrics.sync_applied.add(n as u64),
             Err(e) => {
                 // Not moving the revision on: the next poll tries again.
                 log::error!("cluster sync: applying {} change(s) failed: {e:?}", changes.len());
-                metrics.sync_failures.inc();
-                self.next_poll_ms = now_ms + cfg.poll_ms;
-                return;
+                io.metrics.sync_failures.inc();
+                return false;
             }
         }
         let _ = cluster_sync::set_next_revision(io.store, next_min_revision, now_ms);
         if !more {
             let _ = cluster_sync::mark_loaded(io.store);
         }
-        metrics.sync_revision.record(u64::try_from(next_min_revision.saturating_sub(1)).unwrap_or(0));
-        if more {
-            self.start_poll(io, cfg, now_ms);
-        } else {
-            self.next_poll_ms = now_ms + cfg.poll_ms;
+        io.metrics.sync_revision.record(u64::try_from(next_min_revision.saturating_sub(1)).unwrap_or(0));
+        more
+    }
+}
+
+/// What becomes of queued changes once their write is over.
+fn flushed(io: &Io<'_>, changes: &[Change], done: Written) {
+    match done {
+        Written::Ok => {
+            let _ = cluster_sync::outbox_remove(io.store, changes);
+        }
+        Written::Failed => {
+            log::warn!("cluster sync: etcd did not take {} queued change(s); retrying", changes.len());
+            io.metrics.sync_failures.inc();
+        }
+        Written::Refused => {
+            // Retrying would block everything queued behind it.
+            log::error!("cluster sync: etcd refused {} queued change(s); dropped", changes.len());
+            io.metrics.sync_failures.inc();
+            io.metrics.sync_dropped.add(changes.len() as u64);
+            let _ = cluster_sync::outbox_remove(io.store, changes);
         }
     }
 }
@@ -370,8 +375,8 @@ mod tests {
         let (nh, bs) = host.answer(Some(200), json!({"ID": "3"}).to_string().as_bytes());
         me.on_response(&io, &cfg(), &list, (grant, nh, bs), T0 + 6);
         let txn = host.last_callout().unwrap();
-        assert!(String::from_utf8_lossy(&txn.body).contains(&base64::engine::general_purpose::STANDARD
-            .encode("tg/revoked/client:queued")));
+        assert!(String::from_utf8_lossy(&txn.body)
+            .contains(&base64::engine::general_purpose::STANDARD.encode("tg/revoked/client:queued")));
         assert_eq!(cluster_sync::outbox_len(&store), 1, "kept until etcd took it");
         let (nh, bs) = host.answer(Some(200), TXN_OK().to_string().as_bytes());
         me.on_response(&io, &cfg(), &list, (txn.id, nh, bs), T0 + 7);

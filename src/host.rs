@@ -14,8 +14,7 @@ pub trait Host {
     fn set_tick_period(&self, period: Duration);
 
     /// Sends a callout to an Envoy cluster; its token id, or why not.
-    fn dispatch(&self, cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout: Duration)
-        -> Result<u32, String>;
+    fn dispatch(&self, cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout: Duration) -> Result<u32, String>;
     /// The `:status` of the callout answer being handled (`None`: no
     /// headers, as after a reset or a refused connection).
     fn callout_status(&self, num_headers: usize) -> Option<u32>;
@@ -63,13 +62,7 @@ impl Host for Envoy {
         let _ = proxy_wasm::hostcalls::set_tick_period(period);
     }
 
-    fn dispatch(
-        &self,
-        cluster: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-        timeout: Duration,
-    ) -> Result<u32, String> {
+    fn dispatch(&self, cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout: Duration) -> Result<u32, String> {
         proxy_wasm::hostcalls::dispatch_http_call(cluster, headers.to_vec(), Some(body), vec![], timeout)
             .map_err(|status| format!("{status:?}"))
     }
@@ -78,12 +71,10 @@ impl Host for Envoy {
         if num_headers == 0 {
             return None;
         }
-        let status = proxy_wasm::hostcalls::get_map_value_bytes(
-            proxy_wasm::types::MapType::HttpCallResponseHeaders,
-            ":status",
-        )
-        .ok()
-        .flatten()?;
+        let status =
+            proxy_wasm::hostcalls::get_map_value_bytes(proxy_wasm::types::MapType::HttpCallResponseHeaders, ":status")
+                .ok()
+                .flatten()?;
         std::str::from_utf8(&status).ok()?.parse().ok()
     }
 
@@ -114,8 +105,7 @@ impl Host for Envoy {
     }
 
     fn set_request_header(&self, name: &str, value: &str) {
-        let _ =
-            proxy_wasm::hostcalls::set_map_value(proxy_wasm::types::MapType::HttpRequestHeaders, name, Some(value));
+        let _ = proxy_wasm::hostcalls::set_map_value(proxy_wasm::types::MapType::HttpRequestHeaders, name, Some(value));
     }
 
     fn remove_request_header(&self, name: &str) {

@@ -53,8 +53,8 @@ impl RootContext for Root {
             }
         };
         let metrics = Metrics::define(config.cluster_sync.is_some());
-        let worker = Worker::new(config, metrics, self.host.clone(), Rc::new(SharedData))
-            .with_sync(instance_name(&*self.host));
+        let worker =
+            Worker::new(config, metrics, self.host.clone(), Rc::new(SharedData)).with_sync(instance_name(&*self.host));
         self.host.set_tick_period(worker.slow_tick());
         self.worker = Some(Rc::new(worker));
         log::info!("configured");

@@ -16,11 +16,11 @@ use crate::cache::{self, Claim, LocalCache, Lookup, SharedCache, Stored, TokenHa
 use crate::config::Config;
 use crate::denylist::{DenyView, Denylist};
 use crate::etcd::Poller;
+use crate::host::Host;
 use crate::introspection::{self, Answer, IntrospectionError, Request};
 use crate::metrics::Metrics;
 use crate::outcome::Denial;
 use crate::policy;
-use crate::host::Host;
 use crate::store::Store;
 use std::cell::RefCell;
 use std::collections::HashMap;
