@@ -294,3 +294,85 @@ fn queue(worker: &Worker, changes: &[Change], why: &str) -> &'static str {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use crate::filter::Filter;
+    use crate::host::fake::{Event, FakeHost};
+    use crate::metrics::Metrics;
+    use crate::store::{MemoryStore, Store};
+    use crate::worker::Worker;
+    use proxy_wasm::traits::{Context, HttpContext};
+    use proxy_wasm::types::Action;
+    use sha2::{Digest, Sha256};
+    use std::rc::Rc;
+
+    const T0: u64 = 1_800_000_000_000;
+
+    fn admin_worker(host: &Rc<FakeHost>, store: &Rc<MemoryStore>) -> Rc<Worker> {
+        let admin_hash: String = Sha256::digest(b"admin-token").iter().map(|b| format!("{b:02x}")).collect();
+        let json = format!(
+            r#"{{"introspection": {{"cluster": "idp", "authority": "idp", "path": "/i"}},
+                "admin": {{"token_sha256": "{admin_hash}"}},
+                "cluster_sync": {{"cluster": "etcd", "authority": "etcd"}}}}"#
+        );
+        let config = Config::parse(json.as_bytes()).unwrap();
+        let store: Rc<dyn Store> = store.clone();
+        Rc::new(Worker::new(config, Metrics::default(), host.clone(), store))
+    }
+
+    /// A form revoke of `token` on context 1, up to the etcd write.
+    fn revoke(host: &Rc<FakeHost>, worker: &Rc<Worker>, token: &str) -> Filter {
+        let body = format!("token={token}");
+        let length = body.len().to_string();
+        host.request(
+            1,
+            &[
+                (":method", "POST"),
+                (":path", "/tokengate/revoke"),
+                ("authorization", "Bearer admin-token"),
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("content-length", &length),
+            ],
+        );
+        host.bodies.borrow_mut().insert(1, body.clone().into_bytes());
+        let mut filter = Filter::new(1, Some(worker.clone()), host.clone());
+        assert_eq!(filter.on_http_request_headers(5, false), Action::Continue, "on to the buffer filter");
+        assert_eq!(filter.on_http_request_body(body.len(), true), Action::Pause);
+        filter
+    }
+
+    #[test]
+    fn a_revocation_whose_admin_client_leaves_mid_write_goes_to_the_outbox() {
+        let (host, store) = (Rc::new(FakeHost::new(T0)), Rc::new(MemoryStore::new()));
+        let worker = admin_worker(&host, &store);
+        let mut filter = revoke(&host, &worker, "tok-1");
+        let grant = host.last_callout().unwrap();
+        assert_eq!(grant.cluster, "etcd");
+        assert!(host.take_events().iter().all(|e| !matches!(e, Event::Reply { .. })), "no answer before etcd's");
+        assert_eq!(worker.denylist().list(T0 / 1000).unwrap().len(), 1, "revoked locally first");
+        assert_eq!(crate::cluster_sync::outbox_len(&*store), 0);
+        filter.on_done();
+        assert_eq!(crate::cluster_sync::outbox_len(&*store), 1, "the poller will write it");
+    }
+
+    #[test]
+    fn a_revocation_etcd_took_is_answered_written_and_leaves_the_outbox_empty() {
+        let (host, store) = (Rc::new(FakeHost::new(T0)), Rc::new(MemoryStore::new()));
+        let worker = admin_worker(&host, &store);
+        let mut filter = revoke(&host, &worker, "tok-2");
+        let grant = host.last_callout().unwrap().id;
+        let (nh, bs) = host.answer(Some(200), br#"{"ID": "9"}"#);
+        filter.on_http_call_response(grant, nh, bs, 0);
+        let txn = host.last_callout().unwrap().id;
+        let (nh, bs) = host.answer(Some(200), br#"{"header": {"revision": "3"}, "succeeded": true}"#);
+        filter.on_http_call_response(txn, nh, bs, 0);
+        let replies: Vec<Event> = host.take_events().into_iter().filter(|e| matches!(e, Event::Reply { .. })).collect();
+        let [Event::Reply { status: 200, body, .. }] = replies.as_slice() else { panic!("{replies:?}") };
+        assert!(body.contains(r#""cluster_sync":"written""#), "{body}");
+        assert!(!body.contains("tok-2"), "the token never appears in an answer");
+        filter.on_done();
+        assert_eq!(crate::cluster_sync::outbox_len(&*store), 0, "nothing left to write");
+    }
+}
