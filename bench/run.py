@@ -1371,7 +1371,8 @@ def rerender(path):
     res = json.loads(Path(path).read_text())
     k = res["meta"]["knobs"]
     res["ratios"], res["targets"] = ratios_and_targets(res)
-    out_dir = Path(k["OUT"])
+    # Beside the results.json given (or BENCH_OUT), never the OUT the run recorded: another checkout's.
+    out_dir = Path(os.environ.get("BENCH_OUT") or Path(path).resolve().parent)
     (out_dir / "results.md").write_text(report(res, k))
     err = chart(res, k, out_dir / "results.png")
     print(f"chart: {err}" if err else f"rewrote {out_dir / 'results.md'} and {out_dir / 'results.png'} from {path}")
