@@ -60,7 +60,7 @@ PROFILES = {
     ),
 }
 COMMON = dict(
-    CONNECTIONS=32, THREADS=2, VARIANTS="A,B,C,C2,C3,D", ROTATE_TOKENS=1000,
+    CONNECTIONS=32, THREADS=2, VARIANTS="A,B,Be,C,C2,C3,D", ROTATE_TOKENS=1000,
     BURST_REQUESTS=400, BURST_CONNECTIONS=32, IDP_DELAY_MS=50, BURST_CONCURRENCY=4,
     RSS_CONCURRENCY=4, PHASES="throughput,ladder,perf,miss,callgrind,burst,rss", PERF=1,
     ENVOY_CPU="", LOAD_CPU="", OUT=str(BENCH), LOG_LEVEL="warn", AUTHZ="separate",
@@ -443,6 +443,7 @@ class Wrk:
 VARIANT_INFO = {
     "A": "bare Envoy, direct response",
     "B": "+ no-op wasm (reads Authorization + 1 shared-data key)",
+    "Be": "+ no-op wasm reading a key whose value is empty (as tokengate's denylist generation)",
     "C": "+ tokengate, 1 cached token",
     "C2": "+ tokengate, 1,000 cached tokens rotated",
     "C3": "+ tokengate, 1 cached token, no claim headers written (`claims_to_headers: {}`)",
@@ -482,7 +483,8 @@ def throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, with_lad
     if wrapper:  # the callgrind Envoy: also the floor without its shared-data read
         e.add("B0", [wasm("noop_nokey", "noop", noop, "nokey")], direct())
         e.add("Ba", [wasm("noop_keyabsent", "noop", noop, "keyabsent")], direct())
-        e.add("Be", [wasm("noop_keyempty", "noop", noop, "keyempty")], direct())
+    # The floor reading an empty key, as tokengate's per-request read is: throughput variant Be.
+    e.add("Be", [wasm("noop_keyempty", "noop", noop, "keyempty")], direct())
     return e.start(timeout=timeout, wrapper=wrapper)
 
 
@@ -529,11 +531,27 @@ def measure(e, wrk, variant, port, seconds, warmup, rotate_tokens):
     return r
 
 
+def rotated(items, rnd):
+    """items in round rnd's order: each round starts one later, so no variant always runs
+    first (or right after the same neighbour) while the machine drifts."""
+    shift = (rnd - 1) % len(items) if items else 0
+    return items[shift:] + items[:shift]
+
+
+def refuse_errors(rounds, phase):
+    """A run in which any measurement had errors (non-2xx, timeouts, socket errors) measured
+    something else than the variant: it is refused, not reported."""
+    bad = [(i, v, r["errors"]) for i, row in enumerate(rounds, 1) for v, r in row.items() if r["errors"]]
+    if bad:
+        raise SystemExit(f"bench: {phase} refused: errors in " +
+                         ", ".join(f"round {i} {v} ({n})" for i, v, n in bad))
+
+
 def phase_throughput(k, e, wrk, log):
     rounds = []
     for rnd in range(1, k["ROUNDS"] + 1):
         row = {}
-        for v in k["VARIANTS"]:
+        for v in rotated(k["VARIANTS"], rnd):
             r = measure(e, wrk, v, e.ports[v], k["SECONDS"], k["WARMUP"], k["ROTATE_TOKENS"])
             row[v] = r
             log(f"  round {rnd} {v:>2}: {r['rps']:9.0f} req/s  p50 {r['p50_us']:6d} µs  p99 {r['p99_us']:6d} µs  "
@@ -541,6 +559,7 @@ def phase_throughput(k, e, wrk, log):
                 f"{r['envoy_wait_util'] * 100:3.0f}% waiting)  "
                 f"wrk {r['wrk_cpu_util'] * 100:3.0f}% cpu  errors {r['errors']}  introspections {r['introspections']}")
         rounds.append(row)
+    refuse_errors(rounds, "throughput")
     return rounds
 
 
@@ -551,12 +570,13 @@ def phase_ladder(k, e, wrk, log):
     rounds = []
     for rnd in range(1, k["LADDER_ROUNDS"] + 1):
         row = {}
-        for label, name in steps:
+        for label, name in rotated(steps, rnd):
             r = measure(e, wrk, name, e.ports[name], k["LADDER_SECONDS"], k["WARMUP"], k["ROTATE_TOKENS"])
             row[name] = r
             log(f"  ladder round {rnd} {label:<26} {r['envoy_cpu_us_per_req']:6.2f} µs/req  {r['rps']:9.0f} req/s  "
                 f"errors {r['errors']}")
         rounds.append(row)
+    refuse_errors(rounds, "ladder")
     return {"steps": steps, "rounds": rounds}
 
 
@@ -926,7 +946,9 @@ def report(res, k):
              f"127.0.0.1. Throughput variants share one Envoy with **one worker** (`--concurrency 1`): the ratios "
              f"are per-core costs. Every listener answers with a direct response, so only the filter differs. "
              f"{k['ROUNDS']} rounds of {k['SECONDS']} s per variant (after {k['WARMUP']} s of warm-up), variants "
-             f"alternating within each round; medians across rounds.")
+             f"in each round in an order rotated by one from the round before; medians across rounds. A ratio "
+             f"is taken within each round (both measurements on that round's machine), then its median across "
+             f"rounds. A run with any error (non-2xx, timeout, socket error) is refused, not reported.")
     L.append("")
     summ = res.get("summary") or {}
     if summ:
@@ -955,7 +977,7 @@ def report(res, k):
     if ratios:
         L.append("## Ratios")
         L.append("")
-        L.append("| ratio | by req/s | by Envoy CPU per request (inverse) |")
+        L.append("| ratio (median of the per-round ratios) | by req/s | by Envoy CPU per request (inverse) |")
         L.append("| --- | ---: | ---: |")
         for name, by_rps, by_cpu in ratios:
             L.append(f"| {name} | {by_rps:.3f} | {by_cpu:.3f} |")
@@ -1158,15 +1180,21 @@ def report(res, k):
 
 
 def ratios_and_targets(res):
-    s = res.get("summary") or {}
+    rounds = res.get("rounds") or []
     ratios, targets = [], []
 
     def pair(a, b):
-        if a in s and b in s:
-            return s[a]["rps"] / s[b]["rps"], s[b]["envoy_cpu_us_per_req"] / s[a]["envoy_cpu_us_per_req"]
-        return None
+        """(req/s a/b, CPU per request b/a), each the median of the ratios taken round by
+        round: a round's two measurements share that round's machine, so the drift between
+        rounds cancels out of each ratio."""
+        both = [r for r in rounds if a in r and b in r]
+        if not both:
+            return None
+        return (med([r[a]["rps"] / r[b]["rps"] for r in both]),
+                med([r[b]["envoy_cpu_us_per_req"] / r[a]["envoy_cpu_us_per_req"] for r in both]))
 
-    for name, a, b in (("tokengate / no-op (C/B)", "C", "B"), ("tokengate / bare (C/A)", "C", "A"),
+    for name, a, b in (("tokengate / no-op (C/B)", "C", "B"), ("tokengate / no-op, empty key (C/Be)", "C", "Be"),
+                       ("tokengate / bare (C/A)", "C", "A"),
                        ("tokengate / ext_authz (C/D)", "C", "D"), ("tokengate 1k tokens / no-op (C2/B)", "C2", "B"),
                        ("tokengate without claim headers / no-op (C3/B)", "C3", "B"),
                        ("no-op / bare (B/A)", "B", "A"), ("ext_authz / bare (D/A)", "D", "A")):
@@ -1178,6 +1206,12 @@ def ratios_and_targets(res):
     cgm = cg_medians(res["callgrind"]) if (res.get("callgrind") or {}).get("results") else {}
     if "B" in cgm and "C" in cgm:
         measured += f" (by instructions {cgm['B']['ir'] / cgm['C']['ir']:.3f})"
+    # The floor's read is of a key with a value; tokengate's per-request read is of an empty one.
+    pe = pair("C", "Be")
+    if pe or ("Be" in cgm and "C" in cgm):
+        by_ir = f" (by instructions {cgm['Be']['ir'] / cgm['C']['ir']:.3f})" if "Be" in cgm and "C" in cgm else ""
+        measured += f"; against the empty-key floor (Be) {pe[0]:.3f}{by_ir}" if pe else \
+            f"; against the empty-key floor (Be){by_ir}"
     p3 = pair("C3", "B")
     if p3:
         by_ir = f", by instructions {cgm['B']['ir'] / cgm['C3']['ir']:.3f}" if "C3" in cgm and "B" in cgm else ""
@@ -1337,7 +1371,8 @@ def rerender(path):
     res = json.loads(Path(path).read_text())
     k = res["meta"]["knobs"]
     res["ratios"], res["targets"] = ratios_and_targets(res)
-    out_dir = Path(k["OUT"])
+    # Beside the results.json given (or BENCH_OUT), never the OUT the run recorded: another checkout's.
+    out_dir = Path(os.environ.get("BENCH_OUT") or Path(path).resolve().parent)
     (out_dir / "results.md").write_text(report(res, k))
     err = chart(res, k, out_dir / "results.png")
     print(f"chart: {err}" if err else f"rewrote {out_dir / 'results.md'} and {out_dir / 'results.png'} from {path}")

@@ -18,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(config) = Config::parse(data) else {
         return;
     };
+    check_documented_ranges(&config);
     let now_ms = NOW_S * 1000;
     let token = bearer::from_admin("fuzz-token");
     let hash = hash_token(&token);
@@ -67,3 +68,51 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(admin::route("GET", &format!("{}/revocations", a.path_prefix), &a.path_prefix), Ok(Route::List { offset: 0, limit: None }));
     }
 });
+
+/// An accepted configuration holds only values in the ranges README's
+/// configuration reference documents: the checks in `Config::parse` and the
+/// documentation cannot drift apart unnoticed.
+fn check_documented_ranges(c: &Config) {
+    let within = |v: u64, lo: u64, hi: u64, key: &str| assert!((lo..=hi).contains(&v), "{key} = {v}, documented {lo} to {hi}");
+    let i = &c.introspection;
+    within(i.timeout_ms, 1, 60_000, "introspection.timeout_ms");
+    within(i.max_response_bytes as u64, 1, 1_048_576, "introspection.max_response_bytes");
+    assert!(i.path.starts_with('/'), "introspection.path {:?}", i.path);
+    assert_eq!(i.client_id.is_some(), i.client_secret.is_some(), "client_id and client_secret go together");
+    let k = &c.cache;
+    within(k.max_ttl_s, 0, 86_400, "cache.max_ttl_s");
+    within(k.negative_ttl_s, 0, 3600, "cache.negative_ttl_s");
+    within(k.max_entries, 1, 10_000_000, "cache.max_entries");
+    within(k.local_entries as u64, 0, 1_000_000, "cache.local_entries");
+    within(k.max_entry_bytes as u64, 256, 65_536, "cache.max_entry_bytes");
+    within(k.stale_if_error_s, 0, 86_400, "cache.stale_if_error_s");
+    for header in c.claims_to_headers.values() {
+        assert!(!header.is_empty() && !header.bytes().any(|b| b.is_ascii_uppercase()), "claims_to_headers {header:?}");
+        assert!(!["authorization", "host", "content-length", "transfer-encoding", "connection"].contains(&header.as_str()));
+        assert!(!header.starts_with(':'), "pseudo-header {header:?}");
+    }
+    assert!(!c.realm.is_empty() && c.realm.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\'), "realm {:?}", c.realm);
+    if let Some(a) = &c.admin {
+        let p = &a.path_prefix;
+        assert!(p.starts_with('/') && p.len() >= 2 && !p.ends_with('/') && !p.contains("//"), "admin.path_prefix {p:?}");
+        assert!(p.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b)), "admin.path_prefix {p:?}");
+        within(a.max_body_bytes as u64, 1024, 67_108_864, "admin.max_body_bytes");
+        within(a.max_bulk_tokens as u64, 1, 1_000_000, "admin.max_bulk_tokens");
+    }
+    let d = &c.denylist;
+    within(d.max_tokens as u64, 1, 10_000_000, "denylist.max_tokens");
+    within(d.max_principals as u64, 1, 100_000, "denylist.max_principals");
+    within(d.token_ttl_s, 1, 315_360_000, "denylist.token_ttl_s");
+    within(d.principal_ttl_s, 1, 315_360_000, "denylist.principal_ttl_s");
+    within(d.clock_skew_s, 0, 3600, "denylist.clock_skew_s");
+    if let Some(r) = &c.revocation_endpoint {
+        within(r.timeout_ms, 1, 60_000, "revocation_endpoint.timeout_ms");
+        assert!(r.path.starts_with('/'), "revocation_endpoint.path {:?}", r.path);
+    }
+    if let Some(s) = &c.cluster_sync {
+        assert!(!s.prefix.is_empty() && s.prefix.ends_with('/'), "cluster_sync.prefix {:?}", s.prefix);
+        within(s.poll_ms, 50, 60_000, "cluster_sync.poll_ms");
+        within(s.timeout_ms, 1, 60_000, "cluster_sync.timeout_ms");
+        within(s.max_outbox as u64, 1, 1_000_000, "cluster_sync.max_outbox");
+    }
+}

@@ -681,15 +681,21 @@ class Envoy:
         return parse_stats(resp.body.decode())
 
     def counter(self, name):
-        return self.stats().get(name, 0)
+        """An Envoy stat by its full name; a name Envoy does not have fails the test."""
+        stats = self.stats()
+        if name not in stats:
+            raise KeyError(f"{self.name} has no stat {name!r} (misspelled, or never defined)")
+        return stats[name]
 
     def metric(self, name):
-        """A custom wasm metric by the name the filter gave it, wherever Envoy put it."""
+        """A custom wasm metric by the name the filter gave it, wherever Envoy put it. The filter
+        defines every metric when it is configured (src/metrics.rs), so each exists, 0 or not,
+        and a name Envoy does not have fails the test."""
         stats = self.stats()
         for candidate in (name, "wasmcustom." + name):
             if candidate in stats:
                 return stats[candidate]
-        return 0
+        raise KeyError(f"{self.name} has no metric {name!r} (misspelled, or not a tokengate metric)")
 
     def metric_at_least(self, name, n, timeout=3.0):
         """A metric once it reaches `n`, or its value at `timeout`. For the hit-path counters

@@ -119,8 +119,10 @@ def assert_denied(resp, status, error):
 
 
 def assert_fails_closed(resp):
+    """tokengate's 503: temporarily_unavailable, no challenge (RFC 6750 has none for it)."""
     assert resp.status == 503, resp
-    assert isinstance(resp.json(), dict), "tokengate's 503 has a JSON body"
+    assert resp.json()["error"] == "temporarily_unavailable", resp
+    assert resp.header_all("WWW-Authenticate") == [], resp
     assert not from_upstream(resp)
     assert resp.elapsed <= TIMEOUT_MS / 1000 + SLACK_S, f"took {resp.elapsed:.2f}s"
 
@@ -232,16 +234,16 @@ def hard(setup):
 
 
 IDP_FAULTS = [
-    pytest.param({"mode": "slow", "delay_ms": TIMEOUT_MS + 1500}, {"timeout", "transport"}, id="slower-than-timeout"),
+    pytest.param({"mode": "slow", "delay_ms": TIMEOUT_MS + 1500}, "timeout", id="slower-than-timeout"),
     # Envoy turns a reset into its own 503 reply: counted as a status failure.
-    pytest.param({"mode": "reset"}, {"transport", "status"}, id="reset-mid-answer"),
-    pytest.param({"mode": "status", "status": 500}, {"status"}, id="status-500"),
-    pytest.param({"mode": "status", "status": 502}, {"status"}, id="status-502"),
-    pytest.param({"mode": "status", "status": 503}, {"status"}, id="status-503"),
-    pytest.param({"mode": "status", "status": 504}, {"timeout"}, id="status-504"),
-    pytest.param({"mode": "status", "status": 429}, {"status"}, id="status-429"),
-    pytest.param({"mode": "nonjson"}, {"not_json"}, id="not-json"),
-    pytest.param({"mode": "huge"}, {"too_large", "transport"}, id="8MiB-answer"),
+    pytest.param({"mode": "reset"}, "status", id="reset-mid-answer"),
+    pytest.param({"mode": "status", "status": 500}, "status", id="status-500"),
+    pytest.param({"mode": "status", "status": 502}, "status", id="status-502"),
+    pytest.param({"mode": "status", "status": 503}, "status", id="status-503"),
+    pytest.param({"mode": "status", "status": 504}, "timeout", id="status-504"),
+    pytest.param({"mode": "status", "status": 429}, "status", id="status-429"),
+    pytest.param({"mode": "nonjson"}, "not_json", id="not-json"),
+    pytest.param({"mode": "huge"}, "too_large", id="8MiB-answer"),
 ]
 
 
@@ -250,8 +252,8 @@ def failure_counts(envoy):
     return {k[len(prefix):]: v for k, v in envoy.stats().items() if k.startswith(prefix)}
 
 
-@pytest.mark.parametrize("fault, reasons", IDP_FAULTS)
-def test_idp_fault_fails_closed_counts_and_caches_nothing(hard, fault, reasons):
+@pytest.mark.parametrize("fault, reason", IDP_FAULTS)
+def test_idp_fault_fails_closed_counts_and_caches_nothing(hard, fault, reason):
     idp, envoy = hard.idp, hard.envoy
     token = unknown_token()
     idp.register_active(token)  # a good token: only the fault can deny it
@@ -260,8 +262,8 @@ def test_idp_fault_fails_closed_counts_and_caches_nothing(hard, fault, reasons):
     assert_fails_closed(envoy.get("/r", bearer(token)))
     assert hard.calls(token) >= 1, "the IdP was really asked"
     after = failure_counts(envoy)
-    counted = {r for r in after if after[r] > before.get(r, 0)}
-    assert counted and counted <= reasons, f"counted as {counted}, want one of {reasons}"
+    counted = {r: after[r] - before.get(r, 0) for r in after if after[r] != before.get(r, 0)}
+    assert counted == {reason: 1}, f"counted as {counted}, want one {reason}"
 
     idp.fault("none")
     calls = hard.calls(token)
@@ -365,25 +367,21 @@ def test_bearer_with_several_spaces_or_lower_case_scheme_is_accepted(hard):
         assert resp.status == 200, (value.split()[0], resp)
 
 
+# value -> (status, error code of the challenge): a bearer token with a byte outside
+# b64token is malformed; a scheme that is not "Bearer" is no bearer credential at all.
 NON_ASCII = {
-    "utf8-token": b"Bearer \xc3\xa9t\xc3\xa9",
-    "latin1-byte": b"Bearer abc\xffdef",
-    "high-byte-in-scheme": b"B\xe9arer abcdef",
-    "c1-control": b"Bearer abc\x85def",
+    "utf8-token": (b"Bearer \xc3\xa9t\xc3\xa9", 400, "invalid_request"),
+    "latin1-byte": (b"Bearer abc\xffdef", 400, "invalid_request"),
+    "high-byte-in-scheme": (b"B\xe9arer abcdef", 401, None),
+    "c1-control": (b"Bearer abc\x85def", 400, "invalid_request"),
 }
 
 
-@pytest.mark.parametrize("value", NON_ASCII.values(), ids=NON_ASCII.keys())
-def test_non_ascii_authorization_is_refused_without_asking_the_idp(hard, value):
+@pytest.mark.parametrize("value, status, error", NON_ASCII.values(), ids=NON_ASCII.keys())
+def test_non_ascii_authorization_is_refused_without_asking_the_idp(hard, value, status, error):
     before = hard.idp.introspections()["count"]
     resp = raw_request(hard.envoy.port, "GET", "/r", [("Authorization", value)])
-    # The filter's RFC 6750 answer (or Envoy's codec refusing the bytes first).
-    assert resp.status in (400, 401), resp
-    assert not from_upstream(resp)
-    if resp.header("WWW-Authenticate"):
-        params = challenge_params(resp)
-        if resp.status == 400:
-            assert params.get("error") == "invalid_request", params
+    assert_denied(resp, status, error)
     assert hard.idp.introspections()["count"] == before
 
 
@@ -438,12 +436,10 @@ def test_claim_header_lookalikes_with_underscores_never_reach_the_upstream(hard)
     hard.idp.register(token, active=True, scope="read", client_id="app-a", exp=int(time.time()) + 300)
     lookalikes = [(h.replace("-", "_"), "spoofed") for h in CLAIM_HEADERS.values()]
     resp = hard.envoy.get("/r", [*bearer(token).items(), *lookalikes])
-    if resp.status == 200:
-        seen = resp.json()["headers"]
-        leaked = {h: v for h, v in seen.items() if h.replace("_", "-") in CLAIM_HEADERS.values() and v == "spoofed"}
-        assert leaked == {}, f"claim-header lookalikes reached the upstream: {leaked}"
-    else:
-        assert resp.status in (400, 401), resp  # refused outright is fine too
+    assert resp.status == 200, resp  # a valid token passes; only the lookalikes go
+    seen = resp.json()["headers"]
+    leaked = {h: v for h, v in seen.items() if h.replace("_", "-") in CLAIM_HEADERS.values() and v == "spoofed"}
+    assert leaked == {}, f"claim-header lookalikes reached the upstream: {leaked}"
 
 
 def test_query_token_is_ignored_by_default(hard):
@@ -537,7 +533,7 @@ def test_bulk_larger_than_the_body_limit_is_413(hard, victim):
     body = json.dumps({"tokens": tokens}).encode()
     assert len(body) > MAX_BODY_BYTES
     resp = admin_call(hard.admin_port(), f"{PREFIX}/revoke", body, JSON_TYPE)
-    assert resp.status == 413, resp
+    assert_admin_refused(resp, 413, "request_too_large")
 
 
 def _nested(depth):
@@ -649,11 +645,12 @@ def test_admin_path_tricks_without_envoy_normalisation_are_refused_by_the_filter
     body = urllib.parse.urlencode({"token": victim}).encode()
     resp = admin_call(port, path, body, FORM)
     assert not from_upstream(resp), f"{path} reached the upstream"
-    assert resp.status in (RAW_ADMIN_PATHS[path], 400, 404), (path, resp)
-    assert 400 <= resp.status < 500, (path, resp)
-    # Without the credential: the challenge, whatever the path.
+    want = RAW_ADMIN_PATHS[path]
+    assert_admin_refused(resp, want, "invalid_request" if want == 400 else "not_found")
+    # Without the credential: the admin challenge, whatever the path.
     resp = admin_call(port, path, body, FORM, auth=None)
     assert resp.status == 401 and not from_upstream(resp), (path, resp)
+    assert challenge_params(resp).get("realm") == "tokengate-admin", (path, resp)
 
 
 def test_admin_requests_on_the_data_listener_never_revoke(hard, victim):
@@ -685,8 +682,10 @@ def test_many_concurrent_hostile_admin_requests_leave_envoy_serving(hard, victim
 
 
 STALE_TTL_S = 2  # cache.max_ttl_s: the cache lifetime ends 2 s after the answer
-STALE_S = 4  # cache.stale_if_error_s
-MARGIN_S = 0.6  # past a deadline, for the clocks of a busy machine
+STALE_S = 5  # cache.stale_if_error_s
+# Past a deadline counted from when the answer reached the client, which is after the
+# filter stored it: so the deadline has passed for the filter too (its clock is the same).
+PAST_S = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -711,12 +710,13 @@ STALE_SERVED = "tokengate.cache.stale_served"
 
 
 def _cache_and_let_lifetime_end(idp, envoy, ttl=300):
+    """A token cached by envoy, once its cache lifetime has ended; and when it was answered."""
     token = unknown_token()
     claims = idp.register_active(token, ttl=ttl)
-    started = time.time()
     assert envoy.get("/r", bearer(token)).status == 200
-    time.sleep(max(0.0, started + STALE_TTL_S + MARGIN_S - time.time()))
-    return token, claims, started
+    answered = time.time()
+    time.sleep(max(0.0, answered + STALE_TTL_S + PAST_S - time.time()))
+    return token, claims, answered
 
 
 STALE_FAULTS = [
@@ -729,7 +729,7 @@ STALE_FAULTS = [
 @pytest.mark.parametrize("fault", STALE_FAULTS)
 def test_stale_answer_stands_in_while_the_idp_fails_for_stale_if_error_s(hard, stale_envoys, fault):
     idp, envoy = hard.idp, stale_envoys["on"]
-    token, _, started = _cache_and_let_lifetime_end(idp, envoy)
+    token, _, answered = _cache_and_let_lifetime_end(idp, envoy)
     served = envoy.metric(STALE_SERVED)
     idp.fault(**fault)
     calls = hard.calls(token)
@@ -739,9 +739,9 @@ def test_stale_answer_stands_in_while_the_idp_fails_for_stale_if_error_s(hard, s
         assert resp.status == 200, f"no stale answer within stale_if_error_s: {resp}"
         assert resp.elapsed <= TIMEOUT_MS / 1000 + SLACK_S
     assert hard.calls(token) > calls, "the IdP was asked first"
-    assert envoy.metric(STALE_SERVED) >= served + 2
+    assert envoy.metric(STALE_SERVED) == served + 2
     # Past the cache lifetime + stale_if_error_s: the failure shows.
-    time.sleep(max(0.0, started + STALE_TTL_S + STALE_S + MARGIN_S - time.time()))
+    time.sleep(max(0.0, answered + STALE_TTL_S + STALE_S + PAST_S - time.time()))
     assert_fails_closed(envoy.get("/r", bearer(token)))
     assert_still_serving(hard, envoy)
 
@@ -752,9 +752,9 @@ def test_stale_answer_is_never_used_past_exp(hard, stale_envoys):
     token, claims, _ = _cache_and_let_lifetime_end(idp, envoy, ttl=STALE_TTL_S + 3)
     idp.fault("status", status=500)
     assert envoy.get("/r", bearer(token)).status == 200, "before exp the stand-in serves"
-    time.sleep(max(0.0, claims["exp"] + 0.3 - time.time()))
-    resp = envoy.get("/r", bearer(token))
-    assert resp.status in (401, 503) and not from_upstream(resp), f"served past exp: {resp}"
+    time.sleep(max(0.0, claims["exp"] + PAST_S - time.time()))
+    # The IdP fails and the only answer there is has expired: no answer to stand in.
+    assert_fails_closed(envoy.get("/r", bearer(token)))
 
 
 def test_stale_answer_is_not_used_while_the_idp_answers(hard, stale_envoys):
@@ -772,12 +772,12 @@ def test_stale_answer_never_stands_in_for_a_revoked_token(hard, stale_envoys):
     idp, envoy = hard.idp, stale_envoys["on"]
     token = unknown_token()
     idp.register_active(token)
-    started = time.time()
     assert envoy.get("/r", bearer(token)).status == 200
+    answered = time.time()
     resp = admin_call(envoy.listener_port("tokengate_admin"), f"{PREFIX}/revoke",
                       urllib.parse.urlencode({"token": token}).encode(), FORM)
     assert resp.status == 200, resp
-    time.sleep(max(0.0, started + STALE_TTL_S + MARGIN_S - time.time()))
+    time.sleep(max(0.0, answered + STALE_TTL_S + PAST_S - time.time()))
     idp.fault("status", status=500)
     assert_denied(envoy.get("/r", bearer(token)), 401, "invalid_token")
 

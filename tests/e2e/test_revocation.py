@@ -300,18 +300,20 @@ def test_revoked_token_is_refused_by_every_worker_as_soon_as_the_admin_call_retu
     token = issue(idp)
     api = AdminApi(gate)
     assert gate.get("/", bearer(token)).status == 200
-    time.sleep(1.2)  # one worker tick: hits of earlier tests are in /stats before the count starts
-    local_hits = gate.metric("tokengate.cache.hit.local")
-    burst_on_every_worker(gate, token, expect=200)
-    assert gate.metric_at_least("tokengate.cache.hit.local", local_hits + 1) > local_hits, \
-        "every worker answers from its own cache"
+    # Every worker answers from its own cache: of the burst's requests, at most one per
+    # worker needs the shared cache and none the IdP (these counters are exact at once;
+    # the local hits are handed to Envoy on a tick, so they are not what is counted here).
+    shared, misses = gate.metric("tokengate.cache.hit.shared"), gate.metric("tokengate.cache.miss")
+    served = sum(len(b) for b in burst_on_every_worker(gate, token, expect=200))
+    assert gate.metric("tokengate.cache.miss") == misses
+    assert gate.metric("tokengate.cache.hit.shared") - shared <= CONCURRENCY < served
 
     revoked_before = gate.metric(REVOKED)
     body = assert_ok(api.revoke_form(token, token_type_hint="access_token"))
     # No wait: the next request after the admin answer must already be refused, everywhere.
     bursts = burst_on_every_worker(gate, token, expect=401)
     assert body == {"revoked": 1, "ids": [sha256(token)]}
-    assert gate.metric(REVOKED) - revoked_before >= sum(len(b) for b in bursts)
+    assert gate.metric(REVOKED) - revoked_before == sum(len(b) for b in bursts)
     assert_invalid_token(gate.get("/", bearer(token)))
 
 
@@ -999,9 +1001,9 @@ def test_ten_thousand_revoked_tokens(gates, mock_idp_server, record_property):
     #   serde_json values and the JSON text (~1.6 MB here) at once. 16x the list text for each
     #   of those two VMs: 2 x 16 x 1.5 MiB = 48 MiB;
     # - 16 MiB for Envoy's buffers (the 1 MiB buffer filter, connections) and allocator slack.
-    # Measured on the 2-core test machine: ~20-25 MiB. What goes past 69 MiB: memory kept per
-    # request (each of the ~620 data requests here keeping a copy of a 1.5 MB denylist), or a bulk
-    # or list path many times costlier than above. It cannot tell 1.5 MB of records from 5 MB.
+    # Measured on the 2-core test machine: ~20-25 MiB. Recorded, not asserted: an absolute RSS
+    # bound depends on the allocator and the machine; `make soak` judges memory by its slope
+    # under load, and `make bench` by RSS against distinct tokens.
     bound_kib = (5 + 48 + 16) * 1024
     figures = {
         "tokens": n,
@@ -1019,7 +1021,6 @@ def test_ten_thousand_revoked_tokens(gates, mock_idp_server, record_property):
     print(f"\n[revocation] 10k denylist: {json.dumps(figures)}")
     for key, value in figures.items():
         record_property(key, value)
-    assert rss_after - rss_before < bound_kib, figures
 
 
 # --------------------------------------------------------------------------- edges

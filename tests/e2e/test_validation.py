@@ -5,6 +5,7 @@ Tests taking `idp` run twice: against the mock IdP and against oidc-provider.
 Tests taking `mock_idp` need its control API (custom claims, faults, call records).
 """
 import base64
+import http.client
 import json
 import re
 import secrets
@@ -63,8 +64,10 @@ def assert_not_from_upstream(resp):
 
 
 def assert_fails_closed(resp, timeout_ms):
+    """tokengate's 503: temporarily_unavailable, no challenge (RFC 6750 has none for it)."""
     assert resp.status == 503, resp
-    assert isinstance(resp.json(), dict), "a 503 from tokengate has a JSON body"
+    assert resp.json()["error"] == "temporarily_unavailable", resp
+    assert resp.header_all("WWW-Authenticate") == [], resp
     assert_not_from_upstream(resp)
     assert resp.elapsed <= timeout_ms / 1000 + 1.0, f"took {resp.elapsed:.2f}s"
 
@@ -253,29 +256,7 @@ def test_hide_credentials_keeps_authorization_from_upstream(envoys, idp):
 
 
 TIMEOUT_MS = SHIPPED["introspection"]["timeout_ms"]
-FAULTS = [
-    pytest.param({"mode": "slow", "delay_ms": TIMEOUT_MS + 1500}, id="timeout"),
-    pytest.param({"mode": "status", "status": 500}, id="status-500"),
-    pytest.param({"mode": "status", "status": 503}, id="status-503"),
-    pytest.param({"mode": "status", "status": 401}, id="idp-rejects-gateway"),
-    pytest.param({"mode": "nonjson"}, id="not-json"),
-    pytest.param({"mode": "huge"}, id="8MiB-answer"),
-    pytest.param({"mode": "reset"}, id="connection-reset"),
-]
-
-
-@pytest.mark.parametrize("fault", FAULTS)
-def test_idp_failure_fails_closed_and_is_not_cached(envoys, mock_idp, fault):
-    envoy = envoys.get(mock_idp)
-    token = unknown_token()
-    mock_idp.register_active(token)  # a good token: only the fault can deny it
-    mock_idp.fault(**fault)
-    assert_fails_closed(envoy.get("/resource", bearer(token)), TIMEOUT_MS)
-    assert mock_idp.calls_for(token) >= 1, "the IdP was really asked"
-
-    mock_idp.fault("none")
-    resp = envoy.get("/resource", bearer(token))
-    assert resp.status == 200, f"the failure was cached: {resp}"
+# Each way the IdP can fail, with its exact counter, is test_hardening.py's.
 
 
 @pytest.mark.parametrize("kind", ["mock", "oidc"])
@@ -511,5 +492,84 @@ def test_metrics_count_outcomes_cache_and_introspections(fresh):
     assert m["failures_status"] == 1
     # good, unknown, narrow and failing each cost one call; good's 2nd and 3rd were hits.
     assert m["introspection_calls"] == envoy.counter(IDP_CALLS) == 4
-    assert m["cache_miss"] >= 4
-    assert m["cache_hit_local"] + m["cache_hit_shared"] >= 2
+    assert m["cache_miss"] == 4
+    assert m["cache_hit_local"] + m["cache_hit_shared"] == 2
+
+
+# --------------------------------------------------------------------------- documented outcomes, each configuration
+
+
+OUTCOME_LISTENERS = {
+    # An introspection cluster Envoy does not have: the callout cannot be sent.
+    "no_cluster": {"introspection": {"cluster": "no-such-cluster"}},
+    # The smallest cache entry allowed: an answer with a long claim does not fit.
+    "small_entries": {"cache": {"max_entry_bytes": 256}},
+    "negative_off": {"cache": {"negative_ttl_s": 0}},
+    "own_realm": {"realm": "corp-api"},
+}
+
+
+@pytest.fixture
+def outcomes(envoys, mock_idp):
+    """An Envoy with one listener per configuration under test (same VM as `data`)."""
+    extra = [Listener(name, merge(mock_idp.plugin_config(), overrides)) for name, overrides in OUTCOME_LISTENERS.items()]
+    return envoys.get(mock_idp, extra_listeners=extra, name="envoy-outcomes")
+
+
+def test_introspection_that_cannot_be_dispatched_fails_closed_and_is_counted(outcomes, mock_idp):
+    token = unknown_token()
+    mock_idp.register_active(token)
+    dispatch = outcomes.metric("tokengate.introspection.failures.dispatch")
+    unavailable = outcomes.metric("tokengate.requests.denied.idp_unavailable")
+    assert_fails_closed(outcomes.get("/resource", bearer(token), listener="no_cluster"), TIMEOUT_MS)
+    assert outcomes.metric("tokengate.introspection.failures.dispatch") == dispatch + 1
+    assert outcomes.metric("tokengate.requests.denied.idp_unavailable") == unavailable + 1
+    assert mock_idp.calls_for(token) == 0
+
+
+@pytest.mark.xfail(strict=True, reason="src/worker.rs keeps a Stored::TooLarge answer in the worker's local "
+                   "cache (remember() runs whatever store_answer said): README says 'used, not cached'")
+def test_answer_over_max_entry_bytes_is_used_but_not_cached(outcomes, mock_idp):
+    token = unknown_token()
+    mock_idp.register_active(token, sub="u" * 400)  # the answer is over 256 bytes
+    uncacheable = outcomes.metric("tokengate.cache.uncacheable")
+    # One keep-alive connection: one worker, so its own (local) cache is tried too.
+    conn = http.client.HTTPConnection("127.0.0.1", outcomes.listener_port("small_entries"), timeout=10)
+    try:
+        for n in (1, 2):
+            conn.request("GET", "/resource", headers=bearer(token))
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+            assert mock_idp.calls_for(token) == n, "not cached: every request asks the IdP"
+    finally:
+        conn.close()
+    assert outcomes.metric("tokengate.cache.uncacheable") == uncacheable + 2
+
+
+def test_inactive_answer_is_remembered_for_negative_ttl_s_and_not_when_it_is_0(outcomes, mock_idp):
+    remembered, forgotten = unknown_token(), unknown_token()
+    for token in (remembered, forgotten):
+        mock_idp.register(token, active=False)
+    for _ in range(3):
+        assert_denied(outcomes.get("/resource", bearer(remembered)), 401, "invalid_token")
+        assert_denied(outcomes.get("/resource", bearer(forgotten), listener="negative_off"), 401, "invalid_token")
+    assert mock_idp.calls_for(remembered) == 1, "negative_ttl_s (5 s): the inactive answer is remembered"
+    assert mock_idp.calls_for(forgotten) == 3, "negative_ttl_s 0: every request asks"
+    # Past negative_ttl_s the IdP is asked again (and may now say active).
+    mock_idp.register_active(remembered)
+    wait_until = time.monotonic() + SHIPPED["cache"]["negative_ttl_s"] + 10
+    while outcomes.get("/resource", bearer(remembered)).status != 200:
+        assert time.monotonic() < wait_until, "the inactive answer outlived negative_ttl_s"
+        time.sleep(0.2)
+    assert mock_idp.calls_for(remembered) == 2
+
+
+def test_challenges_name_the_configured_realm(outcomes, mock_idp):
+    resp = outcomes.get("/resource", listener="own_realm")
+    assert resp.status == 401, resp
+    assert challenge(resp) == ("Bearer", {"realm": "corp-api"})
+    resp = outcomes.get("/resource", {"Authorization": "Bearer a b"}, listener="own_realm")
+    assert resp.status == 400, resp
+    params = challenge(resp)[1]
+    assert (params["realm"], params["error"]) == ("corp-api", "invalid_request"), params

@@ -89,6 +89,7 @@ class Shared:
         self.pool = []  # ids of valid tokens
         self.recent = collections.deque(maxlen=RECENT_REVOKED)  # ids of the last revoked tokens
         self.returned = {}  # token id -> monotonic time its revoke call returned
+        self.submitted = {}  # token id -> monotonic time its revoke call was sent
         self.stop = threading.Event()
 
     def add(self, token):
@@ -114,7 +115,9 @@ class LoadThread(threading.Thread):
         # revoke's return time is known (no race with the revoker's bookkeeping).
         self.ok_ids = array.array("l")
         self.ok_sent = array.array("d")
-        self.revoked_refused = 0
+        # Every 401, as (token id, monotonic receive time): a valid token refused is a failure.
+        self.refused_ids = array.array("l")
+        self.refused_at = array.array("d")
 
     def run(self):
         conn = None
@@ -139,8 +142,9 @@ class LoadThread(threading.Thread):
             if status == 200:
                 self.ok_ids.append(i)
                 self.ok_sent.append(sent)
-            elif status == 401 and i in self.shared.returned:
-                self.revoked_refused += 1
+            elif status == 401:
+                self.refused_ids.append(i)
+                self.refused_at.append(time.monotonic())
         if conn is not None:
             conn.close()
 
@@ -165,6 +169,7 @@ class Revoker(threading.Thread):
             body = urllib.parse.urlencode({"token": token, "token_type_hint": "access_token"})
             headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/x-www-form-urlencoded"}
             started = time.monotonic()
+            self.shared.submitted[i] = started
             try:
                 conn.request("POST", "/tokengate/revoke", body=body, headers=headers)
                 resp = conn.getresponse()
@@ -273,25 +278,37 @@ def run(args, duration, warmup, workdir, procs):
     elapsed = time.monotonic() - started
     rss_end = rss_kib(pid) if envoy.alive() else 0
 
-    # Every 200 judged against the return time of its token's revocation.
-    served_after_revoke = 0
+    # Every 200 judged against the return time of its token's revocation, every 401 against
+    # the send time of its token's revocation: a valid token refused means the product stopped
+    # serving (a filter that denies everything must fail the soak).
+    served_after_revoke = valid_served = 0
     for t in loaders:
         for i, sent in zip(t.ok_ids, t.ok_sent):
             returned = shared.returned.get(i)
             if returned is not None and sent > returned:
                 served_after_revoke += 1
+            elif i not in shared.submitted:
+                valid_served += 1
+    revoked_refused = valid_refused = 0
+    for t in loaders:
+        for i, at in zip(t.refused_ids, t.refused_at):
+            submitted = shared.submitted.get(i)
+            if submitted is not None and at > submitted:
+                revoked_refused += 1
+            else:
+                valid_refused += 1
     statuses = collections.Counter()
     for t in loaders:
         statuses.update(t.statuses)
     total = sum(statuses.values())
     unexpected = {s: n for s, n in statuses.items() if s not in (200, 401)}
-    listed = None
+    listed = None  # a listing that fails leaves None, which fails its check
     try:
         resp = http.client.HTTPConnection(LOOPBACK, envoy.listener_port("tokengate_admin"), timeout=30)
         resp.request("GET", "/tokengate/revocations?limit=1", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
         listed = json.loads(resp.getresponse().read())["count"]
-    except (OSError, ValueError, KeyError):
-        pass
+    except (OSError, ValueError, KeyError) as e:
+        print(f"soak: listing the revocations failed: {e!r}", file=sys.stderr)
     envoy.stop()
     log_failures = failure_lines(envoy.log_text())
 
@@ -306,7 +323,9 @@ def run(args, duration, warmup, workdir, procs):
         "requests": total,
         "requests_per_s": round(total / elapsed, 1),
         "statuses": dict(sorted(statuses.items())),
-        "revoked_requests_refused": sum(t.revoked_refused for t in loaders),
+        "revoked_requests_refused": revoked_refused,
+        "valid_requests_served": valid_served,
+        "valid_requests_refused": valid_refused,
         "revocations": revoker.made,
         "revocations_listed": listed,
         "revoke_latency_ms_p50": round(latencies[len(latencies) // 2] * 1000, 1),
@@ -328,9 +347,11 @@ def run(args, duration, warmup, workdir, procs):
     checks = {
         "no revoked token served after its revoke returned": served_after_revoke == 0,
         "no unexpected answer (5xx, transport error, other 4xx)": not unexpected,
+        "valid tokens were served (200)": valid_served > 0,
+        "no valid token refused (401 before its revocation was sent)": valid_refused == 0,
         "every revocation answered 200": not revoker.failed and revoker.made > 0,
         "revoked tokens were refused (the check was exercised)": figures["revoked_requests_refused"] > 0,
-        "every revocation is listed": listed is None or listed >= revoker.made,
+        "every revocation is listed": listed == revoker.made,
         "no wasm failure in Envoy's log": not log_failures,
         "Envoy ran to the end": rss_end > 0,
         "RSS flat after the warm-up": growth_kib <= margin_kib,
