@@ -310,14 +310,18 @@ impl Worker {
                 Some(until) => {
                     let stale_until = cache::stale_until_ms(&answer, &self.config.cache, until);
                     match shared.store_answer(&hash, &answer, until, stale_until, now) {
-                        Ok(Stored::Cached | Stored::Outranked) => {}
-                        Ok(Stored::TooLarge) => self.metrics.cache_uncacheable.inc(),
+                        Ok(Stored::Cached | Stored::Outranked) => Ok(self.remember(hash, answer, until, now)),
+                        // Used, not cached: not by this worker either.
+                        Ok(Stored::TooLarge) => {
+                            self.metrics.cache_uncacheable.inc();
+                            Ok(Rc::new(answer))
+                        }
                         Err(e) => {
                             self.metrics.cache_store_errors.inc();
                             log::warn!("shared cache write failed: {e:?}");
+                            Ok(self.remember(hash, answer, until, now))
                         }
                     }
-                    Ok(self.remember(hash, answer, until, now))
                 }
                 None => {
                     let _ = shared.release(&hash, now);

@@ -232,3 +232,22 @@ fn an_inactive_answer_is_401_and_is_remembered_for_negative_ttl_s() {
     let (_f, _) = rig.request(3, "tok-10");
     assert_eq!(rig.callout_ids().len(), 2, "forgotten after negative_ttl_s");
 }
+
+#[test]
+fn an_answer_over_max_entry_bytes_is_used_and_asked_again_next_time() {
+    let store = store();
+    let host = Rc::new(FakeHost::new(T0));
+    let config = Config::parse(
+        br#"{"introspection": {"cluster": "idp", "authority": "idp", "path": "/i"},
+             "claims_to_headers": {"sub": "x-auth-subject", "group": "x-auth-group"},
+             "cache": {"max_entry_bytes": 256}}"#,
+    )
+    .unwrap();
+    let rig = Rig { worker: Rc::new(Worker::new(config, Metrics::default(), host.clone(), store)), host };
+    let big = format!(r#"{{"active": true, "sub": "alice", "group": "{}"}}"#, "g".repeat(400));
+    let (_f, _) = rig.request(1, "tok-11");
+    rig.answer(rig.callout_ids()[0], Some(200), big.as_bytes());
+    assert_eq!(rig.outcomes(), (vec![1], vec![]));
+    let (_f, _) = rig.request(2, "tok-11");
+    assert_eq!(rig.callout_ids().len(), 2, "neither the shared nor the worker's cache kept it");
+}

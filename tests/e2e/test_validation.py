@@ -527,8 +527,6 @@ def test_introspection_that_cannot_be_dispatched_fails_closed_and_is_counted(out
     assert mock_idp.calls_for(token) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="src/worker.rs keeps a Stored::TooLarge answer in the worker's local "
-                   "cache (remember() runs whatever store_answer said): README says 'used, not cached'")
 def test_answer_over_max_entry_bytes_is_used_but_not_cached(outcomes, mock_idp):
     token = unknown_token()
     mock_idp.register_active(token, sub="u" * 400)  # the answer is over 256 bytes
