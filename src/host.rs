@@ -142,7 +142,7 @@ pub mod fake {
 
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum Event {
-        Reply { ctx: u32, status: u32, body: String },
+        Reply { ctx: u32, status: u32, headers: Vec<(String, String)>, body: String },
         Resume { ctx: u32 },
         AddHeader { ctx: u32, name: String, value: String },
         SetHeader { ctx: u32, name: String, value: String },
@@ -283,9 +283,10 @@ pub mod fake {
             self.event(Event::RemoveHeader { ctx, name: name.into() });
         }
 
-        fn send_reply(&self, status: u32, _headers: &[(&str, &str)], body: Option<&[u8]>) {
+        fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: Option<&[u8]>) {
             let body = String::from_utf8_lossy(body.unwrap_or_default()).into_owned();
-            self.event(Event::Reply { ctx: self.current.get(), status, body });
+            let headers = headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+            self.event(Event::Reply { ctx: self.current.get(), status, headers, body });
         }
 
         fn resume_request(&self) {

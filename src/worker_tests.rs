@@ -7,9 +7,10 @@ use super::*;
 use crate::bearer;
 use crate::filter::Filter;
 use crate::host::fake::{Event, FakeHost};
-use crate::store::MemoryStore;
+use crate::store::{MemoryStore, Store};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use sha2::Digest;
 
 const CONFIG: &str = r#"{
     "introspection": {"cluster": "idp", "authority": "idp", "path": "/introspect",
@@ -250,4 +251,107 @@ fn an_answer_over_max_entry_bytes_is_used_and_asked_again_next_time() {
     assert_eq!(rig.outcomes(), (vec![1], vec![]));
     let (_f, _) = rig.request(2, "tok-11");
     assert_eq!(rig.callout_ids().len(), 2, "neither the shared nor the worker's cache kept it");
+}
+
+/// Shared data that fails on demand, as Envoy's host call can.
+#[derive(Default)]
+struct FlakyStore {
+    inner: MemoryStore,
+    fail_reads: std::cell::Cell<bool>,
+    fail_writes: std::cell::Cell<bool>,
+}
+
+impl Store for FlakyStore {
+    fn get(&self, key: &str) -> Result<Option<crate::store::Versioned>, crate::store::StoreError> {
+        if self.fail_reads.get() {
+            return Err(crate::store::StoreError::Host);
+        }
+        self.inner.get(key)
+    }
+
+    fn set(&self, key: &str, value: &[u8], guard: crate::store::Guard) -> Result<(), crate::store::StoreError> {
+        if self.fail_writes.get() {
+            return Err(crate::store::StoreError::Host);
+        }
+        self.inner.set(key, value, guard)
+    }
+}
+
+fn flaky_rig(config: &str) -> (Rig, Rc<FlakyStore>) {
+    let store = Rc::new(FlakyStore::default());
+    let host = Rc::new(FakeHost::new(T0));
+    let config = Config::parse(config.as_bytes()).unwrap();
+    let worker = Worker::new(config, Metrics::default(), host.clone(), store.clone());
+    (Rig { host, worker: Rc::new(worker) }, store)
+}
+
+#[test]
+fn a_shared_cache_that_cannot_be_written_still_serves_the_request() {
+    let (rig, store) = flaky_rig(CONFIG);
+    store.fail_writes.set(true);
+    let (_f, _) = rig.request(1, "tok-12");
+    rig.answer(rig.callout_ids()[0], Some(200), ACTIVE);
+    assert_eq!(rig.outcomes(), (vec![1], vec![]));
+}
+
+#[test]
+fn a_denylist_that_cannot_be_read_fails_closed_with_503() {
+    let (rig, store) = flaky_rig(CONFIG);
+    store.fail_reads.set(true);
+    let (_f, action) = rig.request(1, "tok-13");
+    assert_eq!(action, Action::Pause);
+    let events = rig.host.take_events();
+    let [Event::Reply { status: 503, headers, body, .. }] = events.as_slice() else { panic!("{events:?}") };
+    assert!(body.contains("temporarily_unavailable"), "{body}");
+    assert!(headers.iter().all(|(n, _)| n != "www-authenticate"), "no challenge on a 503");
+    assert!(rig.callout_ids().is_empty(), "nothing is asked of the IdP for an unproven revocation state");
+}
+
+#[test]
+fn an_admin_change_that_cannot_be_written_is_503_with_retry_after() {
+    let admin_hash: String = sha2::Sha256::digest(b"admin-token").iter().map(|b| format!("{b:02x}")).collect();
+    let config = format!(
+        r#"{{"introspection": {{"cluster": "idp", "authority": "idp", "path": "/i"}},
+            "admin": {{"token_sha256": "{admin_hash}"}}}}"#
+    );
+    let (rig, store) = flaky_rig(&config);
+    store.fail_writes.set(true);
+    rig.host.request(
+        1,
+        &[
+            (":method", "DELETE"),
+            (":path", "/tokengate/revocations/client:app"),
+            ("authorization", "Bearer admin-token"),
+        ],
+    );
+    let mut filter = Filter::new(1, Some(rig.worker.clone()), rig.host.clone());
+    // The undo reads first: reading works, there is nothing to undo.
+    filter.on_http_request_headers(3, true);
+    let events = rig.host.take_events();
+    assert!(matches!(events.as_slice(), [Event::Reply { status: 404, .. }]), "{events:?}");
+    // A revocation must write: it cannot, so the admin is told to retry.
+    let body = "token=tok-14";
+    let length = body.len().to_string();
+    rig.host.request(
+        2,
+        &[
+            (":method", "POST"),
+            (":path", "/tokengate/revoke"),
+            ("authorization", "Bearer admin-token"),
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("content-length", &length),
+        ],
+    );
+    rig.host.bodies.borrow_mut().insert(2, body.as_bytes().to_vec());
+    let mut filter = Filter::new(2, Some(rig.worker.clone()), rig.host.clone());
+    filter.on_http_request_headers(5, false);
+    filter.on_http_request_body(body.len(), true);
+    let events = rig.host.take_events();
+    let Some(Event::Reply { status: 503, headers, body, .. }) =
+        events.iter().find(|e| matches!(e, Event::Reply { .. }))
+    else {
+        panic!("{events:?}")
+    };
+    assert!(headers.contains(&("retry-after".into(), "1".into())), "{headers:?}");
+    assert!(body.contains("temporarily_unavailable"), "{body}");
 }
