@@ -839,6 +839,47 @@ mod tests {
     }
 
     #[test]
+    fn a_full_denylist_is_507_denylist_full_and_counted() {
+        let store = MemoryStore::new();
+        let limits = config::Denylist { max_principals: 1, ..Default::default() };
+        let principal = |name: &str| {
+            Command::Revoke(Revoke::Principal { kind: Kind::Client, name: name.into(), reason: String::new() })
+        };
+        let first = handle(principal("a"), &limits, &store, 100, &|_| None);
+        assert_eq!((first.reply.status, first.counts.principals), (200, 1));
+        let full = handle(principal("b"), &limits, &store, 100, &|_| None);
+        assert_eq!(full.reply.status, 507);
+        assert_eq!(full.reply.body.as_ref().unwrap()["error"], "denylist_full");
+        assert_eq!(full.counts, Counts { refused: 1, ..Counts::default() });
+        assert!(full.changes.is_empty(), "nothing to sync");
+
+        // Tokens: a bucket at its capacity refuses the rest, and the answer names them.
+        let limits = config::Denylist { max_tokens: 1, ..Default::default() };
+        let capacity = crate::denylist::bucket_capacity(1);
+        let mut same_bucket = Vec::new();
+        let mut n = 0u32;
+        while same_bucket.len() <= capacity {
+            let token = format!("t{n}");
+            let hash = hash_token(&bearer::from_admin(&token));
+            if u16::from_be_bytes([hash[0], hash[1]]) % 1024 == 0 {
+                same_bucket.push(token);
+            }
+            n += 1;
+        }
+        let done = handle(
+            Command::Revoke(Revoke::Tokens { tokens: same_bucket, reason: String::new() }),
+            &limits,
+            &store,
+            100,
+            &|_| None,
+        );
+        let body = done.reply.body.unwrap();
+        assert_eq!((done.reply.status, body["revoked"].as_u64()), (507, Some(capacity as u64)));
+        assert_eq!(body["refused"].as_array().map(Vec::len), Some(1));
+        assert_eq!(done.counts, Counts { tokens: capacity as u64, refused: 1, ..Counts::default() });
+    }
+
+    #[test]
     fn principal_revocation_is_listed_with_its_prefix() {
         let store = MemoryStore::new();
         let limits = config::Denylist::default();
