@@ -839,6 +839,19 @@ mod tests {
     }
 
     #[test]
+    fn a_bulk_answer_lists_at_most_a_thousand_ids() {
+        let store = MemoryStore::new();
+        let limits = config::Denylist::default();
+        let tokens: Vec<String> = (0..1_001).map(|n| format!("bulk-{n}")).collect();
+        let done =
+            handle(Command::Revoke(Revoke::Tokens { tokens, reason: String::new() }), &limits, &store, 1, &|_| None);
+        let body = done.reply.body.unwrap();
+        assert_eq!(body["revoked"], 1_001);
+        assert_eq!(body["ids"].as_array().map(Vec::len), Some(MAX_IDS_IN_ANSWER));
+        assert_eq!(done.changes.len(), 1_001, "every revocation reaches etcd, listed or not");
+    }
+
+    #[test]
     fn a_full_denylist_is_507_denylist_full_and_counted() {
         let store = MemoryStore::new();
         let limits = config::Denylist { max_principals: 1, ..Default::default() };

@@ -311,11 +311,15 @@ mod tests {
     const T0: u64 = 1_800_000_000_000;
 
     fn admin_worker(host: &Rc<FakeHost>, store: &Rc<MemoryStore>) -> Rc<Worker> {
+        worker_with(host, store, r#""cluster_sync": {"cluster": "etcd", "authority": "etcd"}"#)
+    }
+
+    /// An admin listener's worker with `extra` top-level configuration.
+    fn worker_with(host: &Rc<FakeHost>, store: &Rc<MemoryStore>, extra: &str) -> Rc<Worker> {
         let admin_hash: String = Sha256::digest(b"admin-token").iter().map(|b| format!("{b:02x}")).collect();
         let json = format!(
             r#"{{"introspection": {{"cluster": "idp", "authority": "idp", "path": "/i"}},
-                "admin": {{"token_sha256": "{admin_hash}"}},
-                "cluster_sync": {{"cluster": "etcd", "authority": "etcd"}}}}"#
+                "admin": {{"token_sha256": "{admin_hash}"}}, {extra}}}"#
         );
         let config = Config::parse(json.as_bytes()).unwrap();
         let store: Rc<dyn Store> = store.clone();
@@ -324,7 +328,11 @@ mod tests {
 
     /// A form revoke of `token` on context 1, up to the etcd write.
     fn revoke(host: &Rc<FakeHost>, worker: &Rc<Worker>, token: &str) -> Filter {
-        let body = format!("token={token}");
+        post(host, worker, "application/x-www-form-urlencoded", format!("token={token}"))
+    }
+
+    /// A revoke with this body on context 1, as far as it goes without answers.
+    fn post(host: &Rc<FakeHost>, worker: &Rc<Worker>, content_type: &str, body: String) -> Filter {
         let length = body.len().to_string();
         host.request(
             1,
@@ -332,7 +340,7 @@ mod tests {
                 (":method", "POST"),
                 (":path", "/tokengate/revoke"),
                 ("authorization", "Bearer admin-token"),
-                ("content-type", "application/x-www-form-urlencoded"),
+                ("content-type", content_type),
                 ("content-length", &length),
             ],
         );
@@ -374,5 +382,49 @@ mod tests {
         assert!(!body.contains("tok-2"), "the token never appears in an answer");
         filter.on_done();
         assert_eq!(crate::cluster_sync::outbox_len(&*store), 0, "nothing left to write");
+    }
+
+    fn reply(host: &FakeHost) -> (u32, serde_json::Value) {
+        let events = host.take_events();
+        match events.iter().find(|e| matches!(e, Event::Reply { .. })) {
+            Some(Event::Reply { status, body, .. }) => (*status, serde_json::from_str(body).unwrap()),
+            _ => panic!("no reply: {events:?}"),
+        }
+    }
+
+    #[test]
+    fn forwards_past_one_hundred_are_reported_skipped() {
+        let (host, store) = (Rc::new(FakeHost::new(T0)), Rc::new(MemoryStore::new()));
+        let endpoint = r#""revocation_endpoint": {"cluster": "idp", "authority": "idp", "path": "/revoke"}"#;
+        let worker = worker_with(&host, &store, endpoint);
+        let tokens: Vec<String> = (0..150).map(|n| format!("tok-{n}")).collect();
+        let mut filter = post(&host, &worker, "application/json", serde_json::json!({ "tokens": tokens }).to_string());
+        let calls = host.callouts.borrow().clone();
+        assert_eq!(calls.len(), 100, "one RFC 7009 call per token, up to 100");
+        for call in &calls {
+            let (nh, bs) = host.answer(Some(200), b"");
+            filter.on_http_call_response(call.id, nh, bs, 0);
+        }
+        let (status, body) = reply(&host);
+        assert_eq!(status, 200);
+        assert_eq!(body["revoked"], 150);
+        assert_eq!(body["forwarded"], serde_json::json!({"ok": 100, "failed": 0, "skipped": 50}));
+    }
+
+    #[test]
+    fn an_outbox_with_no_room_says_partly_dropped() {
+        let (host, store) = (Rc::new(FakeHost::new(T0)), Rc::new(MemoryStore::new()));
+        let sync = r#""cluster_sync": {"cluster": "etcd", "authority": "etcd", "max_outbox": 2}"#;
+        let worker = worker_with(&host, &store, sync);
+        host.refuse_dispatch.set(true); // etcd's cluster refuses: the change is queued at once
+        let tokens: Vec<String> = (0..3).map(|n| format!("tok-{n}")).collect();
+        let _filter = post(&host, &worker, "application/json", serde_json::json!({ "tokens": tokens }).to_string());
+        let (status, body) = reply(&host);
+        assert_eq!((status, body["cluster_sync"].as_str()), (200, Some("partly_dropped")));
+        assert_eq!(crate::cluster_sync::outbox_len(&*store), 2);
+        let _filter = revoke(&host, &worker, "tok-9");
+        let (_, body) = reply(&host);
+        assert_eq!(body["cluster_sync"], "partly_dropped", "a full outbox takes nothing more");
+        assert_eq!(crate::cluster_sync::outbox_len(&*store), 2);
     }
 }
