@@ -306,6 +306,7 @@ LADDER = [
 ]
 LADDER_ALT = len(LADDER) - 1
 LONG_TOKEN = "L" * 1024  # a JWT-sized token (b64token characters)
+MAX_TOKEN = "L" * 4096  # the largest token tokengate accepts (bearer::MAX_TOKEN_BYTES)
 
 
 class Envoy:
