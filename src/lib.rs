@@ -3,7 +3,8 @@
 //! revoked tokens at the edge.
 //!
 //! The request path, module by module:
-//! `filter` (Envoy's callbacks) → `bearer` (the credential) → `cache` (shared
+//! `filter` (Envoy's callbacks) → `bearer` (the credential) → `hash_memo`
+//! (the token's SHA-256, once per worker) → `cache` (shared
 //! and per-worker answers) → `worker` (coalesced introspection callouts) →
 //! `introspection` (RFC 7662 request and answer) → `policy` (active, exp,
 //! nbf, scopes, claim headers) → `outcome` (the reply for each denial).
@@ -17,6 +18,7 @@ pub mod cache;
 pub mod cluster_sync;
 pub mod config;
 pub mod denylist;
+pub mod hash_memo;
 pub mod headers;
 pub mod host;
 pub mod introspection;
