@@ -67,6 +67,13 @@ pub type TokenMap<V> = HashMap<TokenHash, V, std::hash::BuildHasherDefault<Prefi
     patch(d / "src/denylist.rs", "    tokens: HashMap<TokenHash, u64>,", "    tokens: crate::cache::TokenMap<u64>,")
 
 
+def no_hash_memo(d):
+    """Every request scans and hashes its token (`cache.hash_memo_entries: 0`): the tree before the memo."""
+    patch(d / "src/config.rs", """fn default_hash_memo_entries() -> usize {
+    1024""", """fn default_hash_memo_entries() -> usize {
+    0""")
+
+
 def no_claim_headers(d):
     """No claim headers written (what `claims_to_headers: {}` would cost): the price of the header writes."""
     patch(d / "src/worker.rs", "for (header, value) in policy::claim_headers(claims, &self.config.claims_to_headers) {",
@@ -83,7 +90,7 @@ def price_denylist(d):
 
 
 def price_sha256(d):
-    """(pricing only) SHA-256 skipped: the key is the token's last 32 bytes."""
+    """(pricing only) SHA-256 skipped: the key is the token's last 32 bytes (with the memo, a hit hashes nothing)."""
     patch(d / "src/cache.rs", "    Sha256::digest(token.as_bytes()).into()", """    let mut h = [0u8; 32];
     for (i, b) in token.as_bytes().iter().rev().take(32).enumerate() {
         h[i] = *b;
@@ -132,6 +139,7 @@ VARIANTS = {
     "opt-z": ("the build before this change: opt-level \"z\" (sha2 at 3), no wasm-opt",
               [opt_level('"z"'), opt_level(3, "sha2"), no_wasm_opt]),
     "opt-3-no-wasm-opt": ("opt-level 3 without wasm-opt (555 KiB)", [no_wasm_opt]),
+    "no-hash-memo": (no_hash_memo.__doc__, [no_hash_memo]),
     "prefix-hasher": (prefix_hasher.__doc__, [prefix_hasher]),
     "no-claim-headers": (no_claim_headers.__doc__, [no_claim_headers]),
     "price-denylist": (price_denylist.__doc__, [price_denylist]),
