@@ -640,6 +640,7 @@ def cg_split(dump):
             split["envoy"] += ir
         else:
             # Unnamed: low addresses are Envoy's own text, high ones V8's code space.
+            fn = fn.split("'")[0]  # callgrind marks a recursion level as <name>'<depth>
             addr = int(fn, 16) if fn.startswith("0x") else 0
             split["envoy" if 0 < addr < 0x100000000 else "jit"] += ir
     return split
