@@ -9,7 +9,9 @@ callgrind, next to bare Envoy (A) and the no-op filter (B). Writes bench/hotpath
 The patches are sketches that keep the hit path's behaviour for this benchmark's request,
 not finished changes: a patch that no longer applies to the current source is reported
 and skipped. Knobs: HOTPATH_VARIANTS (comma-separated names), HOTPATH_REQUESTS (200),
-HOTPATH_ROUNDS (3). Run it with `make bench-hotpath`, which passes the Makefile's wasm-opt and
+HOTPATH_ROUNDS (3), HOTPATH_TOKENS (the bearer tokens every variant is measured with, comma-separated
+among short, 1k, 4k; default all three), HOTPATH_WORK (the build and callgrind directory, default
+.deps/bench-hotpath: give concurrent runs their own). Run it with `make bench-hotpath`, which passes the Makefile's wasm-opt and
 its flags (WASM_OPT, WASM_FEATURES): variants are built as `make build` builds.
 """
 import http.client
@@ -26,7 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402  (the benchmark's Envoy and process helpers)
 
 REPO = run.REPO
-WORK = REPO / ".deps" / "bench-hotpath"
+WORK = Path(os.environ.get("HOTPATH_WORK") or REPO / ".deps" / "bench-hotpath")
+# The cached token each variant is measured with: the headline's short one, a JWT-sized one and the
+# largest tokengate accepts; the no-op floor gets the same token, so its copy of the header is priced in.
+TOKENS = {"short": "bench-hot-token", "1k": run.LONG_TOKEN, "4k": run.MAX_TOKEN}
 
 
 
@@ -62,6 +67,13 @@ pub type TokenMap<V> = HashMap<TokenHash, V, std::hash::BuildHasherDefault<Prefi
     patch(d / "src/denylist.rs", "    tokens: HashMap<TokenHash, u64>,", "    tokens: crate::cache::TokenMap<u64>,")
 
 
+def no_hash_memo(d):
+    """Every request scans and hashes its token (`cache.hash_memo_entries: 0`): the tree before the memo."""
+    patch(d / "src/config.rs", """fn default_hash_memo_entries() -> usize {
+    1024""", """fn default_hash_memo_entries() -> usize {
+    0""")
+
+
 def no_claim_headers(d):
     """No claim headers written (what `claims_to_headers: {}` would cost): the price of the header writes."""
     patch(d / "src/worker.rs", "for (header, value) in policy::claim_headers(claims, &self.config.claims_to_headers) {",
@@ -78,7 +90,7 @@ def price_denylist(d):
 
 
 def price_sha256(d):
-    """(pricing only) SHA-256 skipped: the key is the token's last 32 bytes."""
+    """(pricing only) SHA-256 skipped: the key is the token's last 32 bytes (with the memo, a hit hashes nothing)."""
     patch(d / "src/cache.rs", "    Sha256::digest(token.as_bytes()).into()", """    let mut h = [0u8; 32];
     for (i, b) in token.as_bytes().iter().rev().take(32).enumerate() {
         h[i] = *b;
@@ -127,6 +139,7 @@ VARIANTS = {
     "opt-z": ("the build before this change: opt-level \"z\" (sha2 at 3), no wasm-opt",
               [opt_level('"z"'), opt_level(3, "sha2"), no_wasm_opt]),
     "opt-3-no-wasm-opt": ("opt-level 3 without wasm-opt (555 KiB)", [no_wasm_opt]),
+    "no-hash-memo": (no_hash_memo.__doc__, [no_hash_memo]),
     "prefix-hasher": (prefix_hasher.__doc__, [prefix_hasher]),
     "no-claim-headers": (no_claim_headers.__doc__, [no_claim_headers]),
     "price-denylist": (price_denylist.__doc__, [price_denylist]),
@@ -166,7 +179,7 @@ def build(name, fns):
     return out
 
 
-def measure(batch, noop, n, rounds, log):
+def measure(batch, noop, n, rounds, tokens, log):
     """Instructions per request of A, B and a few variants (few: every VM reserves address space,
     and valgrind runs out of it past about ten)."""
     envoy_bin = Path(os.environ.get("ENVOY_BIN") or REPO / ".deps/envoy/envoy/_bin/envoy")
@@ -191,14 +204,15 @@ def measure(batch, noop, n, rounds, log):
     ctl = lambda *a: subprocess.run(["callgrind_control", *a, str(pid)], capture_output=True, text=True)
     try:
         for rnd in range(rounds):
-            for v in ["A", "B"] + [name for name, _ in batch]:
+            for v, size in [(v, size) for size in tokens for v in ["A", "B"] + [name for name, _ in batch]]:
+                token = TOKENS[size]
                 conn = http.client.HTTPConnection(run.LOOPBACK, e.ports[v], timeout=120)
                 for _ in range(30):
-                    run.request(0, headers=run.bearer("bench-hot-token"), conn=conn)
+                    run.request(0, headers=run.bearer(token), conn=conn)
                 ctl("-z")
                 ctl("-i", "on")
                 for _ in range(n):
-                    status, body = run.request(0, headers=run.bearer("bench-hot-token"), conn=conn)
+                    status, body = run.request(0, headers=run.bearer(token), conn=conn)
                     if status != 200:
                         raise RuntimeError(f"{v}: {status} {body[:200]!r}")
                 ctl("-i", "off")
@@ -208,8 +222,8 @@ def measure(batch, noop, n, rounds, log):
                 time.sleep(1.0)
                 totals = [int(re.search(r"^totals: (\d+)", f.read_text(), re.M).group(1))
                           for f in wd.glob(f"cg.{pid}.{dumps}-*")]
-                out.setdefault(v, []).append(max(totals) / n)
-                log(f"  round {rnd + 1} {v:<18} {max(totals) / n:10,.0f} instructions/req")
+                out.setdefault((v, size), []).append(max(totals) / n)
+                log(f"  round {rnd + 1} {v:<18} {size:>5} {max(totals) / n:10,.0f} instructions/req")
     finally:
         e.stop()
     return {v: statistics.median(xs) for v, xs in out.items()}
@@ -219,6 +233,9 @@ def main():
     names = [x for x in os.environ.get("HOTPATH_VARIANTS", ",".join(VARIANTS)).split(",") if x]
     n = int(os.environ.get("HOTPATH_REQUESTS", "200"))
     rounds = int(os.environ.get("HOTPATH_ROUNDS", "3"))
+    tokens = [x for x in os.environ.get("HOTPATH_TOKENS", ",".join(TOKENS)).split(",") if x]
+    if not tokens or any(t not in TOKENS for t in tokens):
+        sys.exit(f"HOTPATH_TOKENS: comma-separated among {', '.join(TOKENS)}")
     _, _, noop = run.paths()
     log = lambda m: print(m, flush=True)
     built, stale = [], {}
@@ -237,7 +254,7 @@ def main():
             batch = [next(b for b in built if b[0] == "head")] + batch  # every batch has its own reference
         log("callgrind: " + ", ".join(name for name, _ in batch))
         try:
-            m = measure(batch, noop, n, rounds, log)
+            m = measure(batch, noop, n, rounds, tokens, log)
         except Exception as exc:  # one sketch that misbehaves must not lose the others
             log(f"batch failed: {exc}")
             for name, _ in batch:
@@ -252,22 +269,25 @@ def main():
          f"`make bench-hotpath` at {commit}: Envoy's worker thread under callgrind, {n} cached-token requests over "
          f"one connection, median of {rounds} rounds, after one revocation through the admin API (production state: "
          "the denylist generation key exists). Each variant is the committed tree with one sketch of a change "
-         "(bench/hotpath.py); *pricing* variants remove a step only to price it. Instructions are independent of "
-         "the machine's load.", "",
-         "| variant | what changes | instructions/req | over no-op | saved vs head |",
-         "| --- | --- | ---: | ---: | ---: |"]
-    head = res.get("head")
-    for v in ["A", "B"] + [name for name, _ in built]:
-        if v not in res:
-            continue
-        what = {"A": "bare Envoy", "B": "no-op filter (the floor)"}.get(v) or " ".join(VARIANTS[v][0].split())
-        saved = f"{head - res[v]:+,.0f}" if head and v not in ("A", "B", "head") else ""
-        L.append(f"| {v} | {what} | {res[v]:,.0f} | {res[v] - res['B']:+,.0f} | {saved} |")
+         "(bench/hotpath.py); *pricing* variants remove a step only to price it. Every row is measured with each "
+         "token (" + ", ".join(f"{t}: {len(TOKENS[t])} bytes" for t in tokens) + "), the no-op floor (B) with the "
+         "same token. Instructions are independent of the machine's load.", "",
+         "| variant | token | what changes | instructions/req | over no-op | saved vs head | no-op / variant |",
+         "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for size in tokens:
+        head, floor = res.get(("head", size)), res.get(("B", size))
+        for v in ["A", "B"] + [name for name, _ in built]:
+            if (v, size) not in res:
+                continue
+            x = res[(v, size)]
+            what = {"A": "bare Envoy", "B": "no-op filter (the floor)"}.get(v) or " ".join(VARIANTS[v][0].split())
+            saved = f"{head - x:+,.0f}" if head and v not in ("A", "B", "head") else ""
+            over = f"{x - floor:+,.0f}" if floor else ""
+            ratio = f"{floor / x:.3f}" if floor and v not in ("A", "B") else ""
+            L.append(f"| {v} | {size} | {what} | {x:,.0f} | {over} | {saved} | {ratio} |")
     for name, why in stale.items():
-        L.append(f"| {name} | not measured: {why} | | | |")
-    if head:
-        L += ["", f"Throughput ratio to the no-op implied by instructions: head {res['B'] / head:.3f}" +
-              "".join(f", {name} {res['B'] / res[name]:.3f}" for name, _ in built if name != "head" and name in res) + "."]
+        L.append(f"| {name} | | not measured: {why} | | | | |")
+    L += ["", "*no-op / variant*: the throughput ratio to the no-op floor implied by instructions (same token)."]
     md = "\n".join(L) + "\n"
     (run.BENCH / "hotpath.md").write_text(md)
     print()

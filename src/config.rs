@@ -179,6 +179,9 @@ pub struct Cache {
     /// Bound on the per-worker copy of hot answers; 0 disables it.
     #[serde(default = "default_local_entries")]
     pub local_entries: usize,
+    /// Bound on the tokens whose SHA-256 each worker remembers; 0 disables.
+    #[serde(default = "default_hash_memo_entries")]
+    pub hash_memo_entries: usize,
     /// A cached answer larger than this is not cached (it is still used).
     #[serde(default = "default_max_entry_bytes")]
     pub max_entry_bytes: usize,
@@ -195,6 +198,7 @@ impl Default for Cache {
             negative_ttl_s: default_negative_ttl_s(),
             max_entries: default_max_entries(),
             local_entries: default_local_entries(),
+            hash_memo_entries: default_hash_memo_entries(),
             max_entry_bytes: default_max_entry_bytes(),
             stale_if_error_s: 0,
         }
@@ -266,6 +270,9 @@ fn default_max_entries() -> u64 {
 }
 fn default_local_entries() -> usize {
     4096
+}
+fn default_hash_memo_entries() -> usize {
+    1024
 }
 fn default_max_entry_bytes() -> usize {
     4096
@@ -391,6 +398,9 @@ impl Config {
         }
         if c.local_entries > 1_000_000 {
             return err("cache.local_entries must be at most 1000000");
+        }
+        if c.hash_memo_entries > 65_536 {
+            return err("cache.hash_memo_entries must be at most 65536");
         }
         if c.max_entry_bytes < 256 || c.max_entry_bytes > 65_536 {
             return err("cache.max_entry_bytes must be between 256 and 65536");
@@ -588,6 +598,7 @@ mod tests {
         let base = r#""introspection": {"cluster": "c", "authority": "a", "path": "/i"}"#;
         let cases = [
             (r#""cache": {"max_entries": 0}"#, "cache.max_entries"),
+            (r#""cache": {"hash_memo_entries": 65537}"#, "cache.hash_memo_entries must be at most 65536"),
             (r#""required_scopes": ["a b"]"#, "required_scopes"),
             (r#""claims_to_headers": {"sub": "X-Sub"}"#, "claims_to_headers.sub"),
             (r#""claims_to_headers": {"sub": "authorization"}"#, "reserved"),

@@ -4,13 +4,13 @@
 use crate::admin;
 use crate::admin_request::AdminRequest;
 use crate::bearer::{self, BearerError, Token};
-use crate::cache;
 use crate::headers::{self, HeaderMap};
 use crate::host::Host;
 use crate::outcome::Denial;
 use crate::worker::{send_denial, Found, Worker};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use std::borrow::Cow;
 use std::rc::Rc;
 
 pub struct Filter {
@@ -61,22 +61,19 @@ impl Filter {
                 removed.push(name);
             }
         }
-        let token = match self.credential(worker, headers) {
-            Ok(t) => t,
-            Err(BearerError::Missing) => {
-                worker.deny(&Denial::MissingToken);
-                return Action::Pause;
-            }
-            Err(BearerError::Malformed(why)) => {
-                worker.deny(&Denial::InvalidRequest(why));
-                return Action::Pause;
-            }
+        let token = self.credential(worker, headers);
+        let identified = match &token {
+            Ok(token) => worker.identify(token).map(|hash| (hash, &**token)),
+            Err(e) => Err(*e),
+        };
+        let (hash, token) = match identified {
+            Ok(found) => found,
+            Err(e) => return refuse(worker, e),
         };
         if !worker.denylist_ready() {
             worker.deny(&Denial::DenylistLoading);
             return Action::Pause;
         }
-        let hash = cache::hash_token(&token);
         let now = self.host.now_ms();
         match worker.token_revoked(&hash, now / 1000) {
             Ok(false) => {}
@@ -90,7 +87,15 @@ impl Filter {
                 return Action::Pause;
             }
         }
-        match worker.find_or_wait(hash, &token, self.id, now) {
+        // A hit needs only the hash; a miss the token itself, to introspect it.
+        let found = match worker.local_answer(&hash, now) {
+            Some(verdict) => Found::Ready(verdict),
+            None => match Token::checked(token) {
+                Ok(token) => worker.find_or_wait(hash, &token, self.id, now),
+                Err(e) => return refuse(worker, e),
+            },
+        };
+        match found {
             Found::Ready(verdict) => {
                 if worker.finish(&verdict, now / 1000) {
                     Action::Continue
@@ -104,21 +109,22 @@ impl Filter {
 
     /// The bearer token: the `Authorization` header, or where configured the
     /// `access_token` query parameter (never both: RFC 6750 §2).
-    fn credential(&self, worker: &Worker, headers: &HeaderMap) -> Result<Token, BearerError> {
+    /// Its characters are checked by `Worker::identify`, once per worker.
+    fn credential<'h>(&self, worker: &Worker, headers: &'h HeaderMap) -> Result<Cow<'h, [u8]>, BearerError> {
         let authorization = headers.all("authorization");
         if !worker.config.allow_query_token {
-            return bearer::parse(&authorization, bearer::MAX_TOKEN_BYTES);
+            return bearer::locate(&authorization, bearer::MAX_TOKEN_BYTES).map(Cow::Borrowed);
         }
         let path = headers.get(":path").unwrap_or_default();
         match (bearer::from_query(path, bearer::MAX_TOKEN_BYTES)?, authorization.is_empty()) {
-            (None, _) => bearer::parse(&authorization, bearer::MAX_TOKEN_BYTES),
+            (None, _) => bearer::locate(&authorization, bearer::MAX_TOKEN_BYTES).map(Cow::Borrowed),
             (Some(_), false) => Err(BearerError::Malformed("the token is in both the header and the query")),
             (Some(token), true) => {
                 if worker.config.hide_credentials {
                     let stripped = bearer::strip_query_token(path);
                     self.host.set_request_header(":path", &stripped);
                 }
-                Ok(token)
+                Ok(Cow::Owned(token.as_bytes().to_vec()))
             }
         }
     }
@@ -132,6 +138,15 @@ impl Filter {
             Action::Continue
         }
     }
+}
+
+/// The reply to a request without a usable bearer token.
+fn refuse(worker: &Worker, error: BearerError) -> Action {
+    worker.deny(&match error {
+        BearerError::Missing => Denial::MissingToken,
+        BearerError::Malformed(why) => Denial::InvalidRequest(why),
+    });
+    Action::Pause
 }
 
 impl Context for Filter {

@@ -4,9 +4,10 @@
 //!
 //! The request path, module by module:
 //! `filter` (Envoy's callbacks for one request) → `bearer` (the credential)
-//! → `denylist` (revoked tokens, JWT identities, clients, subjects) → `worker`
-//! (the local and shared `cache`, and the introspection callouts in flight)
-//! → `introspection` (RFC 7662 request and answer) → `policy` (active, exp,
+//! → `hash_memo` (the token's SHA-256, once per worker) → `denylist` (revoked
+//! tokens, JWT identities, clients, subjects) → `worker` (the local and shared
+//! `cache`, and the introspection callouts in flight) → `introspection`
+//! (RFC 7662 request and answer) → `policy` (active, exp,
 //! nbf, scopes, claim headers) → `outcome` (the reply for each denial).
 //! On the admin listener, `admin_request` takes the request through `admin`
 //! (routes, bodies, the change itself) and its follow-ups: `etcd` (the
@@ -24,6 +25,7 @@ pub mod cache;
 pub mod cluster_sync;
 pub mod config;
 pub mod denylist;
+pub mod hash_memo;
 pub mod headers;
 pub mod host;
 pub mod introspection;

@@ -11,11 +11,12 @@
 //! flight whose sender disconnects is re-sent from the root context, which
 //! lives as long as the worker.
 
-use crate::bearer::Token;
+use crate::bearer::{BearerError, Token};
 use crate::cache::{self, Claim, LocalCache, Lookup, SharedCache, Stored, TokenHash};
 use crate::config::Config;
 use crate::denylist::{DenyView, Denylist};
 use crate::etcd::Poller;
+use crate::hash_memo::HashMemo;
 use crate::host::Host;
 use crate::introspection::{self, Answer, IntrospectionError, Request};
 use crate::metrics::Metrics;
@@ -47,6 +48,8 @@ pub struct Worker {
     pub metrics: Metrics,
     state: RefCell<State>,
     deny: RefCell<DenyView>,
+    /// Tokens this worker has hashed (raw tokens: this VM's memory only).
+    memo: RefCell<HashMemo>,
     /// The etcd poller, where `cluster_sync` is configured.
     sync: Option<RefCell<Poller>>,
     /// Seen the first complete read of etcd (or none is required).
@@ -100,6 +103,7 @@ impl Worker {
         // anyway), so it is sized from that cache: both fill at once and
         // the worker's memory stops growing with them.
         let memo_entries = config.cache.local_entries.saturating_mul(2).max(1024);
+        let memo = HashMemo::new(config.cache.hash_memo_entries);
         Worker {
             partition: cache::partition(&config),
             config,
@@ -114,6 +118,7 @@ impl Worker {
                 fast_tick: false,
             }),
             deny: RefCell::new(DenyView::new(memo_entries)),
+            memo: RefCell::new(memo),
             sync: None,
             denylist_loaded: std::cell::Cell::new(false),
         }
@@ -157,6 +162,17 @@ impl Worker {
         Denylist::new(&*self.store, &self.config.denylist)
     }
 
+    /// The SHA-256 of the token `bearer::locate` found: from the memo when
+    /// this worker has seen these bytes, else checked, hashed and remembered.
+    pub fn identify(&self, token: &[u8]) -> Result<TokenHash, BearerError> {
+        if let Some(hash) = self.memo.borrow().get(token) {
+            return Ok(hash);
+        }
+        let hash = cache::hash_token(&Token::checked(token)?);
+        self.memo.borrow_mut().insert(token, hash);
+        Ok(hash)
+    }
+
     /// Whether the token is on the denylist; re-reads the denylist if it
     /// changed since this worker last looked.
     pub fn token_revoked(&self, hash: &TokenHash, now_s: u64) -> Result<bool, crate::store::StoreError> {
@@ -189,11 +205,18 @@ impl Worker {
         now_ms + self.config.introspection.timeout_ms + GRACE_MS
     }
 
+    /// This worker's own cached answer for a token: the hit path, which
+    /// needs the token's hash only.
+    pub fn local_answer(&self, hash: &TokenHash, now_ms: u64) -> Option<Verdict> {
+        let hit = self.state.borrow().local.get(hash, now_ms).map(|e| e.answer.clone())?;
+        self.metrics.cache_hit_local.inc();
+        Some(Ok(hit))
+    }
+
     /// The cached answer for a token, or parks request `ctx` until there is one.
     pub fn find_or_wait(&self, hash: TokenHash, token: &Token, ctx: u32, now_ms: u64) -> Found {
-        if let Some(hit) = self.state.borrow().local.get(&hash, now_ms) {
-            self.metrics.cache_hit_local.inc();
-            return Found::Ready(Ok(hit.answer.clone()));
+        if let Some(verdict) = self.local_answer(&hash, now_ms) {
+            return Found::Ready(verdict);
         }
         if self.join_flight(hash, ctx) {
             self.metrics.cache_coalesced.inc();

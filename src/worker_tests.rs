@@ -28,8 +28,12 @@ struct Rig {
 
 impl Rig {
     fn new(store: &Rc<MemoryStore>) -> Rig {
+        Rig::with_config(store, CONFIG)
+    }
+
+    fn with_config(store: &Rc<MemoryStore>, config: &str) -> Rig {
         let host = Rc::new(FakeHost::new(T0));
-        let config = Config::parse(CONFIG.as_bytes()).unwrap();
+        let config = Config::parse(config.as_bytes()).unwrap();
         let worker = Worker::new(config, Metrics::default(), host.clone(), store.clone());
         Rig { host, worker: Rc::new(worker) }
     }
@@ -354,4 +358,71 @@ fn an_admin_change_that_cannot_be_written_is_503_with_retry_after() {
     };
     assert!(headers.contains(&("retry-after".into(), "1".into())), "{headers:?}");
     assert!(body.contains("temporarily_unavailable"), "{body}");
+}
+
+/// A token of the largest size accepted, as JWT access tokens come close to.
+fn large_token(last: char) -> String {
+    let mut token = "L".repeat(bearer::MAX_TOKEN_BYTES - 1);
+    token.push(last);
+    token
+}
+
+fn sha256(token: &str) -> TokenHash {
+    cache::hash_token(&bearer::parse(&[format!("Bearer {token}").as_bytes()], bearer::MAX_TOKEN_BYTES).unwrap())
+}
+
+#[test]
+fn a_token_every_worker_has_hashed_is_refused_on_the_next_request_once_revoked() {
+    let shared = store();
+    let (a, b) = (Rig::new(&shared), Rig::new(&shared));
+    let token = large_token('A');
+    let (_f, _) = a.request(1, &token);
+    a.answer(a.callout_ids()[0], Some(200), ACTIVE);
+    let (_f, _) = b.request(2, &token);
+    assert_eq!((a.outcomes().0, b.outcomes().0), (vec![1], vec![]), "B's is a shared hit: resumed in place");
+    for (rig, ctx) in [(&a, 3), (&b, 4)] {
+        let (_f, action) = rig.request(ctx, &token);
+        assert_eq!(action, Action::Continue);
+        assert_eq!(rig.worker.memo.borrow().get(token.as_bytes()), Some(sha256(&token)), "the worker remembers it");
+    }
+    a.worker.denylist().revoke_tokens(&[(sha256(&token), T0 / 1000 + 60)], "leak", T0 / 1000).unwrap();
+    for (rig, ctx) in [(&a, 5), (&b, 6)] {
+        let (_f, action) = rig.request(ctx, &token);
+        assert_eq!((action, rig.outcomes()), (Action::Pause, (vec![], vec![(ctx, 401)])));
+    }
+    assert_eq!(a.callout_ids().len() + b.callout_ids().len(), 1, "one introspection in all");
+}
+
+#[test]
+fn a_remembered_token_never_answers_for_one_a_byte_away() {
+    let rig = Rig::new(&store());
+    let (_f, _) = rig.request(1, &large_token('A'));
+    rig.answer(rig.callout_ids()[0], Some(200), ACTIVE);
+    let (_f, action) = rig.request(2, &large_token('A'));
+    assert_eq!(action, Action::Continue);
+    let (_f, action) = rig.request(3, &large_token('B'));
+    assert_eq!((action, rig.callout_ids().len()), (Action::Pause, 2), "introspected, not taken from the memo");
+    rig.answer(rig.callout_ids()[1], Some(200), br#"{"active": false}"#);
+    assert_eq!(rig.outcomes(), (vec![1], vec![(3, 401)]));
+    // And a malformed token the same length as a remembered one is still refused.
+    let (_f, _) = rig.request(4, &large_token(','));
+    assert_eq!(rig.outcomes(), (vec![], vec![(4, 400)]));
+}
+
+#[test]
+fn the_hash_memo_holds_at_most_hash_memo_entries_tokens() {
+    let config = CONFIG.replace(r#""required_scopes""#, r#""cache": {"hash_memo_entries": 2}, "required_scopes""#);
+    let rig = Rig::with_config(&store(), &config);
+    for (ctx, token) in (1..).zip(["tok-a", "tok-b", "tok-c", "tok-a"]) {
+        let (_f, _) = rig.request(ctx, token);
+        assert!(rig.worker.memo.borrow().len() <= 2);
+    }
+    assert_eq!(rig.worker.memo.borrow().get(b"tok-a"), Some(sha256("tok-a")));
+    // 0 turns it off: every request hashes its token.
+    let config = CONFIG.replace(r#""required_scopes""#, r#""cache": {"hash_memo_entries": 0}, "required_scopes""#);
+    let rig = Rig::with_config(&store(), &config);
+    let (_f, _) = rig.request(1, "tok-a");
+    rig.answer(rig.callout_ids()[0], Some(200), ACTIVE);
+    let (_f, action) = rig.request(2, "tok-a");
+    assert_eq!((action, rig.worker.memo.borrow().is_empty()), (Action::Continue, true));
 }
