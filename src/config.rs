@@ -32,7 +32,7 @@ pub struct Config {
     pub pass_cors_preflight: bool,
     /// `rules` and the top-level requirement, compiled at load.
     #[serde(skip)]
-    pub policy: crate::rules::Policy,
+    pub(crate) policy: crate::rules::Policy,
     /// Introspection claim name → request header set for the upstream.
     #[serde(default = "default_claims_to_headers")]
     pub claims_to_headers: BTreeMap<String, String>,
