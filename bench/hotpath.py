@@ -13,6 +13,7 @@ HOTPATH_ROUNDS (3). Run it with `make bench-hotpath`, which passes the Makefile'
 its flags (WASM_OPT, WASM_FEATURES): variants are built as `make build` builds.
 """
 import http.client
+import json
 import os
 import re
 import shutil
@@ -26,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402  (the benchmark's Envoy and process helpers)
 
 REPO = run.REPO
-WORK = REPO / ".deps" / "bench-hotpath"
+# HOTPATH_WORK: another work dir, so that two runs (two worktrees sharing .deps) never collide.
+WORK = Path(os.environ.get("HOTPATH_WORK") or REPO / ".deps" / "bench-hotpath")
 
 
 
@@ -97,6 +99,17 @@ def price_time(d):
         .ok()""", """    Some(UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000))""")
 
 
+def rules_20(d):
+    """20 plugin rules (templates, prefixes, methods), the bench's request matching only the last."""
+    rules = [{"match": {"path": f"/api/v{i}/{{id}}/items/*", "methods": ["GET"]}, "require": {"scopes": ["read"]}}
+             for i in range(19)]
+    rules.append({"match": {"prefix": "/"}, "require": {"scopes": ["read"]}})
+    # The bench's configuration is shared by every variant: this one adds its rules as it loads.
+    patch(d / "src/config.rs", "crate::rules::Policy::compile(&self.rules, top)",
+          f"crate::rules::Policy::compile(&serde_json::from_str::<Vec<crate::rules::RuleJson>>"
+          f"({json.dumps(json.dumps(rules))}).map_err(|e| e.to_string())?, top)")
+
+
 def opt_level(level, package=None):
     def f(d):
         if package:
@@ -124,6 +137,7 @@ def worktree(d):
 VARIANTS = {
     "head": ("tokengate as committed (opt-level 3, then wasm-opt -O3, as `make build`)", []),
     "worktree": (worktree.__doc__, [worktree]),
+    "rules-20": (rules_20.__doc__, [rules_20]),
     "opt-z": ("the build before this change: opt-level \"z\" (sha2 at 3), no wasm-opt",
               [opt_level('"z"'), opt_level(3, "sha2"), no_wasm_opt]),
     "opt-3-no-wasm-opt": ("opt-level 3 without wasm-opt (555 KiB)", [no_wasm_opt]),
