@@ -15,6 +15,7 @@ among short, 1k, 4k; default all three), HOTPATH_WORK (the build and callgrind d
 its flags (WASM_OPT, WASM_FEATURES): variants are built as `make build` builds.
 """
 import http.client
+import json
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402  (the benchmark's Envoy and process helpers)
 
 REPO = run.REPO
+# HOTPATH_WORK: another work dir, so that two runs (two worktrees sharing .deps) never collide.
 WORK = Path(os.environ.get("HOTPATH_WORK") or REPO / ".deps" / "bench-hotpath")
 # The cached token each variant is measured with: the headline's short one, a JWT-sized one and the
 # largest tokengate accepts; the no-op floor gets the same token, so its copy of the header is priced in.
@@ -109,6 +111,17 @@ def price_time(d):
         .ok()""", """    Some(UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000))""")
 
 
+def rules_20(d):
+    """20 plugin rules (templates, prefixes, methods), the bench's request matching only the last."""
+    rules = [{"match": {"path": f"/api/v{i}/{{id}}/items/*", "methods": ["GET"]}, "require": {"scopes": ["read"]}}
+             for i in range(19)]
+    rules.append({"match": {"prefix": "/"}, "require": {"scopes": ["read"]}})
+    # The bench's configuration is shared by every variant: this one adds its rules as it loads.
+    patch(d / "src/config.rs", "crate::rules::Policy::compile(&self.rules, top)",
+          f"crate::rules::Policy::compile(&serde_json::from_str::<Vec<crate::rules::RuleJson>>"
+          f"({json.dumps(json.dumps(rules))}).map_err(|e| e.to_string())?, top)")
+
+
 def opt_level(level, package=None):
     def f(d):
         if package:
@@ -136,6 +149,7 @@ def worktree(d):
 VARIANTS = {
     "head": ("tokengate as committed (opt-level 3, then wasm-opt -O3, as `make build`)", []),
     "worktree": (worktree.__doc__, [worktree]),
+    "rules-20": (rules_20.__doc__, [rules_20]),
     "opt-z": ("the build before this change: opt-level \"z\" (sha2 at 3), no wasm-opt",
               [opt_level('"z"'), opt_level(3, "sha2"), no_wasm_opt]),
     "opt-3-no-wasm-opt": ("opt-level 3 without wasm-opt (555 KiB)", [no_wasm_opt]),

@@ -75,6 +75,8 @@ pub fn partition(cfg: &config::Config) -> String {
     for claim in cfg.claims_to_headers.keys() {
         field(claim.as_bytes());
     }
+    // Answers keep `iss` and `aud` since the audiences/issuers checks.
+    field(b"claims+iss+aud");
     field(b"cache");
     for n in [c.max_ttl_s, c.negative_ttl_s, c.stale_if_error_s, c.max_entry_bytes as u64] {
         field(&n.to_be_bytes());

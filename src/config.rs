@@ -12,9 +12,27 @@ pub struct Config {
     pub introspection: Introspection,
     #[serde(default)]
     pub cache: Cache,
-    /// Every one of these must be in the token's `scope`.
+    /// Every one of these must be in the token's `scope` (where no rule matches).
     #[serde(default)]
     pub required_scopes: Vec<String>,
+    /// The token's `aud` must hold one of these; its `iss` must be one of those.
+    #[serde(default)]
+    pub audiences: Option<Vec<String>>,
+    #[serde(default)]
+    pub issuers: Option<Vec<String>>,
+    /// Per-route requirements, first match wins (`rules::Policy`).
+    #[serde(default)]
+    pub rules: Vec<crate::rules::RuleJson>,
+    /// Read a route's requirement from its Envoy metadata (wins over `rules`).
+    #[serde(default)]
+    pub route_metadata: bool,
+    /// Let CORS preflights (OPTIONS with Origin and
+    /// Access-Control-Request-Method) through without a token.
+    #[serde(default)]
+    pub pass_cors_preflight: bool,
+    /// `rules` and the top-level requirement, compiled at load.
+    #[serde(skip)]
+    pub(crate) policy: crate::rules::Policy,
     /// Introspection claim name → request header set for the upstream.
     #[serde(default = "default_claims_to_headers")]
     pub claims_to_headers: BTreeMap<String, String>,
@@ -338,7 +356,19 @@ impl Config {
                 secret("revocation_endpoint", r.client_secret.take(), r.client_secret_env.as_deref(), env)?;
         }
         config.validate()?;
+        config.policy = config.compile_policy().map_err(ConfigError)?;
         Ok(config)
+    }
+
+    fn compile_policy(&self) -> Result<crate::rules::Policy, String> {
+        let top = crate::rules::RequireJson {
+            scopes: Some(self.required_scopes.clone()).filter(|s| !s.is_empty()),
+            audiences: self.audiences.clone(),
+            issuers: self.issuers.clone(),
+            ..Default::default()
+        };
+        let top = crate::rules::Requirement::compile(&top, None, "")?;
+        crate::rules::Policy::compile(&self.rules, top)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -600,6 +630,11 @@ mod tests {
             (r#""cache": {"max_entries": 0}"#, "cache.max_entries"),
             (r#""cache": {"hash_memo_entries": 65537}"#, "cache.hash_memo_entries must be at most 65536"),
             (r#""required_scopes": ["a b"]"#, "required_scopes"),
+            (r#""audiences": []"#, "audiences: must list"),
+            (r#""issuers": [""]"#, "issuers: must list"),
+            (r#""rules": [{"match": {"path": "/a/{id"}}]"#, "rules[0].match.path"),
+            (r#""rules": [{"match": {"path": "/a"}, "require": {"scopes": ["é"]}}]"#, "rules[0].require"),
+            (r#""rules": [{"match": {"path": "/a"}, "when": 1}]"#, "unknown field `when`"),
             (r#""claims_to_headers": {"sub": "X-Sub"}"#, "claims_to_headers.sub"),
             (r#""claims_to_headers": {"sub": "authorization"}"#, "reserved"),
             (r#""realm": "a\"b""#, "realm"),

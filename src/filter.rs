@@ -7,6 +7,7 @@ use crate::bearer::{self, BearerError, Token};
 use crate::headers::{self, HeaderMap};
 use crate::host::Host;
 use crate::outcome::Denial;
+use crate::rules::{self, Requirement, TokenMode};
 use crate::worker::{send_denial, Found, Worker};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
@@ -61,7 +62,19 @@ impl Filter {
                 removed.push(name);
             }
         }
+        let need = match self.requirement(worker, headers) {
+            Ok(Some(need)) => need,
+            Ok(None) => return Action::Continue,
+            Err(denial) => {
+                worker.deny(&denial);
+                return Action::Pause;
+            }
+        };
         let token = self.credential(worker, headers);
+        if matches!(token, Err(BearerError::Missing)) && need.token == TokenMode::Optional {
+            worker.metrics.passed_anonymous.inc();
+            return Action::Continue;
+        }
         let identified = match &token {
             Ok(token) => worker.identify(token).map(|hash| (hash, &**token)),
             Err(e) => Err(*e),
@@ -97,14 +110,53 @@ impl Filter {
         };
         match found {
             Found::Ready(verdict) => {
-                if worker.finish(&verdict, now / 1000) {
+                if worker.finish(&verdict, &need, now / 1000) {
                     Action::Continue
                 } else {
                     Action::Pause
                 }
             }
-            Found::Wait => Action::Pause,
+            Found::Wait => {
+                worker.park_need(self.id, &need);
+                Action::Pause
+            }
         }
+    }
+
+    /// What this request must show (`rules`): `None` lets it through with
+    /// no token (a public route, a CORS preflight where configured).
+    fn requirement(&self, worker: &Worker, headers: &HeaderMap) -> Result<Option<Rc<Requirement>>, Denial> {
+        let config = &worker.config;
+        if !config.pass_cors_preflight && !config.route_metadata && !config.policy.has_rules() {
+            return Ok(Some(config.policy.default.clone()));
+        }
+        let method = headers.get(":method").unwrap_or_default().as_bytes();
+        if config.pass_cors_preflight
+            && rules::is_preflight(
+                method,
+                headers.get("origin").is_some(),
+                headers.get("access-control-request-method").is_some(),
+            )
+        {
+            worker.metrics.passed_preflight.inc();
+            return Ok(None);
+        }
+        let route = match config.route_metadata {
+            true => self.host.property(&["xds", "route_metadata", "filter_metadata", "tokengate", "require"]),
+            false => None,
+        };
+        let need = match route {
+            Some(text) => worker.routes.borrow_mut().get(&text, &config.policy.default).map_err(|e| {
+                log::error!("{e}");
+                Denial::IdpUnavailable("the route's tokengate requirement is invalid")
+            })?,
+            None => config.policy.requirement(method, headers.get(":path").unwrap_or_default().as_bytes())?.clone(),
+        };
+        if need.token == TokenMode::None {
+            worker.metrics.passed_public.inc();
+            return Ok(None);
+        }
+        Ok(Some(need))
     }
 
     /// The bearer token: the `Authorization` header, or where configured the

@@ -34,6 +34,8 @@ pub trait Host {
     fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: Option<&[u8]>);
     /// Lets the current (paused) request go on to the upstream.
     fn resume_request(&self);
+    /// A property of the current request (as `xds.route_metadata…`), if set.
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
 }
 
 /// Answers the current request with a JSON body (or none), never cached:
@@ -119,6 +121,10 @@ impl Host for Envoy {
     fn resume_request(&self) {
         let _ = proxy_wasm::hostcalls::resume_http_request();
     }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        proxy_wasm::hostcalls::get_property(path.to_vec()).ok().flatten()
+    }
 }
 
 /// A host for unit tests: records what the code under test did, and lets the
@@ -166,6 +172,8 @@ pub mod fake {
         pub headers: RefCell<HashMap<u32, Vec<(String, String)>>>,
         pub bodies: RefCell<HashMap<u32, Vec<u8>>>,
         pub events: RefCell<Vec<Event>>,
+        /// Properties by their path joined with '.'.
+        pub properties: RefCell<HashMap<String, Vec<u8>>>,
     }
 
     impl FakeHost {
@@ -291,6 +299,10 @@ pub mod fake {
 
         fn resume_request(&self) {
             self.event(Event::Resume { ctx: self.current.get() });
+        }
+
+        fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+            self.properties.borrow().get(&path.join(".")).cloned()
         }
     }
 }

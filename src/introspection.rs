@@ -26,6 +26,10 @@ pub struct Claims {
     pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    /// `iss` and `aud`, for `issuers` and `audiences` (boxed: most answers
+    /// are cached and copied, and few configurations check them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued: Option<Box<Issued>>,
     /// Other claims named in `claims_to_headers`, as header-ready strings.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra: BTreeMap<String, String>,
@@ -54,7 +58,25 @@ mod hex_identity {
     }
 }
 
+/// Who issued a token and for whom.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Issued {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// RFC 7662 `aud`: one string or a list of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aud: Vec<String>,
+}
+
 impl Claims {
+    pub fn iss(&self) -> Option<&str> {
+        self.issued.as_ref().and_then(|i| i.iss.as_deref())
+    }
+
+    pub fn aud(&self) -> &[String] {
+        self.issued.as_ref().map_or(&[], |i| i.aud.as_slice())
+    }
+
     /// The value of a claim as a header value, when the answer had it.
     pub fn get(&self, claim: &str) -> Option<&str> {
         match claim {
@@ -206,6 +228,7 @@ pub fn parse_answer(body: &[u8], wanted: &dyn Fn(&str) -> bool) -> Result<Answer
         exp: time_claim(&object, "exp")?,
         nbf: time_claim(&object, "nbf")?,
         iat: time_claim(&object, "iat")?,
+        issued: issued(&object),
         extra: BTreeMap::new(),
         identity: None,
     };
@@ -226,6 +249,18 @@ pub fn parse_answer(body: &[u8], wanted: &dyn Fn(&str) -> bool) -> Result<Answer
         }
     }
     Ok(Answer::Active(claims))
+}
+
+/// `iss`, and `aud` as a string or an array of strings; anything else names
+/// no issuer or audience (so those checks fail closed).
+fn issued(o: &Map<String, Value>) -> Option<Box<Issued>> {
+    let iss = o.get("iss").and_then(Value::as_str).map(str::to_string);
+    let aud = match o.get("aud") {
+        Some(Value::String(a)) => vec![a.clone()],
+        Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).map(str::to_string).collect(),
+        _ => Vec::new(),
+    };
+    (iss.is_some() || !aud.is_empty()).then(|| Box::new(Issued { iss, aud }))
 }
 
 fn string_claim(o: &Map<String, Value>, name: &'static str) -> Result<Option<String>, IntrospectionError> {
@@ -298,6 +333,18 @@ mod tests {
 
     fn parse(body: &str) -> Result<Answer, IntrospectionError> {
         parse_answer(body.as_bytes(), &|c| c == "username" || c == "aud")
+    }
+
+    #[test]
+    fn iss_and_aud_are_kept_aud_as_a_string_or_a_list() {
+        let parse = |body: &str| match parse_answer(body.as_bytes(), &|_| false).unwrap() {
+            Answer::Active(c) => (c.iss().map(str::to_string), c.aud().to_vec()),
+            Answer::Inactive => unreachable!(),
+        };
+        let s = |v: &str| v.to_string();
+        assert_eq!(parse(r#"{"active": true, "iss": "i", "aud": "a"}"#), (Some(s("i")), vec![s("a")]));
+        assert_eq!(parse(r#"{"active": true, "aud": ["a", "b", 3]}"#), (None, vec![s("a"), s("b")]));
+        assert_eq!(parse(r#"{"active": true, "aud": {"x": 1}, "iss": 5}"#), (None, vec![]));
     }
 
     #[test]

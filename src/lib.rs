@@ -7,8 +7,9 @@
 //! → `hash_memo` (the token's SHA-256, once per worker) → `denylist` (revoked
 //! tokens, JWT identities, clients, subjects) → `worker` (the local and shared
 //! `cache`, and the introspection callouts in flight) → `introspection`
-//! (RFC 7662 request and answer) → `policy` (active, exp,
-//! nbf, scopes, claim headers) → `outcome` (the reply for each denial).
+//! (RFC 7662 request and answer) → `policy` (active, exp, nbf, claim headers;
+//! `rules` chooses the route's requirement first and checks scopes, audience
+//! and issuer) → `outcome` (the reply for each denial).
 //! On the admin listener, `admin_request` takes the request through `admin`
 //! (routes, bodies, the change itself) and its follow-ups: `etcd` (the
 //! callouts of `cluster_sync`) and RFC 7009 forwards.
@@ -32,6 +33,7 @@ pub mod introspection;
 pub mod jwt;
 pub mod outcome;
 pub mod policy;
+pub mod rules;
 pub mod store;
 
 mod admin_request;

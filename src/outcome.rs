@@ -12,6 +12,10 @@ pub enum Denial {
     InvalidToken(&'static str),
     /// On the denylist: 401 `invalid_token`, counted apart.
     Revoked,
+    /// Active, but issued for another API (`audiences`): 401 `invalid_token`, counted apart.
+    InvalidAudience,
+    /// Active, but from an issuer not in `issuers`: 401 `invalid_token`, counted apart.
+    InvalidIssuer,
     /// Active, but without every required scope: 403 `insufficient_scope`.
     InsufficientScope(String),
     /// The authorization server could not give a usable answer: 503, fail closed.
@@ -36,6 +40,8 @@ impl Denial {
             Denial::InvalidRequest(_) => "invalid_request",
             Denial::InvalidToken(_) => "invalid_token",
             Denial::Revoked => "revoked",
+            Denial::InvalidAudience => "invalid_audience",
+            Denial::InvalidIssuer => "invalid_issuer",
             Denial::InsufficientScope(_) => "insufficient_scope",
             Denial::IdpUnavailable(_) => "idp_unavailable",
             Denial::DenylistLoading => "denylist_loading",
@@ -48,6 +54,8 @@ impl Denial {
             Denial::InvalidRequest(d) => (400, Some("invalid_request"), *d),
             Denial::InvalidToken(d) => (401, Some("invalid_token"), *d),
             Denial::Revoked => (401, Some("invalid_token"), "the token has been revoked"),
+            Denial::InvalidAudience => (401, Some("invalid_token"), "the token is not meant for this audience"),
+            Denial::InvalidIssuer => (401, Some("invalid_token"), "the token's issuer is not trusted here"),
             Denial::InsufficientScope(_) => (403, Some("insufficient_scope"), "the token lacks a required scope"),
             Denial::IdpUnavailable(d) => (503, None, *d),
             Denial::DenylistLoading => (503, None, "revocations are still loading from the cluster"),
@@ -95,6 +103,8 @@ mod tests {
             (Denial::InvalidRequest("x"), 400, "error=\"invalid_request\""),
             (Denial::InvalidToken("x"), 401, "error=\"invalid_token\""),
             (Denial::Revoked, 401, "error=\"invalid_token\""),
+            (Denial::InvalidAudience, 401, "error_description=\"the token is not meant for this audience\""),
+            (Denial::InvalidIssuer, 401, "error_description=\"the token's issuer is not trusted here\""),
             (Denial::InsufficientScope("read write".into()), 403, "scope=\"read write\""),
         ];
         for (d, status, needle) in cases {

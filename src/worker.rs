@@ -22,6 +22,7 @@ use crate::introspection::{self, Answer, IntrospectionError, Request};
 use crate::metrics::Metrics;
 use crate::outcome::Denial;
 use crate::policy;
+use crate::rules::{Requirement, RouteMemo};
 use crate::store::Store;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -54,6 +55,8 @@ pub struct Worker {
     sync: Option<RefCell<Poller>>,
     /// Seen the first complete read of etcd (or none is required).
     denylist_loaded: std::cell::Cell<bool>,
+    /// Requirements read from route metadata (`route_metadata`).
+    pub routes: RefCell<RouteMemo>,
 }
 
 struct State {
@@ -63,6 +66,8 @@ struct State {
     callouts: HashMap<u32, TokenHash>,
     /// Paused request context id → the token it waits for.
     waiting: HashMap<u32, TokenHash>,
+    /// Paused requests whose route needs other than the top-level requirement.
+    needs: HashMap<u32, Rc<Requirement>>,
     fast_tick: bool,
 }
 
@@ -115,12 +120,14 @@ impl Worker {
                 flights: HashMap::new(),
                 callouts: HashMap::new(),
                 waiting: HashMap::new(),
+                needs: HashMap::new(),
                 fast_tick: false,
             }),
             deny: RefCell::new(DenyView::new(memo_entries)),
             memo: RefCell::new(memo),
             sync: None,
             denylist_loaded: std::cell::Cell::new(false),
+            routes: RefCell::new(RouteMemo::default()),
         }
     }
 
@@ -428,9 +435,11 @@ impl Worker {
             if !self.host.set_effective_context(ctx) {
                 continue;
             }
+            let need = self.state.borrow_mut().needs.remove(&ctx);
+            let need = need.as_ref().unwrap_or(&self.config.policy.default);
             if revoked {
                 self.deny(&Denial::Revoked);
-            } else if self.finish(verdict, now_s) {
+            } else if self.finish(verdict, need, now_s) {
                 self.host.resume_request();
             }
         }
@@ -438,11 +447,11 @@ impl Worker {
 
     /// Applies a verdict to the current request: sets the claim headers and
     /// returns true, or sends the error reply and returns false.
-    pub fn finish(&self, verdict: &Verdict, now_s: u64) -> bool {
+    pub fn finish(&self, verdict: &Verdict, need: &Requirement, now_s: u64) -> bool {
         let decision = match verdict {
             Ok(answer) => match answer.as_ref() {
                 Answer::Active(claims) if self.claims_revoked(claims, now_s) => Err(Denial::Revoked),
-                _ => policy::decide(answer, &self.config.required_scopes, now_s),
+                _ => policy::decide(answer, need, now_s),
             },
             Err(e) => Err(Denial::IdpUnavailable(e.description())),
         };
@@ -491,6 +500,13 @@ impl Worker {
         send_denial(&*self.host, denial, &self.config.realm);
     }
 
+    /// Parked request `ctx` is to meet `need` rather than the top level's.
+    pub fn park_need(&self, ctx: u32, need: &Rc<Requirement>) {
+        if !Rc::ptr_eq(need, &self.config.policy.default) && self.is_waiting(ctx) {
+            self.state.borrow_mut().needs.insert(ctx, need.clone());
+        }
+    }
+
     /// Whether request `ctx` is still parked.
     pub fn is_waiting(&self, ctx: u32) -> bool {
         self.state.borrow().waiting.contains_key(&ctx)
@@ -500,6 +516,7 @@ impl Worker {
     /// the root re-sends it.
     pub fn forget(&self, ctx: u32) {
         let mut state = self.state.borrow_mut();
+        state.needs.remove(&ctx);
         let Some(hash) = state.waiting.remove(&ctx) else {
             return;
         };

@@ -426,3 +426,105 @@ fn the_hash_memo_holds_at_most_hash_memo_entries_tokens() {
     let (_f, action) = rig.request(2, "tok-a");
     assert_eq!((action, rig.worker.memo.borrow().is_empty()), (Action::Continue, true));
 }
+
+/// Per-route policy (`rules`, route metadata, preflights) on the request path.
+mod routes {
+    use super::*;
+
+    const RULES: &str = r#"{
+        "introspection": {"cluster": "idp", "authority": "idp", "path": "/introspect", "timeout_ms": 1000},
+        "required_scopes": ["read"],
+        "audiences": ["orders-api"],
+        "pass_cors_preflight": true,
+        "route_metadata": true,
+        "rules": [
+            {"match": {"path": "/healthz"}, "require": {"token": "none"}},
+            {"match": {"path": "/orders", "methods": ["POST"]}, "require": {"scopes": ["orders:write"]}},
+            {"match": {"prefix": "/catalog"}, "require": {"token": "optional"}}
+        ]
+    }"#;
+
+    fn rig() -> Rig {
+        let host = Rc::new(FakeHost::new(T0));
+        let config = Config::parse(RULES.as_bytes()).unwrap();
+        let worker = Worker::new(config, Metrics::default(), host.clone(), store());
+        Rig { host, worker: Rc::new(worker) }
+    }
+
+    fn send(rig: &Rig, ctx: u32, headers: &[(&str, &str)]) -> Action {
+        rig.host.request(ctx, headers);
+        Filter::new(ctx, Some(rig.worker.clone()), rig.host.clone()).on_http_request_headers(headers.len(), true)
+    }
+
+    #[test]
+    fn a_waiting_request_is_judged_by_its_own_rule_not_the_top_level() {
+        let rig = rig();
+        let read = |ctx| [(":method", "GET"), (":path", "/orders"), ("authorization", "Bearer t"), ("x", ctx)];
+        let write = [(":method", "POST"), (":path", "/orders"), ("authorization", "Bearer t")];
+        assert_eq!(send(&rig, 1, &read("1")), Action::Pause);
+        assert_eq!(send(&rig, 2, &write), Action::Pause);
+        let id = rig.host.last_callout().unwrap().id;
+        rig.answer(id, Some(200), br#"{"active": true, "scope": "read", "aud": ["orders-api"]}"#);
+        // The GET meets the top level; the POST lacks orders:write.
+        assert_eq!(rig.outcomes(), (vec![1], vec![(2, 403)]));
+        // And again from the cache.
+        assert_eq!(send(&rig, 3, &write), Action::Pause);
+        assert_eq!(rig.outcomes(), (vec![], vec![(3, 403)]));
+    }
+
+    #[test]
+    fn a_token_for_another_audience_is_invalid() {
+        let rig = rig();
+        let get = [(":method", "GET"), (":path", "/orders"), ("authorization", "Bearer t")];
+        send(&rig, 1, &get);
+        let id = rig.host.last_callout().unwrap().id;
+        rig.answer(id, Some(200), br#"{"active": true, "scope": "read", "aud": "billing-api"}"#);
+        let replies: Vec<_> = rig.host.take_events().into_iter().filter(|e| matches!(e, Event::Reply { .. })).collect();
+        let body = r#"{"error":"invalid_token","error_description":"the token is not meant for this audience"}"#;
+        let [Event::Reply { ctx: 1, status: 401, headers, body: sent }] = replies.as_slice() else {
+            panic!("{replies:?}")
+        };
+        assert_eq!(sent, body);
+        let challenge = headers.iter().find(|(n, _)| n == "www-authenticate").map(|(_, v)| v.as_str());
+        assert_eq!(
+            challenge,
+            Some(
+                r#"Bearer realm="tokengate", error="invalid_token", error_description="the token is not meant for this audience""#
+            )
+        );
+    }
+
+    #[test]
+    fn public_optional_and_preflight_requests_pass_without_a_token_but_lose_client_claim_headers() {
+        let rig = rig();
+        for (ctx, method, path, extra) in [
+            (1, "GET", "/healthz", None),
+            (2, "GET", "/catalog/1", None),
+            (3, "OPTIONS", "/orders", Some(("access-control-request-method", "POST"))),
+        ] {
+            let mut headers = vec![(":method", method), (":path", path), ("x-auth-subject", "root"), ("origin", "o")];
+            headers.extend(extra);
+            assert_eq!(send(&rig, ctx, &headers), Action::Continue, "{path}");
+            let removed = Event::RemoveHeader { ctx, name: "x-auth-subject".into() };
+            assert_eq!(rig.host.take_events(), vec![removed], "{path}");
+        }
+        // A plain OPTIONS is no preflight, and an optional route checks a token it is given.
+        assert_eq!(send(&rig, 4, &[(":method", "OPTIONS"), (":path", "/orders")]), Action::Pause);
+        assert_eq!(rig.outcomes(), (vec![], vec![(4, 401)]));
+        let with_token = [(":method", "GET"), (":path", "/catalog/1"), ("authorization", "Bearer bad")];
+        assert_eq!(send(&rig, 5, &with_token), Action::Pause);
+        rig.answer(rig.host.last_callout().unwrap().id, Some(200), br#"{"active": false}"#);
+        assert_eq!(rig.outcomes(), (vec![], vec![(5, 401)]));
+    }
+
+    #[test]
+    fn route_metadata_wins_over_the_rules() {
+        let rig = rig();
+        let key = "xds.route_metadata.filter_metadata.tokengate.require";
+        rig.host.properties.borrow_mut().insert(key.into(), br#"{"token": "none"}"#.to_vec());
+        assert_eq!(send(&rig, 1, &[(":method", "POST"), (":path", "/orders")]), Action::Continue);
+        rig.host.properties.borrow_mut().insert(key.into(), br#"{"scopes": ["x"], "oops": 1}"#.to_vec());
+        assert_eq!(send(&rig, 2, &[(":method", "GET"), (":path", "/healthz")]), Action::Pause);
+        assert_eq!(rig.outcomes(), (vec![], vec![(2, 503)]));
+    }
+}
