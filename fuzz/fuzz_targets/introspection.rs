@@ -4,6 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use tokengate::rules::{Requirement, TokenMode};
 use tokengate::cache;
 use tokengate::config;
 use tokengate::introspection::{check_response, is_header_safe, is_usable_claim_value, parse_answer, Answer, IntrospectionError};
@@ -76,8 +77,14 @@ fuzz_target!(|data: &[u8]| {
             assert!(until <= exp.saturating_mul(1000), "cached past exp");
         }
     }
+    let read = Requirement {
+        token: TokenMode::Required,
+        any_of: vec![vec!["read".to_string()]],
+        audiences: Vec::new(),
+        issuers: Vec::new(),
+    };
     for now_s in [0, now_ms / 1000, exp.unwrap_or(0), exp.unwrap_or(0).saturating_sub(1), u64::MAX] {
-        let decision = policy::decide(&answer, &["read".to_string()], now_s);
+        let decision = policy::decide(&answer, &read, now_s);
         if decision.is_ok() {
             assert!(exp.is_none_or(|e| e > now_s), "allowed at or past exp");
         }
