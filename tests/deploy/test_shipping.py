@@ -79,7 +79,9 @@ def test_bootstrap_listeners_carry_their_variants(path, configs):
     # One VM's shared data: the admin listener's revocations reach the data workers.
     data_plugin, admin_plugin = data_filter["typed_config"]["config"], admin_filter["typed_config"]["config"]
     assert data_plugin["vm_config"]["vm_id"] == admin_plugin["vm_config"]["vm_id"] == "tokengate"
-    assert data_plugin["fail_open"] is False and admin_plugin["fail_open"] is False
+    # A crashed VM fails closed and is replaced; `fail_open` (deprecated) cannot say so.
+    assert data_plugin["failure_policy"] == admin_plugin["failure_policy"] == "FAIL_RELOAD"
+    assert "fail_open" not in data_plugin and "fail_open" not in admin_plugin
     manager = shipped.http_manager(admin)
     assert manager["normalize_path"] is True and manager["merge_slashes"] is True
     assert_buffer_follows_tokengate(admin)
@@ -90,6 +92,29 @@ def test_bootstrap_listeners_carry_their_variants(path, configs):
     assert bootstrap["admin"]["address"]["socket_address"]["port_value"] == 9901
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
     assert set(clusters) == {"idp", "upstream"}
+
+
+def test_admin_buffer_limit_follows_admin_max_body_bytes(configs):
+    """The buffer filter's limit is rendered from admin.max_body_bytes in every shipped admin
+    listener, so a client meets tokengate's JSON 413, whatever the limit is set to."""
+    admins = [
+        ("admin", shipped.listener_named(shipped.load_yaml(shipped.REFERENCE), "tokengate_admin")),
+        ("admin", shipped.listener_named(shipped.load_yaml(shipped.COMPOSE_BOOTSTRAP), "tokengate_admin")),
+        ("istio-admin", shipped.istio_admin_listener()),
+    ]
+    for variant, listener in admins:
+        (buffer,) = [f for f in shipped.http_manager(listener)["http_filters"] if f["name"] == "envoy.filters.http.buffer"]
+        expected = configs[variant]["admin"].get("max_body_bytes", shipped.render.DEFAULT_MAX_BODY_BYTES)
+        assert buffer["typed_config"]["max_request_bytes"] == expected, variant
+    raised = {**configs, "admin": shipped.render.merge(configs["admin"], {"admin": {"max_body_bytes": 4194304}})}
+    text = shipped.REFERENCE.read_text()
+    assert "max_request_bytes: 4194304" in shipped.render.splice_yaml("envoy.yaml", text, raised)
+
+
+def test_istio_wasmplugin_reloads_a_crashed_vm():
+    assert shipped.load_yaml(shipped.WASMPLUGIN)["spec"]["failStrategy"] == "FAIL_RELOAD"
+    plugins = [shipped.istio_http_filter(), *shipped.wasm_filters(shipped.istio_admin_listener())]
+    assert [f["typed_config"]["config"]["failure_policy"] for f in plugins] == ["FAIL_RELOAD"] * 2
 
 
 def assert_buffer_follows_tokengate(admin_listener):
