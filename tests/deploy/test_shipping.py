@@ -198,6 +198,32 @@ def test_envoy_validates_the_istio_filters(module, tmp_path):
     envoy_validate(path)
 
 
+def test_envoy_validates_the_tls_idp_cluster(module, tmp_path):
+    """envoy/tls/idp-cluster.yaml in place of the reference bootstrap's plaintext `idp`."""
+    bootstrap = shipped.load_yaml(shipped.REFERENCE)
+    clusters = bootstrap["static_resources"]["clusters"]
+    tls = shipped.load_yaml(shipped.TLS_IDP_CLUSTER)
+    assert tls["name"] == "idp"
+    clusters[[c["name"] for c in clusters].index("idp")] = tls
+    context = tls["transport_socket"]["typed_config"]
+    assert context["sni"] == context["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"][0][
+        "matcher"
+    ]["exact"]
+    path = tmp_path / "tls-idp.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    envoy_validate(path)
+
+
+def test_istio_external_idp_is_reached_with_tls_origination():
+    service_entry, rule = [d for d in yaml.safe_load_all(shipped.IDP_EXTERNAL.read_text()) if d]
+    (host,) = service_entry["spec"]["hosts"]
+    assert rule["spec"]["host"] == host
+    assert rule["spec"]["trafficPolicy"]["tls"]["mode"] == "SIMPLE"
+    assert rule["spec"]["trafficPolicy"]["tls"]["sni"] == host
+    (port,) = service_entry["spec"]["ports"]
+    assert port["protocol"] == "HTTP", "the sidecar originates TLS; HTTPS would pass plaintext through"
+
+
 def test_envoy_validate_runs_the_plugin_configuration_parser(module, tmp_path):
     """The checks above are worth something only if validate mode loads the module."""
     bootstrap = shipped.load_yaml(shipped.REFERENCE)
@@ -267,6 +293,8 @@ def crd_schema(crd_path, version):
 SCHEMAS = {
     "EnvoyFilter": (shipped.SCHEMA_DIR / "envoyfilters.networking.istio.io.yaml", "v1alpha3"),
     "WasmPlugin": (shipped.SCHEMA_DIR / "wasmplugins.extensions.istio.io.yaml", "v1alpha1"),
+    "ServiceEntry": (shipped.SCHEMA_DIR / "serviceentries.networking.istio.io.yaml", "v1"),
+    "DestinationRule": (shipped.SCHEMA_DIR / "destinationrules.networking.istio.io.yaml", "v1"),
 }
 
 
@@ -276,7 +304,9 @@ def schema_errors(manifest):
     return sorted(f"{'/'.join(map(str, e.absolute_path)) or '.'}: {e.message}" for e in validator.iter_errors(manifest))
 
 
-@pytest.mark.parametrize("path", [shipped.ENVOYFILTER, shipped.WASMPLUGIN], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [shipped.ENVOYFILTER, shipped.WASMPLUGIN, shipped.IDP_EXTERNAL], ids=lambda p: p.name
+)
 def test_istio_manifest_matches_the_crd_schema(path):
     documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     assert documents
