@@ -241,6 +241,83 @@ def test_envoy_validate_runs_the_plugin_configuration_parser(module, tmp_path):
     assert "unknown field `timeout`" in proc.stdout + proc.stderr
 
 
+# --------------------------------------------------------------------------- Kubernetes objects
+
+# The Kubernetes version whose schemas (kubernetes-validate's) the objects are checked against.
+KUBERNETES = "1.33.0"
+
+
+def kubernetes_errors(manifest):
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(manifest, KUBERNETES, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        return [f"{'/'.join(map(str, err.path)) or '.'}: {err.message}"]
+    return []
+
+
+def patched_api_deployment(*patch_paths):
+    """The walk-through's `kubectl create deployment api`, with the patches applied as
+    `kubectl patch` would (mappings merge; containers merge by name)."""
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "api", "namespace": "demo"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "api"}},
+            "template": {
+                "metadata": {"labels": {"app": "api"}},
+                "spec": {"containers": [{"name": "httpbin", "image": "docker.io/kennethreitz/httpbin"}]},
+            },
+        },
+    }
+
+    def merge(into, patch):
+        for key, value in patch.items():
+            if key == "containers":
+                names = {c["name"]: c for c in into.setdefault(key, [])}
+                for container in value:
+                    if container["name"] in names:
+                        merge(names[container["name"]], container)
+                    else:
+                        into[key].append(copy.deepcopy(container))
+            elif isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = copy.deepcopy(value)
+
+    for path in patch_paths:
+        merge(deployment, shipped.load_yaml(path))
+    return deployment
+
+
+def test_demo_idp_matches_the_kubernetes_schema_and_is_the_istio_overlays_service(configs):
+    documents = [d for d in yaml.safe_load_all(shipped.DEMO_IDP.read_text()) if d]
+    assert [d["kind"] for d in documents] == ["Deployment", "Service"]
+    for manifest in documents:
+        assert kubernetes_errors(manifest) == [], manifest["kind"]
+    deployment, service = documents
+    (port,) = service["spec"]["ports"]
+    host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    assert configs["istio"]["introspection"]["cluster"] == f"outbound|{port['port']}||{host}"
+    assert configs["istio"]["introspection"]["authority"] == host
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"][-2:] == ["--port", str(port["targetPort"])]
+
+
+def test_deployment_patches_match_the_kubernetes_schema():
+    patched = patched_api_deployment(shipped.WASM_VOLUME_PATCH, shipped.SECRET_ENV_PATCH)
+    assert kubernetes_errors(patched) == []
+    (proxy,) = [c for c in patched["spec"]["template"]["spec"]["containers"] if c["name"] == "istio-proxy"]
+    (env,) = proxy["env"]
+    assert env["name"] == "TOKENGATE_CLIENT_SECRET" and env["valueFrom"]["secretKeyRef"]["key"] == "client_secret"
+
+
+def test_kubernetes_check_rejects_a_broken_object():
+    broken = patched_api_deployment(shipped.SECRET_ENV_PATCH)
+    broken["spec"]["template"]["spec"]["containers"][1]["env"][0]["valueFrom"]["secretRef"] = {"name": "x"}
+    assert any("secretRef" in e for e in kubernetes_errors(broken))
+
+
 # --------------------------------------------------------------------------- Istio CRD schemas
 
 
