@@ -214,6 +214,25 @@ def test_envoy_validates_the_tls_idp_cluster(module, tmp_path):
     envoy_validate(path)
 
 
+def test_envoy_validates_the_tls_etcd_cluster(module, tmp_path):
+    """envoy/tls/etcd-cluster.yaml beside the reference bootstrap's clusters, with its
+    certificate files present (Envoy reads them at load): a CA, and a client pair from it."""
+    bootstrap = shipped.load_yaml(shipped.REFERENCE)
+    etcd = shipped.load_yaml(shipped.TLS_ETCD_CLUSTER)
+    context = etcd["transport_socket"]["typed_config"]["common_tls_context"]
+    subj = ["-subj", "/CN=tokengate-test"]
+    key, cert = tmp_path / "client.key", tmp_path / "client.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", *subj], check=True, capture_output=True)
+    (pair,) = context["tls_certificates"]
+    pair["certificate_chain"]["filename"], pair["private_key"]["filename"] = str(cert), str(key)
+    context["validation_context"]["trusted_ca"]["filename"] = str(cert)
+    bootstrap["static_resources"]["clusters"].append(etcd)
+    path = tmp_path / "tls-etcd.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    envoy_validate(path)
+
+
 def test_istio_external_idp_is_reached_with_tls_origination():
     service_entry, rule = [d for d in yaml.safe_load_all(shipped.IDP_EXTERNAL.read_text()) if d]
     (host,) = service_entry["spec"]["hosts"]

@@ -6,16 +6,20 @@ Everything binds 127.0.0.1; certificates and keys are made at test time with the
 `openssl` command and live in the test's work directory.
 """
 import copy
+import http.client
+import json
 import os
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from harness import REPO, SERVERS, Envoy, MockIdp, _named, wait_for_port
+from harness import LOOPBACK, REPO, SERVERS, Envoy, Etcd, EtcdMember, MockIdp, _named, wait_for_port
 
 SHIPPED_TLS_CLUSTER = REPO / "envoy" / "tls" / "idp-cluster.yaml"
+SHIPPED_ETCD_TLS_CLUSTER = REPO / "envoy" / "tls" / "etcd-cluster.yaml"
 # The module under test, as harness.Envoy finds it.
 CURRENT_WASM = os.environ.get("TOKENGATE_WASM") or str(REPO / "target" / "tokengate.wasm")
 
@@ -38,13 +42,15 @@ def make_ca(directory, name):
     return cert, key
 
 
-def issue_cert(directory, ca, dns_name):
-    """A server certificate for `dns_name` (its SAN), signed by `ca`: (certificate, key)."""
+def issue_cert(directory, ca, dns_name, usage="serverAuth", loopback=False):
+    """A certificate for `dns_name` (its SAN, with 127.0.0.1 too if `loopback`) of
+    extended key usage `usage` (serverAuth, clientAuth), signed by `ca`: (certificate, key)."""
     directory = Path(directory)
     ca_cert, ca_key = ca
     stem = directory / dns_name.replace(".", "_")
     key, csr, cert, ext = (Path(f"{stem}{suffix}") for suffix in (".key", ".csr", ".crt", ".ext"))
-    ext.write_text(f"subjectAltName=DNS:{dns_name}\nextendedKeyUsage=serverAuth\n")
+    names = f"DNS:{dns_name}" + (f",IP:{LOOPBACK}" if loopback else "")
+    ext.write_text(f"subjectAltName={names}\nextendedKeyUsage={usage}\n")
     _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
              "-keyout", key, "-out", csr, "-subj", f"/CN={dns_name}", cwd=directory)
     _openssl("x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial",
@@ -104,10 +110,12 @@ class TlsMockIdp(MockIdp):
         )
 
 
-def shipped_tls_cluster(port, trusted_ca, server_name):
-    """envoy/tls/idp-cluster.yaml, pointed at 127.0.0.1:`port`, trusting `trusted_ca`
-    and expecting (and sending as SNI) `server_name`: only the addresses change."""
-    cluster = yaml.safe_load(SHIPPED_TLS_CLUSTER.read_text())
+def shipped_tls_cluster(port, trusted_ca, server_name, path=SHIPPED_TLS_CLUSTER, client=None):
+    """A shipped TLS cluster (envoy/tls/idp-cluster.yaml by default) pointed at
+    127.0.0.1:`port`, trusting `trusted_ca` and expecting (and sending as SNI)
+    `server_name`, with the client certificate `client` (certificate, key) or none:
+    only addresses and file names change."""
+    cluster = yaml.safe_load(Path(path).read_text())
     cluster["type"] = "STATIC"
     cluster.pop("dns_lookup_family", None)
     (group,) = cluster["load_assignment"]["endpoints"]
@@ -119,6 +127,13 @@ def shipped_tls_cluster(port, trusted_ca, server_name):
     validation["trusted_ca"] = {"filename": str(trusted_ca)}
     (san,) = validation["match_typed_subject_alt_names"]
     san["matcher"] = {"exact": server_name}
+    context = tls["common_tls_context"]
+    if client is None:
+        context.pop("tls_certificates", None)
+    else:
+        (pair,) = context["tls_certificates"]
+        pair["certificate_chain"] = {"filename": str(client[0])}
+        pair["private_key"] = {"filename": str(client[1])}
     return cluster
 
 
@@ -227,3 +242,52 @@ def build_panic_canary():
     )
     assert build.returncode == 0, build.stderr
     return PANIC_CANARY / "target" / "wasm32-wasip1" / "release" / "panic_canary.wasm"
+
+
+# --------------------------------------------------------------------------- etcd over TLS
+
+
+class _TlsMember(EtcdMember):
+    @property
+    def client_url(self):
+        return f"https://{LOOPBACK}:{self.client_port}"
+
+
+class TlsEtcd(Etcd):
+    """A one-member etcd whose client port speaks TLS only and requires a client
+    certificate that `ca` signed (--client-cert-auth). `server` is its certificate for
+    `server_name`; `client` is what the harness itself reads etcd with."""
+
+    def __init__(self, procs, workdir, ca, server, client, server_name):
+        self.ca, self.server, self.client, self.server_name = ca, server, client, server_name
+        super().__init__(procs, workdir, members=1, name="etcd-tls", extra_args=[
+            "--cert-file", server[0], "--key-file", server[1],
+            "--client-cert-auth", "--trusted-ca-file", ca[0],
+        ])
+        self.members = [_TlsMember(m.name, self.workdir) for m in self.members]
+
+    def _post(self, member, path, body, timeout):
+        context = ssl.create_default_context(cafile=str(self.ca[0]))
+        context.load_cert_chain(str(self.client[0]), str(self.client[1]))
+        conn = http.client.HTTPSConnection(LOOPBACK, member.client_port, timeout=timeout, context=context)
+        try:
+            conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def healthy(self, member):
+        if not member.alive():
+            raise RuntimeError(f"{member.name} exited:\n{member.proc.log_tail()}")
+        try:
+            status, _ = self._post(member, "/v3/maintenance/status", {}, 1.0)
+        except OSError:
+            return False
+        return status == 200
+
+    def call(self, path, body, member=None, timeout=3.0):
+        status, data = self._post(member or self.members[0], path, body, timeout)
+        if status != 200:
+            raise RuntimeError(f"etcd {path}: {status} {data[:200]!r}")
+        return json.loads(data)

@@ -5,6 +5,8 @@
   and keeping the shared data (tests/e2e/panic_canary);
 - introspection over TLS through the shipped envoy/tls/idp-cluster.yaml, against an
   IdP whose certificate a CA made at test time signed; another CA fails closed;
+- cluster sync through the shipped envoy/tls/etcd-cluster.yaml to an etcd that takes
+  only clients with a certificate its CA signed; without one, nothing is written;
 - a module upgrade pushed over LDS into one running Envoy under load: the new
   module (another shared-data format) never reads the old one's records, and a
   rollback finds the old records again.
@@ -23,8 +25,10 @@ from conftest import CONCURRENCY
 from harness import LOOPBACK, REPO, Envoy, bearer, get, merge, request, wait_until
 from ops_harness import (
     CURRENT_WASM,
+    SHIPPED_ETCD_TLS_CLUSTER,
     ClusterEnvoy,
     LdsEnvoy,
+    TlsEtcd,
     TlsMockIdp,
     build_module_at,
     build_panic_canary,
@@ -173,6 +177,75 @@ def test_idp_certificate_from_another_ca_fails_closed(procs, workdir, upstream, 
         assert envoy.counter("cluster.idp.ssl.fail_verify_error") >= 1
         assert envoy.metric(IDP_UNAVAILABLE) == 1
         assert envoy.metric(FAILURES_STATUS) == 1, "Envoy answers the callout with its own 503"
+    finally:
+        envoy.stop()
+
+
+# --------------------------------------------------------------------------- etcd over TLS
+
+
+ETCD_NAME = "etcd.test"
+SYNC_PREFIX = "tokengate/"
+
+
+@pytest.fixture(scope="module")
+def tls_etcd(procs, workdir):
+    pki = workdir / "etcd-pki"
+    ca = make_ca(pki, "etcd-ca")
+    # etcd's JSON gateway dials its own gRPC port with the server certificate: it needs
+    # clientAuth as well as serverAuth once --client-cert-auth is on.
+    server = issue_cert(pki, ca, ETCD_NAME, usage="serverAuth,clientAuth", loopback=True)
+    client = issue_cert(pki, ca, "tokengate-client", usage="clientAuth")
+    etcd = TlsEtcd(procs, workdir, ca, server, client, ETCD_NAME).start()
+    yield etcd, ca, client
+    etcd.stop()
+
+
+def etcd_tls_envoy(procs, workdir, upstream, idp, etcd, ca, client, name):
+    port = etcd.members[0].client_port
+    return Envoy(
+        procs, workdir, idp.port, upstream.port,
+        idp.plugin_config(cluster_sync={"cluster": "etcd", "authority": ETCD_NAME, "prefix": SYNC_PREFIX}),
+        concurrency=CONCURRENCY, name=name,
+        extra_clusters=[shipped_tls_cluster(port, ca[0], ETCD_NAME, path=SHIPPED_ETCD_TLS_CLUSTER, client=client)],
+    ).start()
+
+
+def test_cluster_sync_over_tls_with_a_client_certificate_writes_revocations(
+    procs, workdir, upstream, mock_idp, tls_etcd
+):
+    etcd, ca, client = tls_etcd
+    envoy = etcd_tls_envoy(procs, workdir, upstream, mock_idp, etcd, ca, client, "envoy-etcd-tls")
+    try:
+        token = mock_idp.issue_token()
+        wait_until(lambda: envoy.get("/", bearer(token)).status == 200, 30, what="the first read of etcd")
+        answer = admin_revoke(envoy, token).json()
+        assert answer["cluster_sync"] == "written", answer
+        (token_id,) = answer["ids"]
+        assert f"{SYNC_PREFIX}revoked/{token_id}" in etcd.get_prefix(SYNC_PREFIX)
+        assert envoy.get("/", bearer(token)).status == 401
+        assert envoy.counter("cluster.etcd.ssl.handshake") >= 1
+    finally:
+        envoy.stop()
+
+
+def test_cluster_sync_without_a_client_certificate_is_refused_by_etcd(
+    procs, workdir, upstream, mock_idp, tls_etcd
+):
+    """The etcd cluster's TLS without a client certificate: etcd ends every handshake, so
+    the first read never completes (503 denylist_loading) and nothing reaches etcd."""
+    etcd, ca, _ = tls_etcd
+    envoy = etcd_tls_envoy(procs, workdir, upstream, mock_idp, etcd, ca, None, "envoy-etcd-no-cert")
+    try:
+        wait_until(lambda: envoy.metric("tokengate.sync.failures") >= 1, 30, what="a failed etcd call")
+        resp = envoy.get("/", bearer(mock_idp.issue_token()))
+        assert resp.status == 503, resp
+        assert resp.json()["error"] == "temporarily_unavailable"
+        assert envoy.metric("tokengate.requests.denied.denylist_loading") == 1
+        before = etcd.get_prefix(SYNC_PREFIX)
+        token = mock_idp.issue_token()
+        assert admin_revoke(envoy, token).json()["cluster_sync"] == "queued"
+        assert etcd.get_prefix(SYNC_PREFIX) == before
     finally:
         envoy.stop()
 
