@@ -38,13 +38,14 @@ def install(version, deps):
 
 def has_v8(binary):
     """(True, "") if the reference bootstrap, module included, validates; else (False, why)."""
-    proc = subprocess.run([str(binary), "--mode", "validate", "-c", "envoy/envoy.yaml", "--log-level", "error"],
+    proc = subprocess.run([str(binary), "--mode", "validate", "-c", "envoy/envoy.yaml", "--log-level", "warning"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     if proc.returncode == 0:
         return True, ""
-    text = proc.stdout + proc.stderr
-    lines = [line for line in text.splitlines() if "runtime" in line.lower() or "error" in line.lower()]
-    return False, (lines[-1] if lines else text.strip().splitlines()[-1])[-160:]
+    lines = (proc.stdout + proc.stderr).strip().splitlines() or ["(no output)"]
+    # Envoy's own words, without the log prefix: "Failed to create Wasm VM ... compiled without support for it".
+    why = next((line for line in lines if "Failed to create Wasm VM" in line), lines[-1])
+    return False, why.rsplit("] ", 1)[-1][:160]
 
 
 def run_tests(binary, version, files, env):
