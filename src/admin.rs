@@ -419,8 +419,8 @@ pub fn handle<S: Store + ?Sized>(
                     let jti_ids: Vec<String> =
                         jwts.revoked.iter().take(MAX_IDS_IN_ANSWER).map(|h| Record::hashed_id(Kind::Jwt, h)).collect();
                     let mut body = json!({"revoked": done.revoked.len(), "ids": ids});
-                    if !jti_ids.is_empty() {
-                        body["jti_ids"] = json!(jti_ids);
+                    if let Some(fields) = body.as_object_mut().filter(|_| !jti_ids.is_empty()) {
+                        fields.insert("jti_ids".into(), json!(jti_ids));
                     }
                     if done.full.is_empty() && jwts.full.is_empty() {
                         Reply::ok(body)
@@ -705,7 +705,10 @@ mod tests {
         assert_eq!(done.reply.body.as_ref().unwrap()["jti_ids"], json!([jti_id]));
         assert_eq!(done.changes.len(), 2, "the token and its identity reach etcd");
         let listed: Value = serde_json::from_str(
-            &handle(&Route::List { offset: 0, limit: None }, None, &limits, &store, 101, &|_| None).reply.text().unwrap(),
+            &handle(&Route::List { offset: 0, limit: None }, None, &limits, &store, 101, &|_| None)
+                .reply
+                .text()
+                .unwrap(),
         )
         .unwrap();
         let records = listed["revocations"].as_array().unwrap();
@@ -729,7 +732,9 @@ mod tests {
         let store = MemoryStore::new();
         let limits = config::Denylist::default();
         let revoke = Revoke::Tokens { tokens: vec!["tok".into()], reason: String::new() };
-        handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &|_| Some(Claims { exp: Some(500), ..Default::default() }));
+        handle(&Route::Revoke, Some(revoke), &limits, &store, 100, &|_| {
+            Some(Claims { exp: Some(500), ..Default::default() })
+        });
         let all = Route::List { offset: 0, limit: None };
         let listed: Value =
             serde_json::from_str(&handle(&all, None, &limits, &store, 101, &|_| None).reply.text().unwrap()).unwrap();

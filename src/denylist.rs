@@ -160,7 +160,13 @@ impl<'s, S: Store + ?Sized> Denylist<'s, S> {
         self.revoke_hashed(Kind::Jwt, items, reason, now)
     }
 
-    fn revoke_hashed(&self, kind: Kind, items: &[(TokenHash, u64)], reason: &str, now: u64) -> Result<Revoked, DenyError> {
+    fn revoke_hashed(
+        &self,
+        kind: Kind,
+        items: &[(TokenHash, u64)],
+        reason: &str,
+        now: u64,
+    ) -> Result<Revoked, DenyError> {
         let reason = clip_reason(reason);
         let capacity = bucket_capacity(self.limits.max_tokens);
         let mut by_key: HashMap<String, Vec<(TokenHash, u64)>> = HashMap::new();
