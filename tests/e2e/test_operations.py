@@ -181,6 +181,19 @@ def test_idp_certificate_from_another_ca_fails_closed(procs, workdir, upstream, 
         envoy.stop()
 
 
+def test_idp_refusing_connections_is_counted_where_the_readme_says(fresh):
+    """A refused connection comes back from Envoy as its own 503: `failures.status`, not
+    `failures.transport` (README, "Metrics" and "The authorization server failing")."""
+    idp = fresh.mock_idp()
+    envoy = fresh.envoy(idp)
+    idp.stop()
+    resp = envoy.get("/", bearer("refused-" + secrets.token_hex(8)))
+    assert resp.status == 503, resp
+    assert resp.json()["error"] == "temporarily_unavailable"
+    assert envoy.metric(FAILURES_STATUS) == 1
+    assert envoy.metric("tokengate.introspection.failures.transport") == 0
+
+
 # --------------------------------------------------------------------------- etcd over TLS
 
 
