@@ -315,7 +315,7 @@ def test_module_upgrade_over_lds_under_load_never_reads_the_old_format(procs, wo
 
         with Load(envoy.port, steady) as load:
             envoy.push(CURRENT_WASM)
-            wait_until(lambda: mock_idp.calls_for(steady) == 2, 30, what="the new module to ask for its own answer")
+            wait_until(lambda: mock_idp.calls_for(steady) >= 2, 30, what="the new module to ask for its own answer")
             # The old format's revocation is not the new format's record: it starts empty.
             assert envoy.get("/", bearer(revoked_before)).status == 200
             admin_revoke(envoy, revoked_after)
