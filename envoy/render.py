@@ -16,6 +16,10 @@ hand and left alone:
     <!-- tokengate-config: <variant> -->   (Markdown; the ```json fence that
     ```json                                 follows is replaced)
 
+    # tokengate-body-limit: <variant>        (YAML; the next line is the buffer
+    max_request_bytes: N                     filter's limit, set to the variant's
+                                             admin.max_body_bytes)
+
 envoy/compose/envoy.yaml is generated whole from envoy/envoy.yaml, so the
 compose deployment cannot drift from the reference bootstrap.
 
@@ -52,6 +56,10 @@ COMPOSE_HOSTS = {"idp": "idp", "upstream": "upstream"}
 
 YAML_MARKER = re.compile(r"^(?P<indent> *)# tokengate-config: (?P<variant>[\w-]+)\s*$")
 YAML_KEY = re.compile(r"^(?P<indent> *)(?P<key>value: \||pluginConfig:)\s*$")
+BODY_MARKER = re.compile(r"^(?P<indent> *)# tokengate-body-limit: (?P<variant>[\w-]+)\s*$")
+BODY_KEY = re.compile(r"^(?P<indent> *)max_request_bytes: \d+\s*$")
+# src/config.rs's default of admin.max_body_bytes.
+DEFAULT_MAX_BODY_BYTES = 1048576
 MD_MARKER = re.compile(r"^<!-- tokengate-config: (?P<variant>[\w-]+) -->\s*$")
 
 
@@ -108,6 +116,18 @@ def splice_yaml(path, text, configs):
         line = lines[i]
         out.append(line)
         i += 1
+        body = BODY_MARKER.match(line)
+        if body:
+            # The buffer filter before the router holds an admin request's body: its limit
+            # follows admin.max_body_bytes, so the filter's own 413 is what a client meets.
+            admin = configs.get(body["variant"], {}).get("admin")
+            if admin is None:
+                raise RenderError(f"{path}:{i}: variant {body['variant']!r} has no admin section")
+            if i >= len(lines) or not BODY_KEY.match(lines[i]) or BODY_KEY.match(lines[i])["indent"] != body["indent"]:
+                raise RenderError(f"{path}:{i}: the marker must be followed by `max_request_bytes: N`")
+            out.append(f"{body['indent']}max_request_bytes: {admin.get('max_body_bytes', DEFAULT_MAX_BODY_BYTES)}")
+            i += 1
+            continue
         marker = YAML_MARKER.match(line)
         if not marker:
             continue

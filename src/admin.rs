@@ -169,23 +169,28 @@ pub fn outside_admin(path: &str, prefix: &str) -> Option<Reply> {
         .then(|| Reply::error(404, "not_found", "this listener serves only the tokengate admin API"))
 }
 
-/// Checks the admin credential: a bearer token whose SHA-256 is configured.
-pub fn authorize(authorization: &[&[u8]], token_sha256: &str) -> Result<(), Reply> {
+/// Checks the admin credential: a bearer token whose SHA-256 is one of those
+/// configured (several while a token is being rotated).
+pub fn authorize(authorization: &[&[u8]], token_sha256: &config::AdminTokenHashes) -> Result<(), Reply> {
     let denied = || {
         Reply::error(401, "unauthorized", "the admin API needs its bearer token")
             .with_header("www-authenticate", "Bearer realm=\"tokengate-admin\"")
     };
     let token = bearer::parse(authorization, bearer::MAX_TOKEN_BYTES).map_err(|_| denied())?;
     let presented = hex(&Sha256::digest(token.as_bytes()).into());
-    // Compare every byte: the time taken says nothing about the configured hash.
-    let expected = token_sha256.to_ascii_lowercase();
-    let same = presented.len() == expected.len()
-        && presented.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-    if same {
+    // Compare every byte of every hash: the time taken says nothing about which one matched.
+    let matches = token_sha256.iter().fold(0usize, |n, expected| n + usize::from(same_hex(&presented, expected)));
+    if matches > 0 {
         Ok(())
     } else {
         Err(denied())
     }
+}
+
+/// Constant-time comparison of a lower-case hex digest with a configured one (any case).
+fn same_hex(presented: &str, expected: &str) -> bool {
+    presented.len() == expected.len()
+        && presented.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b.to_ascii_lowercase())) == 0
 }
 
 /// Finds the route for an admin path, or the reply that refuses it.
@@ -580,7 +585,7 @@ mod tests {
     fn admin_cfg() -> config::Admin {
         config::Admin {
             path_prefix: PREFIX.into(),
-            token_sha256: hex(&Sha256::digest(b"admin-secret").into()),
+            token_sha256: config::AdminTokenHashes::new([hex(&Sha256::digest(b"admin-secret").into())]),
             max_body_bytes: 4096,
             max_bulk_tokens: 3,
         }
@@ -660,7 +665,8 @@ mod tests {
     fn admin_token_is_checked_by_hash() {
         let cfg = admin_cfg();
         assert!(authorize(&[b"Bearer admin-secret"], &cfg.token_sha256).is_ok());
-        assert!(authorize(&[b"bearer admin-secret"], &cfg.token_sha256.to_uppercase()).is_ok());
+        let upper = config::AdminTokenHashes::new(cfg.token_sha256.iter().map(str::to_uppercase));
+        assert!(authorize(&[b"bearer admin-secret"], &upper).is_ok());
         for bad in [
             &[][..],
             &[&b"Bearer wrong"[..]],
@@ -671,6 +677,17 @@ mod tests {
             assert_eq!(r.status, 401);
             assert!(r.headers.iter().any(|(n, _)| *n == "www-authenticate"));
         }
+    }
+
+    #[test]
+    fn any_configured_admin_token_is_accepted_during_a_rotation() {
+        let digest = |t: &[u8]| hex(&Sha256::digest(t).into());
+        let both = config::AdminTokenHashes::new([digest(b"old-token"), digest(b"new-token")]);
+        assert!(authorize(&[b"Bearer old-token"], &both).is_ok());
+        assert!(authorize(&[b"Bearer new-token"], &both).is_ok());
+        assert_eq!(authorize(&[b"Bearer other-token"], &both).unwrap_err().status, 401);
+        let new_only = config::AdminTokenHashes::new([digest(b"new-token")]);
+        assert_eq!(authorize(&[b"Bearer old-token"], &new_only).unwrap_err().status, 401);
     }
 
     #[test]

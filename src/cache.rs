@@ -3,7 +3,7 @@
 //! Shared cache (every worker of the Envoy process): proxy-wasm shared data
 //! never frees a key, so the key space is fixed up front. A token's SHA-256
 //! picks one of `ceil(max_entries / SLOTS)` buckets,
-//! `tokengate.cache.<partition>.<B>.<i>`; each bucket is a JSON list of at
+//! `tokengate.v1.cache.<partition>.<B>.<i>`; each bucket is a JSON list of at
 //! most `SLOTS` entries rewritten with CAS. The partition is a digest of
 //! everything that shapes an answer (the introspection endpoint and client,
 //! the claims kept, the cache lifetimes), so listeners sharing a `vm_id` with
@@ -26,7 +26,7 @@
 use crate::bearer::Token;
 use crate::config;
 use crate::introspection::Answer;
-use crate::store::{update, Store, StoreError};
+use crate::store::{update, Store, StoreError, KEY_PREFIX};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -240,7 +240,7 @@ impl<'s, S: Store + ?Sized> SharedCache<'s, S> {
         prefix.copy_from_slice(hash.get(..8).unwrap_or(&[0; 8]));
         let index = u64::from_be_bytes(prefix) % self.buckets;
         // The bucket count is in the key: a config with another size uses its own keys.
-        format!("tokengate.cache.{}.{}.{index}", self.partition, self.buckets)
+        format!("{KEY_PREFIX}cache.{}.{}.{index}", self.partition, self.buckets)
     }
 
     fn read(&self, hash: &TokenHash) -> Result<Vec<Slot>, StoreError> {

@@ -15,17 +15,17 @@
 //! callouts (over `host::Host`).
 
 use crate::denylist::{Change, Record};
-use crate::store::{update, Store, StoreError};
+use crate::store::{shared_key, update, Store, StoreError};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-const LEADER_KEY: &str = "tokengate.sync.leader";
-const REVISION_KEY: &str = "tokengate.sync.revision";
-const OUTBOX_KEY: &str = "tokengate.sync.outbox";
-const LAST_SYNC_KEY: &str = "tokengate.sync.last_ok";
-const LOADED_KEY: &str = "tokengate.sync.loaded";
+const LEADER_KEY: &str = shared_key!("sync.leader");
+const REVISION_KEY: &str = shared_key!("sync.revision");
+const OUTBOX_KEY: &str = shared_key!("sync.outbox");
+const LAST_SYNC_KEY: &str = shared_key!("sync.last_ok");
+const LOADED_KEY: &str = shared_key!("sync.loaded");
 /// etcd refuses a transaction with more operations than this (--max-txn-ops).
 pub const MAX_TXN_OPS: usize = 128;
 /// Keys one range read returns; a page always advances because one

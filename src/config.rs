@@ -95,14 +95,49 @@ pub struct Admin {
     /// Routes live under this prefix, e.g. `/tokengate/revoke`.
     #[serde(default = "default_admin_prefix")]
     pub path_prefix: String,
-    /// Hex SHA-256 of the admin bearer token (the token itself is never configured).
-    pub token_sha256: String,
+    /// Hex SHA-256 of the admin bearer token, or a list of them so that a new
+    /// token can be added before the old one is removed (never the token itself).
+    pub token_sha256: AdminTokenHashes,
     /// A larger request body is refused with 413.
     #[serde(default = "default_admin_max_body_bytes")]
     pub max_body_bytes: usize,
     /// Most tokens one bulk revoke may carry (413 beyond).
     #[serde(default = "default_admin_max_bulk_tokens")]
     pub max_bulk_tokens: usize,
+}
+
+/// Most admin token hashes accepted at once: enough for a rotation's overlap.
+pub const MAX_ADMIN_TOKENS: usize = 8;
+
+/// The admin tokens' SHA-256s: one string, or a list during a rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTokenHashes(Vec<String>);
+
+impl AdminTokenHashes {
+    pub fn new<S: Into<String>>(hashes: impl IntoIterator<Item = S>) -> Self {
+        AdminTokenHashes(hashes.into_iter().map(Into::into).collect())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+}
+
+impl<'de> Deserialize<'de> for AdminTokenHashes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        match OneOrMany::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("admin.token_sha256 must be a hex SHA-256 string or a list of them")
+        })? {
+            OneOrMany::One(h) => Ok(AdminTokenHashes(vec![h])),
+            OneOrMany::Many(list) => Ok(AdminTokenHashes(list)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -460,7 +495,11 @@ impl Config {
             {
                 return err("admin.path_prefix must look like \"/tokengate\" (letters, digits, - _ . and inner /)");
             }
-            if a.token_sha256.len() != 64 || !a.token_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let hashes = &a.token_sha256.0;
+            if hashes.is_empty() || hashes.len() > MAX_ADMIN_TOKENS {
+                return err(format!("admin.token_sha256 must list 1 to {MAX_ADMIN_TOKENS} hashes"));
+            }
+            if hashes.iter().any(|h| h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit())) {
                 return err("admin.token_sha256 must be the 64 hex digits of the admin token's SHA-256");
             }
             if a.max_body_bytes < 1024 || a.max_body_bytes > 64 * 1024 * 1024 {
@@ -589,6 +628,22 @@ mod tests {
     }
 
     #[test]
+    fn admin_token_sha256_is_one_hash_or_a_list() {
+        let (a, b) = ("a".repeat(64), "B".repeat(64));
+        let admin = |value: &str| {
+            let json = format!(
+                r#"{{"introspection": {{"cluster": "c", "authority": "a", "path": "/i"}}, "admin": {{"token_sha256": {value}}}}}"#
+            );
+            Config::parse(json.as_bytes()).map(|c| c.admin.map(|a| a.token_sha256)).map_err(|e| e.0)
+        };
+        assert_eq!(admin(&format!("{a:?}")).unwrap(), Some(AdminTokenHashes::new([a.clone()])));
+        assert_eq!(admin(&format!("[{a:?}, {b:?}]")).unwrap(), Some(AdminTokenHashes::new([a.clone(), b.clone()])));
+        let nine = vec![format!("{a:?}"); 9].join(", ");
+        assert!(admin(&format!("[{nine}]")).unwrap_err().contains("1 to 8"));
+        assert!(admin(&format!("[{a:?}, \"00\"]")).unwrap_err().contains("64 hex digits"));
+    }
+
+    #[test]
     fn shipped_config_parses() {
         let text = include_str!("../envoy/tokengate.json");
         let c = Config::parse(text.as_bytes()).unwrap();
@@ -640,6 +695,8 @@ mod tests {
             (r#""realm": "a\"b""#, "realm"),
             (r#""hide_credentials": "yes""#, "invalid type"),
             (r#""admin": {"token_sha256": "abc"}"#, "admin.token_sha256"),
+            (r#""admin": {"token_sha256": []}"#, "admin.token_sha256 must list 1 to 8"),
+            (r#""admin": {"token_sha256": 7}"#, "admin.token_sha256 must be a hex SHA-256 string or a list"),
             (r#""admin": {"path_prefix": "/a/", "token_sha256": "00"}"#, "admin.path_prefix"),
             (r#""admin": {"path": "/a"}"#, "unknown field `path`"),
             (r#""denylist": {"max_tokens": 0}"#, "denylist.max_tokens"),

@@ -1,13 +1,14 @@
 //! The denylist: revoked tokens, clients and subjects, in shared data so that
 //! every worker sees a revocation as soon as it is written.
 //!
-//! Keys (fixed, so any configuration of the same `vm_id` reads the same ones):
-//! - `tokengate.deny.tokens.<i>`, `i < TOKEN_BUCKETS`: revoked token hashes
+//! Keys (fixed, so any configuration of the same `vm_id` reads the same ones;
+//! shown without the format prefix `store::KEY_PREFIX`, `tokengate.v1.`):
+//! - `tokengate.v1.deny.tokens.<i>`, `i < TOKEN_BUCKETS`: revoked token hashes
 //!   and JWT identities (`jwt::identity`), bucketed by hash prefix, each
 //!   bucket capped at `bucket_capacity`;
-//! - `tokengate.deny.principals`: client and subject records, capped at
+//! - `tokengate.v1.deny.principals`: client and subject records, capped at
 //!   `max_principals`;
-//! - `tokengate.deny.gen`: a counter bumped after every change, so workers
+//! - `tokengate.v1.deny.gen`: a counter bumped after every change, so workers
 //!   re-read only when something changed.
 //!
 //! Expired records are dropped whenever their key is rewritten.
@@ -15,13 +16,13 @@
 use crate::cache::{hex, TokenHash};
 use crate::config;
 use crate::introspection::{is_usable_claim_value, Claims};
-use crate::store::{update, Store, StoreError};
+use crate::store::{shared_key, update, Store, StoreError, KEY_PREFIX};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 pub const TOKEN_BUCKETS: u64 = 1024;
-const PRINCIPALS_KEY: &str = "tokengate.deny.principals";
-const GENERATION_KEY: &str = "tokengate.deny.gen";
+const PRINCIPALS_KEY: &str = shared_key!("deny.principals");
+const GENERATION_KEY: &str = shared_key!("deny.gen");
 /// Longest reason kept; longer ones are cut (on a char boundary).
 pub const MAX_REASON_CHARS: usize = 200;
 /// Longest client id or subject accepted.
@@ -116,7 +117,7 @@ pub fn bucket_capacity(max_tokens: usize) -> usize {
 fn token_key(hash: &TokenHash) -> String {
     let [a, b, ..] = *hash;
     let index = u64::from(u16::from_be_bytes([a, b])) % TOKEN_BUCKETS;
-    format!("tokengate.deny.tokens.{index}")
+    format!("{KEY_PREFIX}deny.tokens.{index}")
 }
 
 pub fn clip_reason(reason: &str) -> String {
@@ -317,7 +318,7 @@ impl<'s, S: Store + ?Sized> Denylist<'s, S> {
     pub fn list(&self, now: u64) -> Result<Vec<Record>, StoreError> {
         let mut all = self.principals(now)?;
         for i in 0..TOKEN_BUCKETS {
-            if let Some(v) = self.store.get(&format!("tokengate.deny.tokens.{i}"))? {
+            if let Some(v) = self.store.get(&format!("{KEY_PREFIX}deny.tokens.{i}"))? {
                 let records = decode(Some(v.value.as_slice()).filter(|b| !b.is_empty()));
                 all.extend(records.into_iter().filter(|r| r.expires_at > now));
             }
@@ -545,6 +546,28 @@ mod tests {
     }
 
     #[test]
+    fn keys_carry_the_format_version_and_another_format_is_never_read() {
+        let s = MemoryStore::new();
+        let l = limits();
+        let d = Denylist::new(&s, &l);
+        d.revoke_tokens(&[(h(1), 500)], "", 100).unwrap();
+        d.revoke_principal(Kind::Client, "ci", "", 100).unwrap();
+        let keys = s.keys();
+        assert!(keys.iter().all(|k| k.starts_with("tokengate.v1.")), "{keys:?}");
+        // Records written by a module of another format (here the unversioned one) stay unseen.
+        let other = MemoryStore::new();
+        let old = Denylist::new(&other, &l);
+        old.revoke_tokens(&[(h(2), 500)], "", 100).unwrap();
+        for key in other.keys() {
+            let legacy = key.replacen(KEY_PREFIX, "tokengate.", 1);
+            let value = other.get(&key).unwrap().unwrap().value;
+            s.set(&legacy, &value, crate::store::Guard::Absent).unwrap();
+        }
+        assert_eq!(d.token_record(&h(2), 100).unwrap(), None);
+        assert_eq!(d.list(100).unwrap().len(), 2);
+    }
+
+    #[test]
     fn revoked_token_is_seen_with_its_record() {
         let s = MemoryStore::new();
         let l = limits();
@@ -601,7 +624,7 @@ mod tests {
         seen.push(d.generation().unwrap());
         let distinct: std::collections::HashSet<_> = seen.iter().collect();
         assert_eq!(distinct.len(), 4, "{seen:?}");
-        assert_eq!(s.get("tokengate.deny.gen").unwrap().unwrap().value, b"");
+        assert_eq!(s.get(GENERATION_KEY).unwrap().unwrap().value, b"");
     }
 
     /// A worker's view of a denylist holding one client or subject revocation.

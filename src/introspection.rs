@@ -197,7 +197,8 @@ pub fn basic_auth(id: &str, secret: &str) -> String {
 }
 
 /// Judges the callout's status and size before the body is read.
-/// `status` is `None` when Envoy gave no response headers (reset, refused).
+/// `status` is `None` when Envoy gave no response headers at all; a refused
+/// connection or failed TLS handshake comes as Envoy's own 503 (`Status`).
 pub fn check_response(status: Option<u32>, body_size: usize, max_bytes: usize) -> Result<(), IntrospectionError> {
     match status {
         None => Err(IntrospectionError::Transport),

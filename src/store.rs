@@ -10,6 +10,20 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+/// Names a shared-data key of this module's record format: `tokengate.v1.<name>`.
+/// Bump the version whenever a record's encoding or meaning changes, so that a
+/// module of another format (same `vm_id`, after an upgrade or a rollback)
+/// starts on keys of its own instead of misreading these.
+macro_rules! shared_key {
+    ($name:literal) => {
+        concat!("tokengate.v1.", $name)
+    };
+}
+pub(crate) use shared_key;
+
+/// What every tokengate shared-data key starts with (format version included).
+pub const KEY_PREFIX: &str = shared_key!("");
+
 /// A value and the CAS number it was read with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Versioned {
@@ -116,6 +130,13 @@ impl MemoryStore {
     /// Number of keys ever created: what Envoy would hold in memory forever.
     pub fn key_count(&self) -> usize {
         self.map.borrow().len()
+    }
+
+    /// Every key ever created, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.map.borrow().keys().cloned().collect();
+        keys.sort();
+        keys
     }
 
     /// Total bytes of keys and values held.

@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let cfg = config::Admin {
         path_prefix: "/tokengate".into(),
-        token_sha256: "00".repeat(32),
+        token_sha256: config::AdminTokenHashes::new(["00".repeat(32)]),
         max_body_bytes: int(&mut u, 1024, 8192) as usize,
         max_bulk_tokens: int(&mut u, 1, 32) as usize,
     };

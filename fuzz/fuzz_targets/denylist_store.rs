@@ -10,13 +10,13 @@ use tokengate::cache::{hex, TokenHash};
 use tokengate::config;
 use tokengate::denylist::{DenyView, Denylist, Kind};
 use tokengate::introspection::Claims;
-use tokengate::store::{Guard, MemoryStore, Store};
+use tokengate::store::{Guard, MemoryStore, Store, KEY_PREFIX};
 
 const NAMES: [&str; 3] = ["app", "alice", "bob"];
 
 fn token_key(hash: &TokenHash) -> String {
     // The documented key scheme: bucket = first two bytes of the hash mod 1024.
-    format!("tokengate.deny.tokens.{}", u16::from_be_bytes([hash[0], hash[1]]) % 1024)
+    format!("{KEY_PREFIX}deny.tokens.{}", u16::from_be_bytes([hash[0], hash[1]]) % 1024)
 }
 
 fn records(u: &mut Unstructured) -> Vec<u8> {
@@ -79,7 +79,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if byte(&mut u) % 2 == 0 {
-        store.set("tokengate.deny.principals", &records(&mut u), Guard::Absent).expect("fresh key");
+        store.set(&format!("{KEY_PREFIX}deny.principals"), &records(&mut u), Guard::Absent).expect("fresh key");
     }
     if byte(&mut u) % 2 == 0 {
         let gen = match byte(&mut u) % 3 {
@@ -87,7 +87,7 @@ fuzz_target!(|data: &[u8]| {
             1 => int(&mut u, 0, 5).to_string(),
             _ => text(&mut u, 6),
         };
-        store.set("tokengate.deny.gen", gen.as_bytes(), Guard::Absent).expect("fresh key");
+        store.set(&format!("{KEY_PREFIX}deny.gen"), gen.as_bytes(), Guard::Absent).expect("fresh key");
     }
     let list = Denylist::new(&store, &limits);
     // A small memo, so that its starting over is fuzzed too.

@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 use tokengate::cluster_sync::{self, outbox_peek, outbox_push, outbox_remove, parse_lease, parse_range, parse_txn};
 use tokengate::config;
 use tokengate::denylist::{Change, Denylist};
-use tokengate::store::{Guard, MemoryStore, Store};
+use tokengate::store::{Guard, MemoryStore, Store, KEY_PREFIX};
 
 const PREFIX: &str = "tokengate/";
 const NOW: u64 = 1_800_000_000;
@@ -42,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
         let outbox = MemoryStore::new();
         if mode % 2 == 0 {
             // Whatever an older module left there.
-            let _ = outbox.set("tokengate.sync.outbox", body, Guard::Absent);
+            let _ = outbox.set(&format!("{KEY_PREFIX}sync.outbox"), body, Guard::Absent);
         }
         let max = usize::from(mode % 16) + 1;
         let dropped = outbox_push(&outbox, &page.changes, max).expect("memory store");

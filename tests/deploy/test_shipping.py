@@ -89,7 +89,9 @@ def test_bootstrap_listeners_carry_their_variants(path, configs):
     # One VM's shared data: the admin listener's revocations reach the data workers.
     data_plugin, admin_plugin = data_filter["typed_config"]["config"], admin_filter["typed_config"]["config"]
     assert data_plugin["vm_config"]["vm_id"] == admin_plugin["vm_config"]["vm_id"] == "tokengate"
-    assert data_plugin["fail_open"] is False and admin_plugin["fail_open"] is False
+    # A crashed VM fails closed and is replaced; `fail_open` (deprecated) cannot say so.
+    assert data_plugin["failure_policy"] == admin_plugin["failure_policy"] == "FAIL_RELOAD"
+    assert "fail_open" not in data_plugin and "fail_open" not in admin_plugin
     manager = shipped.http_manager(admin)
     assert manager["normalize_path"] is True and manager["merge_slashes"] is True
     assert_buffer_follows_tokengate(admin)
@@ -100,6 +102,29 @@ def test_bootstrap_listeners_carry_their_variants(path, configs):
     assert bootstrap["admin"]["address"]["socket_address"]["port_value"] == 9901
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
     assert set(clusters) == {"idp", "upstream"}
+
+
+def test_admin_buffer_limit_follows_admin_max_body_bytes(configs):
+    """The buffer filter's limit is rendered from admin.max_body_bytes in every shipped admin
+    listener, so a client meets tokengate's JSON 413, whatever the limit is set to."""
+    admins = [
+        ("admin", shipped.listener_named(shipped.load_yaml(shipped.REFERENCE), "tokengate_admin")),
+        ("admin", shipped.listener_named(shipped.load_yaml(shipped.COMPOSE_BOOTSTRAP), "tokengate_admin")),
+        ("istio-admin", shipped.istio_admin_listener()),
+    ]
+    for variant, listener in admins:
+        (buffer,) = [f for f in shipped.http_manager(listener)["http_filters"] if f["name"] == "envoy.filters.http.buffer"]
+        expected = configs[variant]["admin"].get("max_body_bytes", shipped.render.DEFAULT_MAX_BODY_BYTES)
+        assert buffer["typed_config"]["max_request_bytes"] == expected, variant
+    raised = {**configs, "admin": shipped.render.merge(configs["admin"], {"admin": {"max_body_bytes": 4194304}})}
+    text = shipped.REFERENCE.read_text()
+    assert "max_request_bytes: 4194304" in shipped.render.splice_yaml("envoy.yaml", text, raised)
+
+
+def test_istio_wasmplugin_reloads_a_crashed_vm():
+    assert shipped.load_yaml(shipped.WASMPLUGIN)["spec"]["failStrategy"] == "FAIL_RELOAD"
+    plugins = [shipped.istio_http_filter(), *shipped.wasm_filters(shipped.istio_admin_listener())]
+    assert [f["typed_config"]["config"]["failure_policy"] for f in plugins] == ["FAIL_RELOAD"] * 2
 
 
 def assert_buffer_follows_tokengate(admin_listener):
@@ -183,6 +208,51 @@ def test_envoy_validates_the_istio_filters(module, tmp_path):
     envoy_validate(path)
 
 
+def test_envoy_validates_the_tls_idp_cluster(module, tmp_path):
+    """envoy/tls/idp-cluster.yaml in place of the reference bootstrap's plaintext `idp`."""
+    bootstrap = shipped.load_yaml(shipped.REFERENCE)
+    clusters = bootstrap["static_resources"]["clusters"]
+    tls = shipped.load_yaml(shipped.TLS_IDP_CLUSTER)
+    assert tls["name"] == "idp"
+    clusters[[c["name"] for c in clusters].index("idp")] = tls
+    context = tls["transport_socket"]["typed_config"]
+    assert context["sni"] == context["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"][0][
+        "matcher"
+    ]["exact"]
+    path = tmp_path / "tls-idp.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    envoy_validate(path)
+
+
+def test_envoy_validates_the_tls_etcd_cluster(module, tmp_path):
+    """envoy/tls/etcd-cluster.yaml beside the reference bootstrap's clusters, with its
+    certificate files present (Envoy reads them at load): a CA, and a client pair from it."""
+    bootstrap = shipped.load_yaml(shipped.REFERENCE)
+    etcd = shipped.load_yaml(shipped.TLS_ETCD_CLUSTER)
+    context = etcd["transport_socket"]["typed_config"]["common_tls_context"]
+    subj = ["-subj", "/CN=tokengate-test"]
+    key, cert = tmp_path / "client.key", tmp_path / "client.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", *subj], check=True, capture_output=True)
+    (pair,) = context["tls_certificates"]
+    pair["certificate_chain"]["filename"], pair["private_key"]["filename"] = str(cert), str(key)
+    context["validation_context"]["trusted_ca"]["filename"] = str(cert)
+    bootstrap["static_resources"]["clusters"].append(etcd)
+    path = tmp_path / "tls-etcd.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    envoy_validate(path)
+
+
+def test_istio_external_idp_is_reached_with_tls_origination():
+    service_entry, rule = [d for d in yaml.safe_load_all(shipped.IDP_EXTERNAL.read_text()) if d]
+    (host,) = service_entry["spec"]["hosts"]
+    assert rule["spec"]["host"] == host
+    assert rule["spec"]["trafficPolicy"]["tls"]["mode"] == "SIMPLE"
+    assert rule["spec"]["trafficPolicy"]["tls"]["sni"] == host
+    (port,) = service_entry["spec"]["ports"]
+    assert port["protocol"] == "HTTP", "the sidecar originates TLS; HTTPS would pass plaintext through"
+
+
 def test_envoy_validate_runs_the_plugin_configuration_parser(module, tmp_path):
     """The checks above are worth something only if validate mode loads the module."""
     bootstrap = shipped.load_yaml(shipped.REFERENCE)
@@ -198,6 +268,83 @@ def test_envoy_validate_runs_the_plugin_configuration_parser(module, tmp_path):
     proc = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "unknown field `timeout`" in proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- Kubernetes objects
+
+# The Kubernetes version whose schemas (kubernetes-validate's) the objects are checked against.
+KUBERNETES = "1.33.0"
+
+
+def kubernetes_errors(manifest):
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(manifest, KUBERNETES, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        return [f"{'/'.join(map(str, err.path)) or '.'}: {err.message}"]
+    return []
+
+
+def patched_api_deployment(*patch_paths):
+    """The walk-through's `kubectl create deployment api`, with the patches applied as
+    `kubectl patch` would (mappings merge; containers merge by name)."""
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "api", "namespace": "demo"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "api"}},
+            "template": {
+                "metadata": {"labels": {"app": "api"}},
+                "spec": {"containers": [{"name": "httpbin", "image": "docker.io/kennethreitz/httpbin"}]},
+            },
+        },
+    }
+
+    def merge(into, patch):
+        for key, value in patch.items():
+            if key == "containers":
+                names = {c["name"]: c for c in into.setdefault(key, [])}
+                for container in value:
+                    if container["name"] in names:
+                        merge(names[container["name"]], container)
+                    else:
+                        into[key].append(copy.deepcopy(container))
+            elif isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = copy.deepcopy(value)
+
+    for path in patch_paths:
+        merge(deployment, shipped.load_yaml(path))
+    return deployment
+
+
+def test_demo_idp_matches_the_kubernetes_schema_and_is_the_istio_overlays_service(configs):
+    documents = [d for d in yaml.safe_load_all(shipped.DEMO_IDP.read_text()) if d]
+    assert [d["kind"] for d in documents] == ["Deployment", "Service"]
+    for manifest in documents:
+        assert kubernetes_errors(manifest) == [], manifest["kind"]
+    deployment, service = documents
+    (port,) = service["spec"]["ports"]
+    host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    assert configs["istio"]["introspection"]["cluster"] == f"outbound|{port['port']}||{host}"
+    assert configs["istio"]["introspection"]["authority"] == host
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"][-2:] == ["--port", str(port["targetPort"])]
+
+
+def test_deployment_patches_match_the_kubernetes_schema():
+    patched = patched_api_deployment(shipped.WASM_VOLUME_PATCH, shipped.SECRET_ENV_PATCH)
+    assert kubernetes_errors(patched) == []
+    (proxy,) = [c for c in patched["spec"]["template"]["spec"]["containers"] if c["name"] == "istio-proxy"]
+    (env,) = proxy["env"]
+    assert env["name"] == "TOKENGATE_CLIENT_SECRET" and env["valueFrom"]["secretKeyRef"]["key"] == "client_secret"
+
+
+def test_kubernetes_check_rejects_a_broken_object():
+    broken = patched_api_deployment(shipped.SECRET_ENV_PATCH)
+    broken["spec"]["template"]["spec"]["containers"][1]["env"][0]["valueFrom"]["secretRef"] = {"name": "x"}
+    assert any("secretRef" in e for e in kubernetes_errors(broken))
 
 
 # --------------------------------------------------------------------------- Istio CRD schemas
@@ -252,6 +399,8 @@ def crd_schema(crd_path, version):
 SCHEMAS = {
     "EnvoyFilter": (shipped.SCHEMA_DIR / "envoyfilters.networking.istio.io.yaml", "v1alpha3"),
     "WasmPlugin": (shipped.SCHEMA_DIR / "wasmplugins.extensions.istio.io.yaml", "v1alpha1"),
+    "ServiceEntry": (shipped.SCHEMA_DIR / "serviceentries.networking.istio.io.yaml", "v1"),
+    "DestinationRule": (shipped.SCHEMA_DIR / "destinationrules.networking.istio.io.yaml", "v1"),
 }
 
 
@@ -261,7 +410,9 @@ def schema_errors(manifest):
     return sorted(f"{'/'.join(map(str, e.absolute_path)) or '.'}: {e.message}" for e in validator.iter_errors(manifest))
 
 
-@pytest.mark.parametrize("path", [shipped.ENVOYFILTER, shipped.WASMPLUGIN], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [shipped.ENVOYFILTER, shipped.WASMPLUGIN, shipped.IDP_EXTERNAL], ids=lambda p: p.name
+)
 def test_istio_manifest_matches_the_crd_schema(path):
     documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     assert documents

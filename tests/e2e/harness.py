@@ -497,6 +497,7 @@ class Envoy:
     own configuration for it adds to envoy/tokengate.json (for the admin listener: its
     `admin` section), so the test's IdP settings reach every filter. `extra_clusters`
     (Envoy cluster dicts, e.g. `Etcd.envoy_cluster()`) are added beside the template's.
+    `failure_policy` (FAIL_CLOSED, FAIL_OPEN, FAIL_RELOAD) replaces the template's.
     """
 
     _base_ids = itertools.count(random.randint(1, 10_000) * 1000)
@@ -518,6 +519,7 @@ class Envoy:
         with_filter=True,
         name="envoy",
         extra_clusters=(),
+        failure_policy=None,
     ):
         self.procs = procs
         self.workdir = Path(workdir)
@@ -535,6 +537,7 @@ class Envoy:
         self.with_filter = with_filter
         self.name = name
         self.extra_clusters = [copy.deepcopy(c) for c in extra_clusters]
+        self.failure_policy = failure_policy
         self.template = yaml.safe_load(ENVOY_TEMPLATE.read_text())
         self.ports = {x["name"]: free_port() for x in self.template["static_resources"]["listeners"]}
         self.ports.update({x.name: x.port for x in self.extra_listeners})
@@ -593,6 +596,8 @@ class Envoy:
             if self.vm_host_env:
                 plugin["vm_config"]["environment_variables"] = {"host_env_keys": sorted(self.vm_host_env)}
             plugin["configuration"]["value"] = json.dumps(plugin_config, indent=2)
+            if self.failure_policy:
+                plugin["failure_policy"] = self.failure_policy
 
     # ----- lifecycle -----
 

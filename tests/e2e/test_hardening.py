@@ -19,7 +19,6 @@ import json
 import re
 import secrets
 import socket
-import subprocess
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from harness import (
     ENVOY_TEMPLATE,
     LOOPBACK,
     PLUGIN_CONFIG,
-    REPO,
     Envoy,
     Listener,
     MockIdp,
@@ -44,6 +42,7 @@ from harness import (
 
 import harness
 import yaml
+from ops_harness import build_panic_canary
 from wasm_log import failure_lines
 
 TIMEOUT_MS = 1000
@@ -807,21 +806,14 @@ def test_without_stale_if_error_the_same_outage_is_503(hard, stale_envoys):
 # --------------------------------------------------------------------------- the log scan itself
 
 
-CANARY = REPO / "tests" / "e2e" / "panic_canary"
-
-
 def test_log_scan_catches_a_real_wasm_panic(procs, workdir, upstream, setup):
     """A module that panics on request (tests/e2e/panic_canary): the scan must see it, and a
     worker whose VM panicked must fail the health check. Proves the checks above can fail."""
-    wasm = CANARY / "target" / "wasm32-wasip1" / "release" / "panic_canary.wasm"
-    build = subprocess.run(
-        ["cargo", "build", "--release", "--target", "wasm32-wasip1", "--locked", "--quiet"],
-        cwd=CANARY, capture_output=True, text=True, timeout=600,
-    )
-    assert build.returncode == 0, build.stderr
+    wasm = build_panic_canary()
     envoy = Envoy(
         procs, workdir, setup.idp.port, upstream.port, setup.idp.plugin_config(),
         wasm=str(wasm), concurrency=CONCURRENCY, name="envoy-canary",
+        failure_policy="FAIL_CLOSED",  # a dead VM stays dead: what the health check must see
     ).start()
     try:
         assert envoy.get("/").status == 200

@@ -145,7 +145,7 @@ Listening on 127.0.0.1: {listening}
   curl -i -H "Authorization: Bearer $TOKEN_W" {data}/hello
 
   # revoke it through the admin API (demo admin token), then it is 401 on every worker
-  curl -s -H 'Authorization: Bearer admin-demo-token' -d "token=$TOKEN" http://{HOST}:8081/tokengate/revoke
+  curl -s -H 'Authorization: Bearer admin-demo-token' --data-urlencode "token=$TOKEN" http://{HOST}:8081/tokengate/revoke
   curl -i -H "Authorization: Bearer $TOKEN" {data}/hello
   curl -s -H 'Authorization: Bearer admin-demo-token' http://{HOST}:8081/tokengate/revocations
 
