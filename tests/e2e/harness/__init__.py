@@ -19,9 +19,11 @@ from .asserts import (
     ADMIN_REALM,
     ADMIN_TOKEN,
     FORM,
+    HEALTH_CONNECTIONS,
     JSON_TYPE,
     PREFIX,
     REALM,
+    LogWatch,
     assert_admin_challenge,
     assert_admin_refused,
     assert_denied,
@@ -29,6 +31,7 @@ from .asserts import (
     assert_invalid_token,
     assert_not_from_upstream,
     assert_ok,
+    assert_still_serving,
     challenge,
     from_upstream,
     issue,
@@ -40,7 +43,16 @@ from .asserts import (
 )
 from .client import Response, basic_auth, bearer, burst, get, post_form, post_json, request
 from .config import deep_diff, merge
-from .envoy import Envoy, Listener, _http_manager, _named, _wasm_plugins, loopback_cluster, parse_stats
+from .envoy import (
+    Envoy,
+    Listener,
+    _http_manager,
+    _named,
+    _wasm_plugins,
+    loopback_cluster,
+    parse_stats,
+    shipped_admin_additions,
+)
 from .etcd import Etcd, EtcdMember
 from .paths import ENVOY_TEMPLATE, GATEWAY_CLIENT, IDP_DIR, LOOPBACK, PLUGIN_CONFIG, REPO, SERVERS
 from .processes import Proc, Processes, free_port, port_accepts, wait_for_port, wait_until

@@ -5,6 +5,8 @@ import re
 import secrets
 import time
 
+from wasm_log import failure_lines
+
 from .client import bearer
 
 REALM = "tokengate"
@@ -14,6 +16,8 @@ ADMIN = bearer(ADMIN_TOKEN)
 PREFIX = "/tokengate"
 FORM = "application/x-www-form-urlencoded"
 JSON_TYPE = "application/json"
+# Enough new connections that each of the 4 workers gets some: (3/4)^24 < 0.1 %.
+HEALTH_CONNECTIONS = 24
 
 
 # --------------------------------------------------------------------------- tokens and names
@@ -106,6 +110,34 @@ def upstream_headers(resp):
     """The request headers the upstream received, from a request that passed."""
     assert resp.status == 200, resp
     return resp.json()["headers"]
+
+
+# --------------------------------------------------------------------------- after a hostile case
+
+
+class LogWatch:
+    """Envoy's log from where the last check left off."""
+
+    def __init__(self, envoy):
+        self.envoy = envoy
+        self.offset = 0
+
+    def new_failures(self):
+        text = self.envoy.log_text()
+        fresh, self.offset = text[self.offset:], len(text)
+        return failure_lines(fresh)
+
+
+def assert_still_serving(envoy, idp, log=None):
+    """Every worker still validates tokens, and Envoy's log (since `log`'s last check, or all
+    of it) shows no wasm failure (tests/e2e/wasm_log.py says what one looks like)."""
+    assert envoy.alive(), f"Envoy exited:\n{envoy.proc.log_tail()}"
+    token = issue(idp)
+    statuses = [envoy.get("/health", bearer(token)).status for _ in range(HEALTH_CONNECTIONS)]
+    assert statuses == [200] * HEALTH_CONNECTIONS, f"a worker stopped serving: {statuses}"
+    assert envoy.get("/health").status == 401
+    failures = log.new_failures() if log is not None else failure_lines(envoy.log_text())
+    assert failures == [], "wasm failure in Envoy's log:\n" + "\n".join(failures)
 
 
 # --------------------------------------------------------------------------- the admin API

@@ -4,11 +4,13 @@ import itertools
 import json
 import os
 import random
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from .asserts import ADMIN_TOKEN, sha256
 from .client import get
 from .config import deep_diff, merge
 from .paths import ENVOY_TEMPLATE, LOOPBACK, PLUGIN_CONFIG, REPO
@@ -264,6 +266,18 @@ def parse_stats(text):
         except ValueError:
             stats[name] = value
     return stats
+
+
+def shipped_admin_additions():
+    """What envoy/envoy.yaml's admin listener adds to envoy/tokengate.json (its `admin` section),
+    checked to hold the demo admin credential."""
+    template = yaml.safe_load(ENVOY_TEMPLATE.read_text())
+    listener = _named(template["static_resources"]["listeners"], "tokengate_admin")
+    (plugin,) = _wasm_plugins(listener)
+    shipped = json.loads(PLUGIN_CONFIG.read_text())
+    additions = deep_diff(shipped, json.loads(plugin["configuration"]["value"]))
+    assert additions.get("admin", {}).get("token_sha256") == sha256(ADMIN_TOKEN), additions
+    return additions
 
 
 def _named(items, name):
