@@ -21,8 +21,6 @@ Writes bench/results.json, and bench/results.md and bench/results.png through re
 prints the tables.
 See bench/README.md for the knobs.
 """
-import atexit
-import ctypes
 import datetime
 import hashlib
 import http.client
@@ -33,20 +31,20 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
+from harness import LOOPBACK, Processes, free_port, port_accepts  # noqa: E402  (the e2e harness)
 from report import chart, ratios_and_targets, report, summarize
 from variants import CG_LABEL, CG_ORDER, IDP_ANSWER, LADDER, LADDER_ALT
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 LUA = BENCH / "lua"
-LOOPBACK = "127.0.0.1"
 
 # --------------------------------------------------------------------------- knobs
 
@@ -111,61 +109,9 @@ def pick_cpus(k):
 
 # --------------------------------------------------------------------------- processes
 
-PR_SET_PDEATHSIG = 1
-_children = []
-
-
-def _die_with_parent():
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def spawn(argv, log_path, env=None):
-    log = open(log_path, "ab")
-    p = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                         env=env, start_new_session=True, preexec_fn=_die_with_parent)
-    log.close()
-    _children.append(p)
-    return p
-
-
-def kill(p, grace=5.0):
-    """Stops one process this script started (and its process group), by id."""
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(grace)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    p.wait()
-    if p in _children:
-        _children.remove(p)
-
-
-def _cleanup(*_):
-    for p in list(_children):
-        kill(p, grace=2.0)
-
-
-atexit.register(_cleanup)
+# Every process this script starts (the e2e harness's process groups) dies with it.
+PROCS = Processes()
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
-def accepts(port):
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -316,18 +262,18 @@ class Envoy:
         cfg = self.workdir / f"{self.name}.json"
         cfg.write_text(json.dumps(self.bootstrap(), indent=1))
         self.log = self.workdir / f"{self.name}.log"
-        self.proc = spawn(["taskset", "-c", self.cpu, *wrapper, self.envoy_bin, "-c", cfg,
-                           "--concurrency", self.concurrency, "--disable-hot-restart", "--log-level", self.log_level],
-                          self.log)
+        self.proc = PROCS.start(self.name, ["taskset", "-c", self.cpu, *wrapper, self.envoy_bin, "-c", cfg,
+                                            "--concurrency", self.concurrency, "--disable-hot-restart", "--log-level",
+                                            self.log_level], self.log)
         deadline = time.monotonic() + timeout
         while True:
-            if self.proc.poll() is not None:
+            if not self.proc.alive():
                 raise RuntimeError(f"envoy {self.name} exited:\n{self.log.read_text()[-3000:]}")
             try:
                 live = request(self.admin_port, "/ready", timeout=1)[1].strip() == b"LIVE"
             except OSError:
                 live = False
-            if live and all(accepts(p) for p in self.ports.values()):
+            if live and all(port_accepts(p) for p in self.ports.values()):
                 return self
             if time.monotonic() > deadline:
                 raise RuntimeError(f"envoy {self.name} not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
@@ -335,7 +281,7 @@ class Envoy:
 
     def stop(self):
         if self.proc:
-            kill(self.proc)
+            PROCS.stop(self.proc)
             self.proc = None
 
     def stats(self, regex):
@@ -355,7 +301,7 @@ class Envoy:
     def cpu_ns(self):
         """(on-CPU, waiting-for-CPU) time of every Envoy thread so far, in ns (schedstat)."""
         run = wait = 0
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+        for task in Path(f"/proc/{self.proc.popen.pid}/task").iterdir():
             try:
                 fields = (task / "schedstat").read_text().split()
                 run, wait = run + int(fields[0]), wait + int(fields[1])
@@ -364,7 +310,7 @@ class Envoy:
         return run, wait
 
     def rss_kib(self):
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        status = Path(f"/proc/{self.proc.popen.pid}/status").read_text()
         get = lambda key: int(re.search(rf"^{key}:\s+(\d+) kB", status, re.M).group(1))
         return get("VmRSS"), get("VmHWM")
 
@@ -381,6 +327,7 @@ def envoy_version(envoy_bin):
 class Wrk:
     def __init__(self, k, load_cpu, workdir):
         self.k, self.load_cpu, self.workdir = k, load_cpu, workdir
+        self.runs = 0
 
     def run(self, port, seconds, script="static.lua", headers=(), env=None, connections=None, threads=None,
             until_files=None, timeout_s=None):
@@ -395,26 +342,26 @@ class Wrk:
         e = dict(os.environ, BENCH_LUA_DIR=str(LUA), **(env or {}))
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
-        p = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e,
-                             text=True, start_new_session=True, preexec_fn=_die_with_parent)
-        _children.append(p)
+        self.runs += 1
+        p = PROCS.start("wrk", argv, self.workdir / f"wrk-{self.runs}.log", env=e)
         if until_files:
             # A run that ends by itself: each thread drops a file when done;
             # wrk's main thread then still sleeps, so wake it with SIGINT.
             deadline = time.monotonic() + (timeout_s or seconds)
-            while p.poll() is None and time.monotonic() < deadline:
+            while p.alive() and time.monotonic() < deadline:
                 if all(f.exists() for f in until_files):
                     break
                 time.sleep(0.05)
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGINT)
-        out, _ = p.communicate()
-        _children.remove(p)
+            if p.alive():
+                os.kill(p.popen.pid, signal.SIGINT)
+        p.popen.wait()
+        PROCS.stop(p)
+        out = p.log_text()
         wall = time.monotonic() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         m = re.search(r"^BENCH_JSON (.*)$", out, re.M)
         if not m:
-            raise RuntimeError(f"wrk printed no summary (exit {p.returncode}):\n{out[-2000:]}")
+            raise RuntimeError(f"wrk printed no summary (exit {p.popen.returncode}):\n{out[-2000:]}")
         r = json.loads(m.group(1))
         r["wrk_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         r["wall_s"] = wall
@@ -619,7 +566,7 @@ def phase_callgrind(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, load_cpu,
     try:
         e = throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, True, True, authz, name="callgrind",
                              wrapper=wrapper, timeout=600)
-        pid = e.proc.pid
+        pid = e.proc.popen.pid
         ctl = lambda *a: subprocess.run(["callgrind_control", *a, str(pid)], capture_output=True, text=True)
         n, warmup = k["CG_REQUESTS"], 50
         rot = [f"bench-rot-{i:06d}" for i in range(k["ROTATE_TOKENS"])]
@@ -695,16 +642,16 @@ def phase_perf(k, e, wrk, log, workdir):
     out = {}
     for v in ("A", "B", "C"):
         data = workdir / f"perf-{v}.data"
-        rec = spawn(["perf", "record", "-e", "cpu-clock", "-F", "1999", "-p", e.proc.pid, "-o", data],
-                    workdir / f"perf-{v}.log")
+        rec = PROCS.start("perf", ["perf", "record", "-e", "cpu-clock", "-F", "1999", "-p", e.proc.popen.pid, "-o",
+                                   data], workdir / f"perf-{v}.log")
         time.sleep(0.5)
         wrk.run(e.ports[v], k["PERF_SECONDS"], headers=["Authorization: Bearer bench-hot-token"])
-        os.kill(rec.pid, signal.SIGINT)
+        os.kill(rec.popen.pid, signal.SIGINT)
         try:
-            rec.wait(30)
+            rec.popen.wait(30)
         except subprocess.TimeoutExpired:
             pass
-        kill(rec)
+        PROCS.stop(rec)
         rep = subprocess.run(["perf", "report", "-i", str(data), "--sort", "dso", "--stdio", "--percent-limit", "0.5"],
                              capture_output=True, text=True)
         if rep.returncode != 0 or not data.exists():
