@@ -210,7 +210,7 @@ def test_answer_that_is_not_rfc7662_fails_closed(hard, claims):
     idp.register(token, **claims)
     for _ in range(2):
         resp = envoy.get("/r", bearer(token))
-        assert_fails_closed(resp)
+        assert_fails_closed(resp, TIMEOUT_MS, SLACK_S)
     assert hard.calls(token) == 2, "a bad answer is not cached either"
     idp.register_active(token)
     assert envoy.get("/r", bearer(token)).status == 200
@@ -249,7 +249,7 @@ def test_wrong_gateway_credentials_fail_closed_and_cache_nothing(hard):
     before = failure_counts(envoy).get("unauthorized", 0)
     for _ in range(2):
         resp = envoy.get("/r", bearer(token), listener="badcreds")
-        assert_fails_closed(resp)
+        assert_fails_closed(resp, TIMEOUT_MS, SLACK_S)
     assert failure_counts(envoy).get("unauthorized", 0) == before + 2
     calls = hard.calls(token)
     assert calls == 2, "the IdP refused the gateway twice"
