@@ -214,7 +214,7 @@ def measure(batch, noop, n, rounds, tokens, log):
                                   "--separate-threads=yes", f"--callgrind-out-file={wd}/cg.%p"])
     for name, _ in batch:  # production state: something was revoked once (see run.revoke_unrelated)
         run.revoke_unrelated(e, admin=f"{name}-admin", data=name, check=not name.startswith("price-"))
-    pid, dumps, out = e.proc.pid, 0, {}
+    pid, dumps, out = e.proc.popen.pid, 0, {}
     ctl = lambda *a: subprocess.run(["callgrind_control", *a, str(pid)], capture_output=True, text=True)
     try:
         for rnd in range(rounds):

@@ -17,11 +17,10 @@ Phases (BENCH_PHASES, comma-separated, default all):
               connections with one new token each; introspections counted
   rss         a fresh Envoy (--concurrency 4): VmRSS while 10k, 100k, 1M distinct
               tokens pass through (cache.max_entries 100000)
-Writes bench/results.md, bench/results.png, bench/results.json; prints the tables.
+Writes bench/results.json, and bench/results.md and bench/results.png through report.py;
+prints the tables.
 See bench/README.md for the knobs.
 """
-import atexit
-import ctypes
 import datetime
 import hashlib
 import http.client
@@ -32,18 +31,20 @@ import re
 import resource
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
+from harness import LOOPBACK, Processes, free_port, port_accepts  # noqa: E402  (the e2e harness)
+from report import chart, ratios_and_targets, report, summarize
+from variants import CG_LABEL, CG_ORDER, IDP_ANSWER, LADDER, LADDER_ALT
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 LUA = BENCH / "lua"
-LOOPBACK = "127.0.0.1"
 
 # --------------------------------------------------------------------------- knobs
 
@@ -108,61 +109,9 @@ def pick_cpus(k):
 
 # --------------------------------------------------------------------------- processes
 
-PR_SET_PDEATHSIG = 1
-_children = []
-
-
-def _die_with_parent():
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def spawn(argv, log_path, env=None):
-    log = open(log_path, "ab")
-    p = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                         env=env, start_new_session=True, preexec_fn=_die_with_parent)
-    log.close()
-    _children.append(p)
-    return p
-
-
-def kill(p, grace=5.0):
-    """Stops one process this script started (and its process group), by id."""
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(grace)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    p.wait()
-    if p in _children:
-        _children.remove(p)
-
-
-def _cleanup(*_):
-    for p in list(_children):
-        kill(p, grace=2.0)
-
-
-atexit.register(_cleanup)
+# Every process this script starts (the e2e harness's process groups) dies with it.
+PROCS = Processes()
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
-def accepts(port):
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -188,7 +137,6 @@ def bearer(token):
 
 ROUTER = {"name": "envoy.filters.http.router",
           "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-FAR_FUTURE = 4102444800  # 2100-01-01
 
 
 def direct(status=200, body="ok\n", content_type="text/plain"):
@@ -253,10 +201,6 @@ def buffer_body():
         "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": 65536}}
 
 
-IDP_ANSWER = json.dumps({"active": True, "scope": "read", "sub": "bench-user", "client_id": "bench-client",
-                         "exp": FAR_FUTURE})
-
-
 ADMIN_TOKEN = "bench-admin-token"
 
 
@@ -293,18 +237,6 @@ def revoke_unrelated(e, admin="admin", data="C", check=True):
         raise RuntimeError(f"the revoked token was answered {status}, not 401")
 
 
-LADDER = [
-    ("B  no-op (floor)", ""),
-    # The SDK's copy of the map; tokengate reads the same buffer in place (cheaper).
-    ("+ whole header map", "map"),
-    ("+ sha256", "map,sha256"),
-    ("+ clock read", "map,sha256,time"),
-    # tokengate's counters are batched per worker (src/metrics.rs), so the ladder has none.
-    ("+ 3 header writes", "map,sha256,time,headers"),
-    # Not cumulative: the last step with add_header (what tokengate does) instead of replace_header.
-    ("(alt) adds instead of replaces", "map,sha256,time,headers,add"),
-]
-LADDER_ALT = len(LADDER) - 1
 LONG_TOKEN = "L" * 1024  # a JWT-sized token (b64token characters)
 MAX_TOKEN = "L" * 4096  # the largest token tokengate accepts (bearer::MAX_TOKEN_BYTES)
 # Variants that are another variant's listener with a large cached token: variant -> (listener, token).
@@ -333,18 +265,18 @@ class Envoy:
         cfg = self.workdir / f"{self.name}.json"
         cfg.write_text(json.dumps(self.bootstrap(), indent=1))
         self.log = self.workdir / f"{self.name}.log"
-        self.proc = spawn(["taskset", "-c", self.cpu, *wrapper, self.envoy_bin, "-c", cfg,
-                           "--concurrency", self.concurrency, "--disable-hot-restart", "--log-level", self.log_level],
-                          self.log)
+        self.proc = PROCS.start(self.name, ["taskset", "-c", self.cpu, *wrapper, self.envoy_bin, "-c", cfg,
+                                            "--concurrency", self.concurrency, "--disable-hot-restart", "--log-level",
+                                            self.log_level], self.log)
         deadline = time.monotonic() + timeout
         while True:
-            if self.proc.poll() is not None:
+            if not self.proc.alive():
                 raise RuntimeError(f"envoy {self.name} exited:\n{self.log.read_text()[-3000:]}")
             try:
                 live = request(self.admin_port, "/ready", timeout=1)[1].strip() == b"LIVE"
             except OSError:
                 live = False
-            if live and all(accepts(p) for p in self.ports.values()):
+            if live and all(port_accepts(p) for p in self.ports.values()):
                 return self
             if time.monotonic() > deadline:
                 raise RuntimeError(f"envoy {self.name} not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
@@ -352,7 +284,7 @@ class Envoy:
 
     def stop(self):
         if self.proc:
-            kill(self.proc)
+            PROCS.stop(self.proc)
             self.proc = None
 
     def stats(self, regex):
@@ -372,7 +304,7 @@ class Envoy:
     def cpu_ns(self):
         """(on-CPU, waiting-for-CPU) time of every Envoy thread so far, in ns (schedstat)."""
         run = wait = 0
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+        for task in Path(f"/proc/{self.proc.popen.pid}/task").iterdir():
             try:
                 fields = (task / "schedstat").read_text().split()
                 run, wait = run + int(fields[0]), wait + int(fields[1])
@@ -381,7 +313,7 @@ class Envoy:
         return run, wait
 
     def rss_kib(self):
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        status = Path(f"/proc/{self.proc.popen.pid}/status").read_text()
         get = lambda key: int(re.search(rf"^{key}:\s+(\d+) kB", status, re.M).group(1))
         return get("VmRSS"), get("VmHWM")
 
@@ -398,6 +330,7 @@ def envoy_version(envoy_bin):
 class Wrk:
     def __init__(self, k, load_cpu, workdir):
         self.k, self.load_cpu, self.workdir = k, load_cpu, workdir
+        self.runs = 0
 
     def run(self, port, seconds, script="static.lua", headers=(), env=None, connections=None, threads=None,
             until_files=None, timeout_s=None):
@@ -412,26 +345,26 @@ class Wrk:
         e = dict(os.environ, BENCH_LUA_DIR=str(LUA), **(env or {}))
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
-        p = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e,
-                             text=True, start_new_session=True, preexec_fn=_die_with_parent)
-        _children.append(p)
+        self.runs += 1
+        p = PROCS.start("wrk", argv, self.workdir / f"wrk-{self.runs}.log", env=e)
         if until_files:
             # A run that ends by itself: each thread drops a file when done;
             # wrk's main thread then still sleeps, so wake it with SIGINT.
             deadline = time.monotonic() + (timeout_s or seconds)
-            while p.poll() is None and time.monotonic() < deadline:
+            while p.alive() and time.monotonic() < deadline:
                 if all(f.exists() for f in until_files):
                     break
                 time.sleep(0.05)
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGINT)
-        out, _ = p.communicate()
-        _children.remove(p)
+            if p.alive():
+                os.kill(p.popen.pid, signal.SIGINT)
+        p.popen.wait()
+        PROCS.stop(p)
+        out = p.log_text()
         wall = time.monotonic() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         m = re.search(r"^BENCH_JSON (.*)$", out, re.M)
         if not m:
-            raise RuntimeError(f"wrk printed no summary (exit {p.returncode}):\n{out[-2000:]}")
+            raise RuntimeError(f"wrk printed no summary (exit {p.popen.returncode}):\n{out[-2000:]}")
         r = json.loads(m.group(1))
         r["wrk_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         r["wall_s"] = wall
@@ -441,21 +374,6 @@ class Wrk:
 
 
 # --------------------------------------------------------------------------- phases
-
-
-VARIANT_INFO = {
-    "A": "bare Envoy, direct response",
-    "B": "+ no-op wasm (reads Authorization + 1 shared-data key)",
-    "Be": "+ no-op wasm reading a key whose value is empty (as tokengate's denylist generation)",
-    "C": "+ tokengate, 1 cached token",
-    "C2": "+ tokengate, 1,000 cached tokens rotated",
-    "C3": "+ tokengate, 1 cached token, no claim headers written (`claims_to_headers: {}`)",
-    "D": "+ ext_authz (HTTP service) to an Envoy answering 200",
-    "BL": "+ no-op wasm, 1 KiB token",
-    "CL": "+ tokengate, 1 cached 1 KiB token",
-    "B4": "+ no-op wasm, 4 KiB token",
-    "C4": "+ tokengate, 1 cached 4 KiB token",
-}
 
 
 def authz_envoy(k, workdir, envoy_bin, load_cpu):
@@ -621,28 +539,6 @@ def phase_miss(k, e, wrk, log):
     return rounds
 
 
-CG_ORDER = (["A", "B0", "Ba", "Be", "B"] + [f"L{i}" for i in range(1, LADDER_ALT)] + ["C0", "C", f"L{LADDER_ALT}", "C2", "C3", "BL", "CL", "B4", "C4", "D",
-                                                                     "M0", "M1"])
-CG_LABEL = {"A": "A  bare Envoy", "B0": "B  no-op without its shared-data read",
-            "Ba": "B  no-op, shared key absent", "Be": "B  no-op, shared key with empty value",
-            "B": "B  no-op (floor: key with a value)", "C": "C  tokengate, 1 cached token",
-            "C0": "C  tokengate, nothing ever revoked",
-            "C2": "C2 tokengate, 1,000 cached tokens", "C3": "C3 tokengate, no claim headers", "D": "D  ext_authz (client side only)",
-            "BL": "B  no-op, 1 KiB token", "CL": "C  tokengate, 1 KiB token",
-            "B4": "B  no-op, 4 KiB token", "C4": "C  tokengate, 4 KiB token",
-            "M0": "M0 no-op + 1 callout (miss floor)", "M1": "M1 tokengate, every request a miss",
-            **{f"L{i}": label for i, (label, _) in enumerate(LADDER) if i}}
-
-
-CG_REF = {"B0": "A", "Ba": "B0", "Be": "B0", "B": "B0", "L1": "B", **{f"L{i}": f"L{i - 1}" for i in range(2, LADDER_ALT)}, "C": f"L{LADDER_ALT - 1}", "C0": "C",
-          f"L{LADDER_ALT}": f"L{LADDER_ALT - 1}", "C2": "C", "C3": "C", "BL": "B", "CL": "C", "B4": "BL", "C4": "CL", "D": "A", "M0": "A", "M1": "M0"}
-
-
-def cg_medians(cg):
-    return {v: {"ir": med([r["ir_per_req"] for r in rs]), "jit": med([r["jit_per_req"] for r in rs])}
-            for v, rs in cg["results"].items() if rs}
-
-
 def cg_split(dump):
     """Instructions of one callgrind dump by where they ran: Envoy's binary (with V8's runtime and
     builtins), libc, or JIT code (the compiled wasm), from callgrind_annotate's per-function list."""
@@ -680,7 +576,7 @@ def phase_callgrind(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, load_cpu,
     try:
         e = throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, True, True, authz, name="callgrind",
                              wrapper=wrapper, timeout=600)
-        pid = e.proc.pid
+        pid = e.proc.popen.pid
         ctl = lambda *a: subprocess.run(["callgrind_control", *a, str(pid)], capture_output=True, text=True)
         n, warmup = k["CG_REQUESTS"], 50
         rot = [f"bench-rot-{i:06d}" for i in range(k["ROTATE_TOKENS"])]
@@ -756,16 +652,16 @@ def phase_perf(k, e, wrk, log, workdir):
     out = {}
     for v in ("A", "B", "C"):
         data = workdir / f"perf-{v}.data"
-        rec = spawn(["perf", "record", "-e", "cpu-clock", "-F", "1999", "-p", e.proc.pid, "-o", data],
-                    workdir / f"perf-{v}.log")
+        rec = PROCS.start("perf", ["perf", "record", "-e", "cpu-clock", "-F", "1999", "-p", e.proc.popen.pid, "-o",
+                                   data], workdir / f"perf-{v}.log")
         time.sleep(0.5)
         wrk.run(e.ports[v], k["PERF_SECONDS"], headers=["Authorization: Bearer bench-hot-token"])
-        os.kill(rec.pid, signal.SIGINT)
+        os.kill(rec.popen.pid, signal.SIGINT)
         try:
-            rec.wait(30)
+            rec.popen.wait(30)
         except subprocess.TimeoutExpired:
             pass
-        kill(rec)
+        PROCS.stop(rec)
         rep = subprocess.run(["perf", "report", "-i", str(data), "--sort", "dso", "--stdio", "--percent-limit", "0.5"],
                              capture_output=True, text=True)
         if rep.returncode != 0 or not data.exists():
@@ -909,466 +805,6 @@ def phase_rss(k, e, wrk, log, workdir):
     tg = {name.removeprefix("wasmcustom."): v for name, v in e.stats(TG_STATS).items()}
     return {"max_entries": k["RSS_MAX_ENTRIES"], "concurrency": k["RSS_CONCURRENCY"], "milestones": milestones,
             "samples": samples, "tokengate_stats": tg}
-
-
-# --------------------------------------------------------------------------- report
-
-
-def med(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def summarize(rounds, variants):
-    out = {}
-    for v in variants:
-        rs = [r[v] for r in rounds if v in r]
-        if not rs:
-            continue
-        out[v] = {key: med([r[key] for r in rs]) for key in
-                  ("rps", "p50_us", "p90_us", "p99_us", "envoy_cpu_us_per_req", "envoy_cpu_util", "envoy_wait_util",
-                   "wrk_cpu_util")}
-        out[v]["rps_min"] = min(r["rps"] for r in rs)
-        out[v]["rps_max"] = max(r["rps"] for r in rs)
-        out[v]["errors"] = sum(r["errors"] for r in rs)
-        out[v]["introspections"] = sum(r["introspections"] for r in rs)
-    return out
-
-
-def fmt_us(us):
-    return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
-
-
-def mark(ok):
-    return "met" if ok else "**not met**"
-
-
-def report(res, k):
-    L = []
-    meta = res["meta"]
-    L.append("# tokengate benchmark")
-    L.append("")
-    noisy = k["PROFILE"] != "full" or max(meta["loadavg_start"][0], meta["loadavg_end"][0]) > 0.5
-    if noisy:
-        L.append(f"> **Indicative only**: profile `{k['PROFILE']}`, load average {meta['loadavg_start'][0]:.2f} at the "
-                 f"start and {meta['loadavg_end'][0]:.2f} at the end. Use `BENCH_PROFILE=full` on a quiet machine "
-                 "for numbers to quote.")
-        L.append("")
-    L.append(f"{meta['date']} · tokengate `{meta['commit']}` · Envoy {meta['envoy']} (V8) · {meta['cpu_model']} "
-             f"({meta['ncpu']} cores) · Linux {meta['kernel']}")
-    L.append("")
-    L.append(f"Envoy pinned to core {meta['envoy_cpu']}, load generator (wrk {k['THREADS']} threads, "
-             f"{k['CONNECTIONS']} keep-alive connections) and this script to core {meta['load_cpu']}, all on "
-             f"127.0.0.1. Throughput variants share one Envoy with **one worker** (`--concurrency 1`): the ratios "
-             f"are per-core costs. Every listener answers with a direct response, so only the filter differs. "
-             f"{k['ROUNDS']} rounds of {k['SECONDS']} s per variant (after {k['WARMUP']} s of warm-up), variants "
-             f"in each round in an order rotated by one from the round before; medians across rounds. A ratio "
-             f"is taken within each round (both measurements on that round's machine), then its median across "
-             f"rounds. A run with any error (non-2xx, timeout, socket error) is refused, not reported.")
-    L.append("")
-    summ = res.get("summary") or {}
-    if summ:
-        L.append("## Throughput and latency (medians)")
-        L.append("")
-        L.append("| variant | | req/s (min–max) | p50 | p90 | p99 | Envoy CPU µs/req | Envoy on core | Envoy waiting for core | wrk on core | errors |")
-        L.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for v, s in summ.items():
-            L.append(f"| {v} | {VARIANT_INFO[v]} | {s['rps']:,.0f} ({s['rps_min']:,.0f}–{s['rps_max']:,.0f}) | "
-                     f"{fmt_us(s['p50_us'])} | {fmt_us(s['p90_us'])} | {fmt_us(s['p99_us'])} | "
-                     f"{s['envoy_cpu_us_per_req']:.2f} | {s['envoy_cpu_util'] * 100:.0f}% | "
-                     f"{s['envoy_wait_util'] * 100:.0f}% | {s['wrk_cpu_util'] * 100:.0f}% | {s['errors']} |")
-        L.append("")
-        L.append("*Envoy on core*: share of the wall time Envoy's threads ran; *waiting for core*: share they were "
-                 "runnable while something else had the core (other processes on the machine: noise).")
-        L.append("")
-        if any(s["wrk_cpu_util"] > 0.9 for s in summ.values()):
-            L.append("A variant whose wrk core is over 90% busy may be limited by the load generator; its Envoy "
-                     "CPU µs/req is the figure to compare.")
-            L.append("")
-        introspected = summ.get("C", {}).get("introspections", 0) + summ.get("C2", {}).get("introspections", 0)
-        L.append(f"Introspections during the measured C/C2 runs: {introspected} (all tokens were cached beforehand).")
-        L.append("")
-    ratios = res.get("ratios") or []
-    targets = res.get("targets") or []
-    if ratios:
-        L.append("## Ratios")
-        L.append("")
-        L.append("| ratio (median of the per-round ratios) | by req/s | by Envoy CPU per request (inverse) |")
-        L.append("| --- | ---: | ---: |")
-        for name, by_rps, by_cpu in ratios:
-            L.append(f"| {name} | {by_rps:.3f} | {by_cpu:.3f} |")
-        L.append("")
-        if "A" in summ:
-            base = summ["A"]["envoy_cpu_us_per_req"]
-            parts = ", ".join(f"{v} +{summ[v]['envoy_cpu_us_per_req'] - base:.2f} µs" for v in summ if v != "A")
-            L.append(f"Added Envoy CPU per request over bare Envoy ({base:.2f} µs): {parts}.")
-            L.append("")
-    if targets:
-        L.append("## Targets")
-        L.append("")
-        L.append("| target | measured | |")
-        L.append("| --- | --- | --- |")
-        for name, value, ok in targets:
-            L.append(f"| {name} | {value} | {mark(ok) if ok is not None else 'not measured'} |")
-        L.append("")
-    lad = res.get("ladder")
-    if lad:
-        L.append("## Where tokengate's cost goes: the profile ladder")
-        L.append("")
-        L.append("The no-op filter (bench/noop) with tokengate's cache-hit steps added one at a time, then tokengate "
-                 f"itself; Envoy CPU per request, median of {len(lad['rounds'])} rounds of {k['LADDER_SECONDS']} s.")
-        L.append("")
-        L.append("| step | Envoy CPU µs/req | step cost µs | req/s |")
-        L.append("| --- | ---: | ---: | ---: |")
-        prev = None
-        cpus = {}
-        for label, name in lad["steps"]:
-            cpu = med([r[name]["envoy_cpu_us_per_req"] for r in lad["rounds"]])
-            cpus[name] = cpu
-            rps = med([r[name]["rps"] for r in lad["rounds"]])
-            if name == f"L{LADDER_ALT}":
-                prev = cpus.get(f"L{LADDER_ALT - 1}", prev)  # compared with the replaces
-            step = "" if prev is None else f"{cpu - prev:+.2f}"
-            L.append(f"| {label} | {cpu:.2f} | {step} | {rps:,.0f} |")
-            prev = cpu
-        L.append("")
-        L.append("The last step (tokengate minus the full ladder) is tokengate's own Rust work on a hit (bearer "
-                 "parsing, the denylist memo and local-cache lookups, the policy decision) less what tokengate does "
-                 "more cheaply than the ladder's copies: it reads the header map in place instead of through the "
-                 "SDK's copy, its denylist generation key has an empty value (nothing copied into wasm memory), and "
-                 "it adds the claim headers instead of replacing them. It can be negative.")
-        L.append("")
-    cg = res.get("callgrind")
-    if cg:
-        L.append("## Instructions per request (callgrind)")
-        L.append("")
-        if "error" in cg:
-            L.append(f"Not measured: {cg['error']}")
-        else:
-            L.append(f"Envoy's worker thread (`--concurrency 1`) under `valgrind --tool=callgrind`, instrumented only while {cg['requests']} "
-                     f"requests go over one keep-alive connection (after 50 uninstrumented ones), median of "
-                     f"{cg['rounds']} rounds. Instructions are independent of whatever else the machine runs, "
-                     "so these are the figures to attribute cost with. Everything but *nothing ever revoked* is "
-                     "measured after one revocation (as in production, the denylist generation key then exists). "
-                     "They leave out the kernel (socket I/O) "
-                     "and cache misses. *JIT* is V8's code space: the compiled wasm plus V8's wasm-to-host "
-                     "wrappers; the rest is Envoy's C++ (with V8's runtime).")
-            L.append("")
-            L.append("| variant / step | instructions/req | Δ | compared with | in JIT code |")
-            L.append("| --- | ---: | ---: | --- | ---: |")
-            cgm = cg_medians(cg)
-            for v in CG_ORDER:
-                if v not in cgm:
-                    continue
-                ref = CG_REF.get(v)
-                delta = f"{cgm[v]['ir'] - cgm[ref]['ir']:+,.0f}" if ref in cgm else ""
-                L.append(f"| {CG_LABEL[v]} | {cgm[v]['ir']:,.0f} | {delta} | {CG_LABEL.get(ref, '')} | "
-                         f"{cgm[v]['jit']:,.0f} |")
-            L.append("")
-            if all(x in cgm for x in ("A", "B", "C", "D")):
-                L.append(f"By instructions: tokengate/no-op cost {cgm['C']['ir'] / cgm['B']['ir']:.3f} "
-                         f"(throughput ratio ≈ {cgm['B']['ir'] / cgm['C']['ir']:.3f}), tokengate/bare "
-                         f"{cgm['C']['ir'] / cgm['A']['ir']:.2f}, ext_authz client side/tokengate "
-                         f"{cgm['D']['ir'] / cgm['C']['ir']:.2f} (kernel work for D's extra connection not counted).")
-                L.append("")
-            sized = [(size, c, b) for size, c, b in (("1 KiB", "CL", "BL"), ("4 KiB", "C4", "B4")) if c in cgm and b in cgm]
-            if sized:
-                L.append("With a large token, against the no-op filter given the same token: " + ", ".join(
-                    f"{size} {cgm[b]['ir'] / cgm[c]['ir']:.3f}" for size, c, b in sized) + " (throughput ratio by "
-                    "instructions; each worker hashes a token once, then finds it in its memo).")
-                L.append("")
-    miss = res.get("miss")
-    if miss:
-        m0 = med([r["M0"]["envoy_cpu_us_per_req"] for r in miss])
-        m1 = med([r["M1"]["envoy_cpu_us_per_req"] for r in miss])
-        r0 = med([r["M0"]["rps"] for r in miss])
-        r1 = med([r["M1"]["rps"] for r in miss])
-        L.append("## The miss path (one worker)")
-        L.append("")
-        L.append("Every request a cache miss (tokens never seen before), against the floor of any filter that "
-                 "calls out: the no-op with one introspection-shaped callout per request (`callout` step). The "
-                 "IdP is a listener of the same Envoy, so both include serving the callout.")
-        L.append("")
-        L.append("| | Envoy CPU µs/req | req/s |")
-        L.append("| --- | ---: | ---: |")
-        L.append(f"| no-op + 1 callout per request | {m0:.1f} | {r0:,.0f} |")
-        L.append(f"| tokengate, every request a miss | {m1:.1f} | {r1:,.0f} |")
-        L.append(f"| tokengate's own miss work | {m1 - m0:+.1f} | |")
-        L.append("")
-    perf = res.get("perf")
-    if perf:
-        L.append("## CPU by DSO (perf record, Envoy's core)")
-        L.append("")
-        if "error" in perf:
-            L.append(f"perf did not work here: {perf['error']}")
-        else:
-            names = []
-            for v in perf:
-                for d, _ in perf[v]["dso"]:
-                    if d not in names:
-                        names.append(d)
-            L.append("| DSO | " + " | ".join(perf) + " |")
-            L.append("| --- |" + " ---: |" * len(perf))
-            for d in names:
-                cells = [f"{dict(perf[v]['dso']).get(d, 0):.1f}%" for v in perf]
-                L.append(f"| {d} | " + " | ".join(cells) + " |")
-            L.append("")
-            L.append("Envoy's binary is stripped, so perf names DSOs, not functions; V8's JIT code (the compiled "
-                     "wasm and its host-call trampolines) shows as anonymous memory (`[JIT]`/`[unknown]`/`//anon`).")
-        L.append("")
-    bursts = res.get("burst")
-    if bursts:
-        L.append("## Cold burst: one new token")
-        L.append("")
-        L.append(f"A fresh Envoy with `--concurrency {k['BURST_CONCURRENCY']}`; each burst sends "
-                 f"{k['BURST_REQUESTS']} requests over {k['BURST_CONNECTIONS']} already-open connections, all with "
-                 f"one token never seen before; the IdP listener answers after {k['IDP_DELAY_MS']} ms, so the burst "
-                 "arrives while the introspection is in flight. Introspections: `cluster.idp.upstream_rq_total`.")
-        L.append("")
-        L.append("| burst | workers reached | introspections | statuses | time | coalesced / local hits / shared hits |")
-        L.append("| ---: | ---: | ---: | --- | ---: | --- |")
-        for b in bursts:
-            t = b["tokengate"]
-            co = t.get("tokengate.cache.coalesced", 0)
-            lh = t.get("tokengate.cache.hit.local", 0)
-            sh = t.get("tokengate.cache.hit.shared", 0)
-            st = ", ".join(f"{s}: {c}" for s, c in sorted(b["statuses"].items(), key=str))
-            L.append(f"| {b['token']} | {b['workers_used']} | {b['introspections']} | {st} | {b['elapsed_s']:.2f} s | "
-                     f"{co} / {lh} / {sh} |")
-        L.append("")
-    rss = res.get("rss")
-    if rss:
-        L.append("## Memory: Envoy RSS as distinct tokens pass through")
-        L.append("")
-        L.append(f"A fresh Envoy with `--concurrency {rss['concurrency']}`, `cache.max_entries` {rss['max_entries']:,}; "
-                 "an Envoy listener answers every introspection with an active token; wrk sends tokens never sent "
-                 "before (bench/lua/distinct.lua). VmRSS from `/proc/<pid>/status`, 2 s after each milestone.")
-        L.append("")
-        L.append("| distinct tokens | introspections | VmRSS | peak (VmHWM) | miss-path req/s | Envoy CPU µs/req | errors |")
-        L.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for m in rss["milestones"]:
-            rps = f"{m['rps']:,.0f}" if "rps" in m else ""
-            cpu = f"{m['envoy_cpu_us_per_req']:.0f}" if "envoy_cpu_us_per_req" in m else ""
-            L.append(f"| {m['tokens']:,} | {m['introspections']:,} | {m['rss_kib'] / 1024:.1f} MiB | "
-                     f"{m['hwm_kib'] / 1024:.1f} MiB | {rps} | {cpu} | {m.get('errors', '')} |")
-        L.append("")
-        L.append("A miss costs one introspection callout (to a listener of the same Envoy, so its cost is on the "
-                 "same core), a shared-data claim and a store (CAS rewrites of a JSON bucket), and a denylist "
-                 "bucket read. Bounded structures fill at different points: the shared cache's buckets "
-                 "(max_entries / 8 keys of up to 8 entries) fill over a few times max_entries; each worker's "
-                 "local cache (4,096 answers) and its denylist memo (8,192 hashes: twice the local cache) after "
-                 "a few thousand tokens per worker. RSS is flat once all three are full.")
-        L.append("")
-    sizes = res.get("wasm")
-    if sizes:
-        L.append("## Release wasm size")
-        L.append("")
-        for name, n in sizes.items():
-            L.append(f"- {name}: {n:,} bytes ({n / 1024:.1f} KiB)")
-        L.append("")
-    if res.get("rounds"):
-        L.append("## Every round")
-        L.append("")
-        L.append("| round | variant | req/s | p50 | p90 | p99 | Envoy CPU µs/req | errors |")
-        L.append("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for i, row in enumerate(res["rounds"], 1):
-            for v, r in row.items():
-                L.append(f"| {i} | {v} | {r['rps']:,.0f} | {fmt_us(r['p50_us'])} | {fmt_us(r['p90_us'])} | "
-                         f"{fmt_us(r['p99_us'])} | {r['envoy_cpu_us_per_req']:.2f} | {r['errors']} |")
-        L.append("")
-    L.append("## Method notes")
-    L.append("")
-    L.append("- Before measuring, one unrelated token is revoked through tokengate's admin API (a listener with the "
-             "same vm_id, as in envoy/envoy.yaml): in production something has been revoked, so the denylist "
-             "generation key exists and every request reads its value.")
-    L.append("- The tokengate configuration is envoy/tokengate.json with `cache.max_ttl_s` raised to 86400, so no "
-             "cached answer expires in the middle of a run (the hit path does not depend on the TTL). The IdP "
-             "answer is `" + IDP_ANSWER.replace("|", "\\|") + "`, so the three claim headers are set on every "
-             "request, as in production.")
-    if k["AUTHZ"] == "separate":
-        L.append("- D's authorization service is a second Envoy (one worker, a direct 200) pinned to the load "
-                 "generator's core, so Envoy's core pays only for the ext_authz client side, as with a remote "
-                 "authorizer (`BENCH_AUTHZ=same` puts it on Envoy's core instead).")
-    else:
-        L.append("- D's authorization service is another listener of the same Envoy (`BENCH_AUTHZ=same`), so its "
-                 "cost is on Envoy's core too.")
-    L.append("- Latency is wrk's (closed loop, 32 connections): it tracks throughput and is not an open-loop SLO "
-             "figure.")
-    L.append("- Envoy CPU µs/req is the CPU time of all Envoy threads (`/proc/<pid>/task/*/schedstat`) during the "
-             "measured run divided by the requests served: it holds even when the load generator, not Envoy, is "
-             "the limit.")
-    L.append("")
-    return "\n".join(L)
-
-
-def ratios_and_targets(res):
-    rounds = res.get("rounds") or []
-    ratios, targets = [], []
-
-    def pair(a, b):
-        """(req/s a/b, CPU per request b/a), each the median of the ratios taken round by
-        round: a round's two measurements share that round's machine, so the drift between
-        rounds cancels out of each ratio."""
-        both = [r for r in rounds if a in r and b in r]
-        if not both:
-            return None
-        return (med([r[a]["rps"] / r[b]["rps"] for r in both]),
-                med([r[b]["envoy_cpu_us_per_req"] / r[a]["envoy_cpu_us_per_req"] for r in both]))
-
-    for name, a, b in (("tokengate / no-op (C/B)", "C", "B"), ("tokengate / no-op, empty key (C/Be)", "C", "Be"),
-                       ("tokengate / bare (C/A)", "C", "A"),
-                       ("tokengate / ext_authz (C/D)", "C", "D"), ("tokengate 1k tokens / no-op (C2/B)", "C2", "B"),
-                       ("tokengate / no-op, 1 KiB token (CL/BL)", "CL", "BL"),
-                       ("tokengate / no-op, 4 KiB token (C4/B4)", "C4", "B4"),
-                       ("tokengate without claim headers / no-op (C3/B)", "C3", "B"),
-                       ("no-op / bare (B/A)", "B", "A"), ("ext_authz / bare (D/A)", "D", "A")):
-        p = pair(a, b)
-        if p:
-            ratios.append((name, *p))
-    p = pair("C", "B")
-    measured = f"{p[0]:.3f}" if p else "–"
-    cgm = cg_medians(res["callgrind"]) if (res.get("callgrind") or {}).get("results") else {}
-    if "B" in cgm and "C" in cgm:
-        measured += f" (by instructions {cgm['B']['ir'] / cgm['C']['ir']:.3f})"
-    # The floor's read is of a key with a value; tokengate's per-request read is of an empty one.
-    pe = pair("C", "Be")
-    if pe or ("Be" in cgm and "C" in cgm):
-        by_ir = f" (by instructions {cgm['Be']['ir'] / cgm['C']['ir']:.3f})" if "Be" in cgm and "C" in cgm else ""
-        measured += f"; against the empty-key floor (Be) {pe[0]:.3f}{by_ir}" if pe else \
-            f"; against the empty-key floor (Be){by_ir}"
-    p3 = pair("C3", "B")
-    if p3:
-        by_ir = f", by instructions {cgm['B']['ir'] / cgm['C3']['ir']:.3f}" if "C3" in cgm and "B" in cgm else ""
-        measured += f"; without claim headers (C3) {p3[0]:.3f}{by_ir}"
-    targets.append(("tokengate cache hit ≥ 0.95 × no-op throughput", measured, p[0] >= 0.95 if p else None))
-    if "CL" in cgm and "BL" in cgm:
-        by_ir = cgm["BL"]["ir"] / cgm["CL"]["ir"]
-        targets.append(("1 KiB token: cache hit ≥ 0.90 × no-op with the same token, by instructions",
-                        f"{by_ir:.3f}", by_ir >= 0.90))
-    p = pair("C", "D")
-    measured = f"{p[0]:.2f}×" if p else "–"
-    floor = pair("B", "D")
-    if floor:
-        measured += f" (the no-op filter itself: {floor[0]:.2f}×)"
-    targets.append(("tokengate ≥ 3 × ext_authz throughput", measured, p[0] >= 3 if p else None))
-    bursts = res.get("burst")
-    if bursts:
-        worst = max(b["introspections"] for b in bursts)
-        targets.append(("1 introspection for a cold burst", f"max {worst} over {len(bursts)} bursts", worst == 1))
-    else:
-        targets.append(("1 introspection for a cold burst", "–", None))
-    rss = res.get("rss")
-    if rss:
-        ms = [m for m in rss["milestones"] if m["tokens"] >= rss["max_entries"]]
-        if len(ms) >= 2:
-            def growth(a, b):
-                return f"{(b['rss_kib'] - a['rss_kib']) / 1024:+.1f} MiB from {a['tokens']:,} to {b['tokens']:,} tokens"
-            last = (ms[-1]["rss_kib"] - ms[-2]["rss_kib"]) / ms[-2]["rss_kib"]
-            text = growth(ms[-2], ms[-1]) + f" ({last * 100:+.1f}%)"
-            if len(ms) > 2:
-                text += "; " + growth(ms[0], ms[-1])
-            targets.append((f"RSS flat once max_entries ({rss['max_entries']:,}) is reached (last step < 2%)",
-                            text, last < 0.02))
-        else:
-            targets.append(("RSS flat once max_entries is reached", "no two milestones at or past max_entries", None))
-    else:
-        targets.append(("RSS flat once max_entries is reached", "–", None))
-    size = (res.get("wasm") or {}).get("tokengate.wasm")
-    targets.append(("wasm ≤ 900 KiB", f"{size / 1024:.1f} KiB" if size else "–", size <= 900 * 1024 if size else None))
-    return ratios, targets
-
-
-def chart(res, k, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is missing (make bench-deps)"
-    s = res.get("summary") or {}
-    panels = [p for p in ("rps", "lat", "cpu", "rss") if (p != "rss" and s) or (p == "rss" and res.get("rss"))]
-    if not panels:
-        return "nothing to draw"
-    cols = 2 if len(panels) > 1 else 1
-    rows = -(-len(panels) // cols)
-    fig, grid = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.6 * rows), squeeze=False)
-    axes = [ax for row in grid for ax in row]
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    colors = {"A": "#888888", "B": "#4c72b0", "C": "#55a868", "C2": "#8fd18f", "C3": "#b7e4b7", "D": "#c44e52"}
-    vs = list(s)
-    for ax, p in zip(axes, panels):
-        if p == "rps":
-            vals = [s[v]["rps"] for v in vs]
-            err = [[s[v]["rps"] - s[v]["rps_min"] for v in vs], [s[v]["rps_max"] - s[v]["rps"] for v in vs]]
-            ax.bar(vs, vals, yerr=err, capsize=4, color=[colors.get(v) for v in vs])
-            for i, v in enumerate(vals):
-                ax.text(i, v, f"{v / 1000:.1f}k", ha="center", va="bottom", fontsize=8)
-            ax.set_title("requests/s, 1 worker (median, min–max)")
-        elif p == "lat":
-            import numpy as np
-            x = np.arange(len(vs))
-            for j, (key, label) in enumerate((("p50_us", "p50"), ("p90_us", "p90"), ("p99_us", "p99"))):
-                ax.bar(x + (j - 1) * 0.27, [s[v][key] / 1000 for v in vs], 0.27, label=label)
-            ax.set_xticks(x, vs)
-            ax.set_ylabel("ms")
-            ax.legend()
-            ax.set_title("latency, 32 connections (median)")
-        elif p == "cpu":
-            lad = res.get("ladder")
-            cg = res.get("callgrind")
-            if cg and "error" not in cg:
-                cgm = cg_medians(cg)
-                order = [v for v in CG_ORDER if v in cgm and v not in ("M0", "M1")]
-                vals = [cgm[v]["ir"] / 1000 for v in order]
-                jit = [cgm[v]["jit"] / 1000 for v in order]
-                ax.barh(range(len(order)), vals, color="#4c72b0", label="Envoy C++ (incl. V8 runtime)")
-                ax.barh(range(len(order)), jit, color="#dd8452", label="JIT: wasm + V8 wrappers")
-                ax.set_yticks(range(len(order)), [CG_LABEL[v] for v in order], fontsize=7)
-                ax.invert_yaxis()
-                ax.set_xlabel("thousand instructions per request (callgrind)")
-                ax.legend(fontsize=7, loc="upper right")
-                ax.set_title("where the cost goes (instructions, noise-free)")
-            elif lad:
-                labels = [lbl for lbl, _ in lad["steps"]]
-                vals = [med([r[n]["envoy_cpu_us_per_req"] for r in lad["rounds"]]) for _, n in lad["steps"]]
-                ax.barh(range(len(labels)), vals, color="#4c72b0")
-                ax.set_yticks(range(len(labels)), labels, fontsize=8)
-                ax.invert_yaxis()
-                base = s.get("A", {}).get("envoy_cpu_us_per_req")
-                if base:
-                    ax.axvline(base, color="#888888", ls="--", label=f"bare Envoy {base:.1f} µs")
-                    ax.legend(fontsize=8)
-                ax.set_xlabel("Envoy CPU µs per request")
-                ax.set_title("profile ladder: cost per step")
-            else:
-                ax.bar(vs, [s[v]["envoy_cpu_us_per_req"] for v in vs], color=[colors.get(v) for v in vs])
-                ax.set_title("Envoy CPU µs per request")
-        elif p == "rss":
-            rss = res["rss"]
-            pts = sorted(p for p in rss["samples"] if p[0] > 0)
-            ax.plot([t for t, _ in pts], [r / 1024 for _, r in pts], color="#4c72b0", lw=1, label="sampled every second")
-            ms = rss["milestones"]
-            ax.axhline(ms[0]["rss_kib"] / 1024, color="#55a868", ls=":", label=f"before any token {ms[0]['rss_kib'] / 1024:.0f} MiB")
-            ms = ms[1:]
-            ax.plot([m["introspections"] for m in ms], [m["rss_kib"] / 1024 for m in ms], "o", color="#c44e52",
-                    label="after each milestone")
-            for m in ms:
-                ax.annotate(f"{m['tokens']:,}\n{m['rss_kib'] / 1024:.0f} MiB", (m["introspections"], m["rss_kib"] / 1024),
-                            textcoords="offset points", xytext=(0, -28), fontsize=8, ha="center")
-            ax.axvline(rss["max_entries"], color="#888888", ls="--", label=f"max_entries {rss['max_entries']:,}")
-            ax.set_xscale("log")
-            ax.set_ylim(bottom=0, top=max(r for _, r in rss["samples"]) / 1024 * 1.15)
-            ax.set_xlabel("distinct tokens introspected")
-            ax.set_ylabel("Envoy VmRSS, MiB")
-            ax.legend(fontsize=8, loc="lower right")
-            ax.set_title(f"memory, --concurrency {rss['concurrency']}")
-    meta = res["meta"]
-    noisy = k["PROFILE"] != "full" or max(meta["loadavg_start"][0], meta["loadavg_end"][0]) > 0.5
-    fig.suptitle(f"tokengate benchmark ({k['PROFILE']} profile, {meta['date']}, Envoy {meta['envoy']})"
-                 + ("  [INDICATIVE ONLY: short or noisy run]" if noisy else ""), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return None
 
 
 # --------------------------------------------------------------------------- main

@@ -3,7 +3,7 @@
 
 On 127.0.0.1, free ports: a 3-member etcd cluster, the mock IdP, the echo upstream and
 3 Envoys with tokengate (the shipped bootstrap envoy/envoy.yaml with `cluster_sync`,
---concurrency 2, poll_ms 500), built with the e2e harness (tests/e2e/harness.py).
+--concurrency 2, poll_ms 500), built with the e2e harness (tests/e2e/harness/).
 
 For each of N revocations (default 100):
   1. a fresh token, answered 200 by every Envoy (so cached as active: a later 401 on

@@ -15,7 +15,6 @@ Envoy) restore it in a fixture's teardown.
 
 Run: make e2e PYTEST_ARGS="-k cluster_sync -x"   (figures: add -s)
 """
-import hashlib
 import json
 import secrets
 import threading
@@ -24,7 +23,7 @@ import urllib.parse
 
 import pytest
 
-from harness import Envoy, Etcd, bearer, request
+from harness import ADMIN, FORM, Envoy, Etcd, bearer, request, sha256, unique
 
 CONCURRENCY = 2
 POLL_MS = 500
@@ -33,17 +32,7 @@ TIMEOUT_MS = 1000
 # reaching it means the change never arrived.
 CEILING_S = 20.0
 PREFIX = "tokengate/"  # the default of cluster_sync.prefix
-ADMIN = bearer("admin-demo-token")
-FORM = "application/x-www-form-urlencoded"
 REVOKED_DESCRIPTION = "the token has been revoked"
-
-
-def sha256(token):
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def unique(name):
-    return f"{name}-{secrets.token_hex(4)}"
 
 
 # --------------------------------------------------------------------------- the cluster

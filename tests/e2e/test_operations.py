@@ -15,7 +15,6 @@ Every Envoy runs with --concurrency 4 (CONCURRENCY).
 """
 import hashlib
 import http.client
-import json
 import secrets
 import threading
 

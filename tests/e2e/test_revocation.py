@@ -32,30 +32,39 @@ from pathlib import Path
 import pytest
 import yaml
 
-import harness
 from conftest import CONCURRENCY, EnvoyCache
 from harness import (
-    ENVOY_TEMPLATE,
+    ADMIN,
+    ADMIN_TOKEN,
+    FORM,
+    JSON_TYPE,
     LOOPBACK,
     PLUGIN_CONFIG,
+    PREFIX,
     SERVERS,
     Envoy,
+    Listener,
+    _wasm_plugins,
+    assert_admin_challenge,
+    assert_admin_refused,
+    assert_invalid_token,
+    assert_ok,
+    assert_still_serving,
+    basic_auth,
     bearer,
     burst,
-    deep_diff,
     free_port,
+    issue,
     merge,
     request,
+    sha256,
+    shipped_admin_additions,
+    sleep_until,
+    unique,
     wait_for_port,
     wait_until,
 )
 
-ADMIN_TOKEN = "admin-demo-token"
-ADMIN = bearer(ADMIN_TOKEN)
-ADMIN_REALM = "tokengate-admin"
-REALM = "tokengate"
-PREFIX = "/tokengate"
-FORM = "application/x-www-form-urlencoded"
 SHIPPED = json.loads(PLUGIN_CONFIG.read_text())
 # Defaults of src/config.rs, which envoy/envoy.yaml does not override.
 TOKEN_TTL_S = 86_400  # denylist.token_ttl_s: life of a record whose token's exp is unknown
@@ -63,20 +72,6 @@ PRINCIPAL_TTL_S = 86_400  # denylist.principal_ttl_s
 MAX_BODY_BYTES = 1024 * 1024  # admin.max_body_bytes
 REVOKED = "tokengate.requests.denied.revoked"
 UPSTREAM_CALLS = "cluster.upstream.upstream_rq_total"
-
-
-def sha256(token):
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def shipped_admin_additions():
-    """What envoy/envoy.yaml's admin listener adds to envoy/tokengate.json (its `admin` section)."""
-    template = yaml.safe_load(ENVOY_TEMPLATE.read_text())
-    listener = harness._named(template["static_resources"]["listeners"], "tokengate_admin")
-    (plugin,) = harness._wasm_plugins(listener)
-    additions = deep_diff(SHIPPED, json.loads(plugin["configuration"]["value"]))
-    assert additions.get("admin", {}).get("token_sha256") == sha256(ADMIN_TOKEN), additions
-    return additions
 
 
 # --------------------------------------------------------------------------- the upstream
@@ -162,39 +157,6 @@ class AdminApi:
         return self.call("DELETE", f"{PREFIX}/revocations/{urllib.parse.quote(revocation_id, safe='')}", auth)
 
 
-def assert_ok(resp):
-    assert resp.status == 200, resp
-    assert resp.header("Content-Type") == "application/json", resp.headers
-    return resp.json()
-
-
-def assert_admin_refused(resp, status, error=None, what=""):
-    """An admin error: the status, a JSON body naming the error, no upstream answer."""
-    assert resp.status == status, f"{what}: {resp}"
-    body = resp.json()
-    assert {"error", "error_description"} <= body.keys(), body
-    if error:
-        assert body["error"] == error, body
-    assert "method" not in body, "the upstream answered"
-    return body
-
-
-def assert_admin_challenge(resp, what=""):
-    assert_admin_refused(resp, 401, what=what)
-    assert resp.header_all("WWW-Authenticate") == [f'Bearer realm="{ADMIN_REALM}"'], (what, resp.headers)
-
-
-def assert_invalid_token(resp, realm=REALM):
-    """What a client with a revoked token sees: 401, RFC 6750 invalid_token."""
-    assert resp.status == 401, resp
-    (challenge,) = resp.header_all("WWW-Authenticate")
-    assert challenge.startswith("Bearer "), challenge
-    assert f'realm="{realm}"' in challenge and 'error="invalid_token"' in challenge, challenge
-    body = resp.json()
-    assert body["error"] == "invalid_token", body
-    assert "method" not in body, "the upstream answered"
-
-
 def statuses_over_connections(envoy, token, n=2 * CONCURRENCY, path="/"):
     """n requests, each on its own connection (so on more than one worker)."""
     return [envoy.get(path, bearer(token)).status for _ in range(n)]
@@ -233,23 +195,9 @@ def burst_on_every_worker(envoy, token, expect, n=400, connections=32, tries=3):
 # --------------------------------------------------------------------------- tokens
 
 
-def issue(idp, client_id=None, sub=None, scope="read", ttl=None):
-    if idp.kind == "oidc":
-        return idp.issue_token(scope=scope, client_id=client_id, ttl=ttl)
-    return idp.issue_token(scope=scope, client_id=client_id or "app-a", sub=sub or "user-1", ttl=ttl)
-
-
 def odd_token():
     """A token using every b64token character class, so form and JSON decoding are exercised."""
     return "rv+/~._-" + secrets.token_urlsafe(16) + "+/=="
-
-
-def unique(name):
-    return f"{name}-{secrets.token_hex(4)}"
-
-
-def sleep_until(unix_time):
-    time.sleep(max(0.0, unix_time - time.time()))
 
 
 # --------------------------------------------------------------------------- Envoys
@@ -567,14 +515,10 @@ def test_a_bulk_revocation_is_logged_once_with_its_reason_clipped(fresh):
 # --------------------------------------------------------------------------- 4. the admin credential
 
 
-def _basic(user, password):
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
 BAD_CREDENTIALS = {
     "none": None,
     "wrong-bearer": bearer("not-the-admin-token"),
-    "basic": _basic("admin", ADMIN_TOKEN),
+    "basic": {"Authorization": basic_auth("admin", ADMIN_TOKEN)},
     "no-scheme": {"Authorization": ADMIN_TOKEN},
     "configured-hash": bearer(sha256(ADMIN_TOKEN)),
 }
@@ -718,7 +662,7 @@ def test_disguised_admin_paths_never_bypass_the_credential_or_reach_the_upstream
     victims = {path: _victim(idp, envoy) for path in paths}
 
     for path, victim in victims.items():
-        for auth in (None, bearer("not-the-admin-token"), _basic("admin", ADMIN_TOKEN), ADMIN):
+        for auth in (None, bearer("not-the-admin-token"), {"Authorization": basic_auth("admin", ADMIN_TOKEN)}, ADMIN):
             resp = api.revoke_form(victim, auth=auth, path=path)
             if path in ENVOY_REFUSED_PATHS:
                 # Envoy's own 400 (its codec's): not a JSON answer from the filter.
@@ -740,6 +684,57 @@ def test_disguised_admin_paths_never_bypass_the_credential_or_reach_the_upstream
     assert [r for r in seen if looks_like_admin(r["path"])] == [], "an admin request reached the upstream"
     assert {r["path"] for r in seen} <= {"/victim-check"}
     assert envoy.counter(UPSTREAM_CALLS) - upstream_calls == len(seen)
+
+
+# Paths as they reach the filter when nothing normalises them first (`raw_gate`'s admin
+# listener): the filter itself must refuse each, and nothing may reach the upstream.
+RAW_ADMIN_PATHS = {
+    "//tokengate/revoke": 400,
+    "/tokengate//revoke": 400,
+    "/tokengate/./revoke": 400,
+    "/x/../tokengate/revoke": 400,
+    "/tokengate/revocations/../revoke": 400,
+    "/%74okengate/revoke": 400,
+    "/tokengate/%72evoke": 400,
+    "/tokengate%2Frevoke": 400,
+    "/tokengate%2frevoke": 400,
+    "/TOKENGATE/revoke": 400,
+    "/tokengate/REVOKE": 400,
+    "/tokengate\\revoke": 400,
+    "/tokengate/revoke/": 400,
+    "/tokengate/revoke/..": 404,
+    "/tokengate/%2e%2e/tokengate/revoke": 400,
+}
+
+
+@pytest.fixture
+def raw_gate(gates, mock_idp_server):
+    """`mock_gate` plus `raw_admin`: the admin API on a copy of the data listener, which
+    neither normalises paths nor merges slashes."""
+    data = mock_idp_server.plugin_config()
+    admin = merge(data, shipped_admin_additions())
+    return gates.get(
+        mock_idp_server, data, extra_listeners=[Listener("raw_admin", admin)],
+        listener_configs={"tokengate_admin": admin}, name="envoy-revocation-raw-admin",
+    )
+
+
+@pytest.mark.parametrize("path", RAW_ADMIN_PATHS, ids=list(RAW_ADMIN_PATHS))
+def test_disguised_admin_paths_without_envoy_normalisation_are_refused_by_the_filter(raw_gate, mock_idp_server, recorder, path):
+    envoy, raw = raw_gate, AdminApi(raw_gate, "raw_admin")
+    victim = _victim(mock_idp_server, envoy)
+    mark, count = len(recorder.requests()), AdminApi(envoy).revocations()["count"]
+    want = RAW_ADMIN_PATHS[path]
+    assert_admin_refused(raw.revoke_form(victim, path=path), want, "invalid_request" if want == 400 else "not_found", what=path)
+    # Without the credential: the admin challenge, whatever the path.
+    assert_admin_challenge(raw.revoke_form(victim, auth=None, path=path), what=path)
+
+    assert AdminApi(envoy).revocations()["count"] == count, "a refused admin request revoked something"
+    assert sha256(victim) not in AdminApi(envoy).listed()
+    assert envoy.get("/victim-check", bearer(victim)).status == 200
+    seen = _upstream_seen_since(recorder, mark)
+    assert [r for r in seen if looks_like_admin(r["path"])] == [], f"{path} reached the upstream"
+    assert_still_serving(envoy, mock_idp_server)
 
 
 def test_admin_routes_answer_wrong_methods_unknown_routes_and_bad_bodies(mock_gate, mock_idp_server, recorder):
@@ -809,23 +804,34 @@ def chunked_post(port, path, body, headers, chunk=64 * 1024):
     return int(status_line.split()[1]), data
 
 
-def test_bulk_over_max_bulk_tokens_is_refused_whole(gates, mock_idp_server, recorder):
-    limit = 5
-    envoy = gate_for(gates, mock_idp_server, admin_overrides={"max_bulk_tokens": limit})
-    api = AdminApi(envoy)
-    mark = len(recorder.requests())
-    victims = [_victim(mock_idp_server, envoy) for _ in range(limit + 1)]
+MAX_BULK_TOKENS = 10_000  # admin.max_bulk_tokens default (src/config.rs), which envoy/envoy.yaml keeps
 
-    body = assert_admin_refused(api.revoke_json({"tokens": victims}), 413, "too_many_tokens")
-    assert str(limit) in body["error_description"]
-    assert api.revocations()["count"] == 0, "a refused bulk revokes nothing"
+
+@pytest.mark.parametrize(
+    "limit, n", [(5, 6), (None, MAX_BULK_TOKENS + 1), (None, 50_000)], ids=["configured-5", "default-plus-1", "default-50000"]
+)
+def test_bulk_over_max_bulk_tokens_is_refused_whole(gates, mock_idp_server, recorder, limit, n):
+    envoy = gate_for(gates, mock_idp_server, admin_overrides={"max_bulk_tokens": limit} if limit else None)
+    api = AdminApi(envoy)
+    mark, count = len(recorder.requests()), api.revocations()["count"]
+    victims = [_victim(mock_idp_server, envoy) for _ in range(6)]
+    tokens = victims + [secrets.token_hex(5) for _ in range(n - len(victims))]
+    body = json.dumps({"tokens": tokens}).encode()
+    assert len(body) < MAX_BODY_BYTES, "this case is about the count, not the size"
+
+    refused = assert_admin_refused(api.call("POST", f"{PREFIX}/revoke", body=body, content_type=JSON_TYPE), 413, "too_many_tokens")
+    assert str(limit or MAX_BULK_TOKENS) in refused["error_description"]
+    assert api.revocations()["count"] == count, "a refused bulk revokes nothing"
+    assert not {sha256(t) for t in victims} & api.listed().keys()
     assert [envoy.get("/victim-check", bearer(t)).status for t in victims] == [200] * len(victims)
 
-    body = assert_ok(api.revoke_json({"tokens": victims[:limit]}))
-    assert body["revoked"] == limit
-    assert [envoy.get("/victim-check", bearer(t)).status for t in victims] == [401] * limit + [200]
+    if limit:
+        # Exactly the limit is accepted.
+        assert assert_ok(api.revoke_json({"tokens": victims[:limit]}))["revoked"] == limit
+        assert [envoy.get("/victim-check", bearer(t)).status for t in victims] == [401] * limit + [200]
     seen = _upstream_seen_since(recorder, mark)
     assert [r for r in seen if looks_like_admin(r["path"])] == []
+    assert_still_serving(envoy, mock_idp_server)
 
 
 # --------------------------------------------------------------------------- 6. configuration update
@@ -869,7 +875,7 @@ class LdsEnvoy(Envoy):
         for entry in dump["configs"]:
             listener = entry.get("active_state", {}).get("listener")
             if listener:
-                (plugin,) = harness._wasm_plugins(listener)
+                (plugin,) = _wasm_plugins(listener)
                 out[listener["name"]] = json.loads(plugin["configuration"]["value"])
         return out
 
@@ -903,7 +909,7 @@ def test_denylist_survives_a_plugin_configuration_update(procs, workdir, mock_id
         updated = copy.deepcopy(envoy.listeners)
         new_configs = {}
         for listener in updated:
-            (plugin,) = harness._wasm_plugins(listener)
+            (plugin,) = _wasm_plugins(listener)
             config = json.loads(plugin["configuration"]["value"])
             config["claims_to_headers"].pop("client_id")
             config = merge(config, change)

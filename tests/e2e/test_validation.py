@@ -4,10 +4,8 @@ Each test runs against a real Envoy (--concurrency 4) loading the tokengate wasm
 Tests taking `idp` run twice: against the mock IdP and against oidc-provider.
 Tests taking `mock_idp` need its control API (custom claims, faults, call records).
 """
-import base64
 import http.client
 import json
-import re
 import secrets
 import time
 import urllib.parse
@@ -16,79 +14,30 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import CONCURRENCY
-from harness import GATEWAY_CLIENT, PLUGIN_CONFIG, Listener, bearer, burst, get, loopback_cluster, merge
+from harness import (
+    GATEWAY_CLIENT,
+    PLUGIN_CONFIG,
+    Listener,
+    assert_denied,
+    assert_fails_closed,
+    assert_still_serving,
+    basic_auth,
+    bearer,
+    burst,
+    challenge,
+    get,
+    issue,
+    loopback_cluster,
+    merge,
+    sleep_until,
+    unknown_token,
+    upstream_headers,
+)
 
-REALM = "tokengate"
 SHIPPED = json.loads(PLUGIN_CONFIG.read_text())
 CLAIMS_TO_HEADERS = SHIPPED["claims_to_headers"]
 REQUIRED_SCOPE = " ".join(SHIPPED["required_scopes"])
 IDP_CALLS = "cluster.idp.upstream_rq_total"
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def challenge(resp):
-    """The WWW-Authenticate challenge as (scheme, {param: value})."""
-    values = resp.header_all("WWW-Authenticate")
-    assert len(values) == 1, f"want one WWW-Authenticate, got {values!r}"
-    scheme, _, rest = values[0].partition(" ")
-    params = dict(re.findall(r'([A-Za-z_]+)="((?:[^"\\]|\\.)*)"', rest))
-    return scheme, params
-
-
-def assert_denied(resp, status, error):
-    """A denial: status, a Bearer challenge naming error (or none), a JSON error body."""
-    assert resp.status == status, resp
-    scheme, params = challenge(resp)
-    assert scheme == "Bearer"
-    assert params.get("realm") == REALM
-    if error is None:
-        assert "error" not in params, params
-    else:
-        assert params.get("error") == error, params
-    body = resp.json()
-    assert {"error", "error_description"} <= body.keys(), body
-    if error is not None:
-        assert body["error"] == error, body
-    assert_not_from_upstream(resp)
-    return params
-
-
-def assert_not_from_upstream(resp):
-    try:
-        body = resp.json()
-    except ValueError:
-        return
-    assert not (isinstance(body, dict) and "method" in body and "headers" in body), "the upstream answered"
-
-
-def assert_fails_closed(resp, timeout_ms):
-    """tokengate's 503: temporarily_unavailable, no challenge (RFC 6750 has none for it)."""
-    assert resp.status == 503, resp
-    assert resp.json()["error"] == "temporarily_unavailable", resp
-    assert resp.header_all("WWW-Authenticate") == [], resp
-    assert_not_from_upstream(resp)
-    assert resp.elapsed <= timeout_ms / 1000 + 1.0, f"took {resp.elapsed:.2f}s"
-
-
-def upstream_headers(resp):
-    assert resp.status == 200, resp
-    return resp.json()["headers"]
-
-
-def unknown_token():
-    return secrets.token_urlsafe(32)
-
-
-def issue(idp, scope="read", ttl=None):
-    # The mock can set a subject; oidc-provider's client-credentials tokens have none.
-    sub = "user-42" if idp.kind == "mock" else None
-    return idp.issue_token(scope=scope, sub=sub, ttl=ttl)
-
-
-def sleep_until(unix_time):
-    time.sleep(max(0.0, unix_time - time.time()))
 
 
 # --------------------------------------------------------------------------- credentials
@@ -143,10 +92,26 @@ def test_other_scheme_gets_a_bare_challenge(envoy, value):
     assert envoy.counter(IDP_CALLS) == before
 
 
-def test_two_authorization_headers_are_invalid_request(envoy, idp):
+def test_repeated_authorization_headers_never_pass(envoy, idp):
+    # Envoy joins repeated headers into one value with ", " (RFC 9110 §5.3), so the filter
+    # sees "Bearer x,Basic y" (a token with a comma: invalid_request) or "Basic y,Bearer x"
+    # (another scheme first: the bare challenge). Either way no request passes and no
+    # half-credential reaches the IdP.
     token = issue(idp)
-    resp = envoy.get("/resource", [("Authorization", f"Bearer {token}"), ("Authorization", f"Bearer {token}")])
-    assert_denied(resp, 400, "invalid_request")
+    basic = "Basic dXNlcjpwYXNz"
+    before = envoy.counter(IDP_CALLS)
+    for headers, status, error in [
+        ([("Authorization", f"Bearer {token}")] * 2, 400, "invalid_request"),
+        ([("Authorization", f"Bearer {token}")] * 3, 400, "invalid_request"),
+        ([("Authorization", f"Bearer {token}"), ("Authorization", basic)], 400, "invalid_request"),
+        ([("Authorization", f"Bearer {token}"), ("Authorization", f"Bearer {unknown_token()}")], 400, "invalid_request"),
+        ([("Authorization", basic), ("Authorization", f"Bearer {token}")], 401, None),
+    ]:
+        assert_denied(envoy.get("/resource", headers), status, error)
+    assert envoy.counter(IDP_CALLS) == before, "a repeated credential must not reach the IdP"
+    if idp.kind == "mock":
+        assert idp.calls_for(token) == 0
+    assert_still_serving(envoy, idp)
 
 
 @pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR"])
@@ -212,10 +177,13 @@ def test_valid_token_reaches_upstream_with_claim_headers(envoy, idp):
     assert seen.get("authorization") == f"Bearer {token}", "Authorization is kept unless hide_credentials"
 
 
-def test_spoofed_claim_headers_never_reach_upstream(envoy, idp):
+def test_spoofed_claim_headers_are_replaced_or_removed(envoy, idp):
+    # oidc-provider's tokens have no `sub`: the subject header must then be absent upstream,
+    # whatever the client sent, in any case and however often.
     token = issue(idp)
     spoofed = [(header, "spoofed") for header in CLAIMS_TO_HEADERS.values()]
     spoofed += [(header.upper(), "SPOOFED") for header in CLAIMS_TO_HEADERS.values()]
+    spoofed += [(header, "again") for header in CLAIMS_TO_HEADERS.values()]
     seen = upstream_headers(envoy.get("/resource", [*bearer(token).items(), *spoofed]))
     answer = idp.introspect(token)
     for claim, header in CLAIMS_TO_HEADERS.items():
@@ -223,6 +191,10 @@ def test_spoofed_claim_headers_never_reach_upstream(envoy, idp):
             assert seen.get(header) == str(answer[claim]), (header, seen.get(header))
         else:
             assert header not in seen, f"client-sent {header} reached the upstream"
+    assert seen.get(CLAIMS_TO_HEADERS["scope"]) == "read"
+    if idp.kind == "mock":
+        assert seen.get(CLAIMS_TO_HEADERS["client_id"]) == "app-a"
+    assert_still_serving(envoy, idp)
 
 
 # Subjects an upstream would misread: Envoy strips a header value's surrounding spaces, so
@@ -256,21 +228,35 @@ def test_hide_credentials_keeps_authorization_from_upstream(envoys, idp):
 
 
 TIMEOUT_MS = SHIPPED["introspection"]["timeout_ms"]
-# Each way the IdP can fail, with its exact counter, is test_hardening.py's.
+# Each way a running IdP can fail, with its exact counter, is test_hardening.py's.
 
 
 @pytest.mark.parametrize("kind", ["mock", "oidc"])
-def test_cached_token_survives_idp_outage_and_uncached_token_fails_closed(fresh, kind):
+def test_idp_down_serves_cached_tokens_fails_closed_for_others_and_recovers(fresh, kind):
     idp = fresh.idp(kind)
     cached, uncached = issue(idp), issue(idp)
     envoy = fresh.envoy(idp)
     assert envoy.get("/resource", bearer(cached)).status == 200
 
     idp.stop()
-    # New connections land on different workers: the cache they share must serve them all.
-    statuses = [envoy.get("/resource", bearer(cached)).status for _ in range(2 * CONCURRENCY)]
-    assert statuses == [200] * len(statuses)
-    assert_fails_closed(envoy.get("/resource", bearer(uncached)), TIMEOUT_MS)
+    try:
+        # New connections land on different workers: the cache they share must serve them all.
+        statuses = [envoy.get("/resource", bearer(cached)).status for _ in range(2 * CONCURRENCY)]
+        assert statuses == [200] * len(statuses)
+        for _ in range(3):
+            assert_fails_closed(envoy.get("/resource", bearer(uncached)), TIMEOUT_MS)
+    finally:
+        idp.start()  # same port: Envoy's cluster finds it again
+    # The restarted IdP has forgotten its tokens: the mock is told again, and oidc-provider
+    # now calls the token inactive. Either answer shows the refused connections were not cached.
+    if kind == "mock":
+        idp.register_active(uncached)
+        resp = envoy.get("/resource", bearer(uncached))
+        assert resp.status == 200, f"the refused connections were cached: {resp}"
+        assert idp.calls_for(uncached) == 1
+    else:
+        assert_denied(envoy.get("/resource", bearer(uncached)), 401, "invalid_token")
+    assert_still_serving(envoy, idp)
 
 
 # --------------------------------------------------------------------------- caching
@@ -390,7 +376,7 @@ def test_token_reaches_idp_byte_for_byte(envoys, mock_idp):
     assert headers.get("host") == mock_idp.authority
     assert form.get("token_type_hint") == [SHIPPED["introspection"]["token_type_hint"]]
     client_id, secret = GATEWAY_CLIENT
-    assert headers.get("authorization") == _basic(client_id, secret)
+    assert headers.get("authorization") == basic_auth(client_id, secret)
 
 
 def test_client_secret_from_the_vm_environment(fresh):
@@ -405,7 +391,7 @@ def test_client_secret_from_the_vm_environment(fresh):
     token = unknown_token()
     idp.register_active(token)
     assert envoy.get("/resource", bearer(token)).status == 200
-    assert idp.introspections()["last_headers"].get("authorization") == _basic(client_id, secret)
+    assert idp.introspections()["last_headers"].get("authorization") == basic_auth(client_id, secret)
     assert secret not in envoy.admin("/config_dump").body.decode()
 
     # A variable the VM cannot see is a configuration error Envoy reports, not a gateway that
@@ -413,10 +399,6 @@ def test_client_secret_from_the_vm_environment(fresh):
     with pytest.raises(RuntimeError) as refused:
         fresh.envoy(idp, config)
     assert "client_secret_env names \"TOKENGATE_TEST_SECRET\", which is not set" in str(refused.value)
-
-
-def _basic(client_id, secret):
-    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
 
 
 # --------------------------------------------------------------------------- what operators see
