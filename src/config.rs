@@ -407,71 +407,10 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        // These become headers of callouts: a control character would make
-        // every callout fail instead of the configuration.
-        let mut header_values = vec![
-            ("introspection.cluster", &self.introspection.cluster),
-            ("introspection.authority", &self.introspection.authority),
-            ("introspection.path", &self.introspection.path),
-        ];
-        if let Some(r) = &self.revocation_endpoint {
-            header_values.extend([
-                ("revocation_endpoint.cluster", &r.cluster),
-                ("revocation_endpoint.authority", &r.authority),
-                ("revocation_endpoint.path", &r.path),
-            ]);
-        }
-        if let Some(c) = &self.cluster_sync {
-            header_values.extend([("cluster_sync.cluster", &c.cluster), ("cluster_sync.authority", &c.authority)]);
-        }
-        for (key, value) in header_values {
-            if value.bytes().any(|b| b < 0x20 || b == 0x7f) {
-                return err(format!("{key} must not contain control characters"));
-            }
-        }
-        let i = &self.introspection;
-        if i.cluster.trim().is_empty() {
-            return err("introspection.cluster must not be empty");
-        }
-        if i.authority.trim().is_empty() {
-            return err("introspection.authority must not be empty");
-        }
-        if !i.path.starts_with('/') {
-            return err("introspection.path must start with '/'");
-        }
-        if i.client_id.is_some() != i.client_secret.is_some() {
-            return err("introspection.client_id and introspection.client_secret go together (client_secret may come from client_secret_env)");
-        }
-        if i.timeout_ms == 0 || i.timeout_ms > 60_000 {
-            return err("introspection.timeout_ms must be between 1 and 60000 (0 would mean no timeout)");
-        }
-        if i.max_response_bytes == 0 || i.max_response_bytes > 1024 * 1024 {
-            return err("introspection.max_response_bytes must be between 1 and 1048576");
-        }
-        let c = &self.cache;
-        if c.max_entries == 0 || c.max_entries > 10_000_000 {
-            return err("cache.max_entries must be between 1 and 10000000");
-        }
-        if c.max_ttl_s > 86_400 {
-            return err("cache.max_ttl_s must be at most 86400");
-        }
-        if c.negative_ttl_s > 3600 {
-            return err("cache.negative_ttl_s must be at most 3600");
-        }
-        if c.stale_if_error_s > 86_400 {
-            return err("cache.stale_if_error_s must be at most 86400");
-        }
-        if c.local_entries > 1_000_000 {
-            return err("cache.local_entries must be at most 1000000");
-        }
-        if c.hash_memo_entries > 65_536 {
-            return err("cache.hash_memo_entries must be at most 65536");
-        }
-        if c.max_entry_bytes < 256 || c.max_entry_bytes > 65_536 {
-            return err("cache.max_entry_bytes must be between 256 and 65536");
-        }
+        self.introspection.validate()?;
+        self.cache.validate()?;
         for s in &self.required_scopes {
-            if s.is_empty() || s.contains(' ') || !s.bytes().all(is_scope_char) {
+            if !is_scope_token(s) {
                 return err(format!("required_scopes: {s:?} is not a valid scope token (RFC 6749 §3.3)"));
             }
         }
@@ -487,76 +426,185 @@ impl Config {
             }
         }
         if let Some(a) = &self.admin {
-            if !a.path_prefix.starts_with('/')
-                || a.path_prefix.len() < 2
-                || a.path_prefix.ends_with('/')
-                || a.path_prefix.contains("//")
-                || !a.path_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b))
-            {
-                return err("admin.path_prefix must look like \"/tokengate\" (letters, digits, - _ . and inner /)");
-            }
-            let hashes = &a.token_sha256.0;
-            if hashes.is_empty() || hashes.len() > MAX_ADMIN_TOKENS {
-                return err(format!("admin.token_sha256 must list 1 to {MAX_ADMIN_TOKENS} hashes"));
-            }
-            if hashes.iter().any(|h| h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit())) {
-                return err("admin.token_sha256 must be the 64 hex digits of the admin token's SHA-256");
-            }
-            if a.max_body_bytes < 1024 || a.max_body_bytes > 64 * 1024 * 1024 {
-                return err("admin.max_body_bytes must be between 1024 and 67108864");
-            }
-            if a.max_bulk_tokens == 0 || a.max_bulk_tokens > 1_000_000 {
-                return err("admin.max_bulk_tokens must be between 1 and 1000000");
-            }
+            a.validate()?;
         }
-        let d = &self.denylist;
-        if d.max_tokens == 0 || d.max_tokens > 10_000_000 {
-            return err("denylist.max_tokens must be between 1 and 10000000");
-        }
-        if d.max_principals == 0 || d.max_principals > 100_000 {
-            return err("denylist.max_principals must be between 1 and 100000");
-        }
-        const TEN_YEARS_S: u64 = 10 * 365 * 86_400;
-        if !(1..=TEN_YEARS_S).contains(&d.token_ttl_s) || !(1..=TEN_YEARS_S).contains(&d.principal_ttl_s) {
-            return err("denylist.token_ttl_s and denylist.principal_ttl_s must be between 1 and 315360000");
-        }
-        if d.clock_skew_s > MAX_CLOCK_SKEW_S {
-            return err(format!("denylist.clock_skew_s must be at most {MAX_CLOCK_SKEW_S}"));
-        }
+        self.denylist.validate()?;
         if let Some(r) = &self.revocation_endpoint {
-            if r.cluster.trim().is_empty() || r.authority.trim().is_empty() || !r.path.starts_with('/') {
-                return err("revocation_endpoint needs cluster, authority and a path starting with '/'");
-            }
-            if r.client_id.is_some() != r.client_secret.is_some() {
-                return err("revocation_endpoint.client_id and revocation_endpoint.client_secret go together \
-                            (client_secret may come from client_secret_env)");
-            }
-            if r.timeout_ms == 0 || r.timeout_ms > 60_000 {
-                return err("revocation_endpoint.timeout_ms must be between 1 and 60000");
-            }
+            r.validate()?;
         }
         if let Some(c) = &self.cluster_sync {
-            if c.cluster.trim().is_empty() || c.authority.trim().is_empty() {
-                return err("cluster_sync.cluster and cluster_sync.authority must not be empty");
-            }
-            if c.prefix.is_empty() || !c.prefix.ends_with('/') || c.prefix.chars().any(char::is_control) {
-                return err("cluster_sync.prefix must be non-empty and end with '/'");
-            }
-            if !(50..=60_000).contains(&c.poll_ms) {
-                return err("cluster_sync.poll_ms must be between 50 and 60000");
-            }
-            if c.timeout_ms == 0 || c.timeout_ms > 60_000 {
-                return err("cluster_sync.timeout_ms must be between 1 and 60000");
-            }
-            if c.max_outbox == 0 || c.max_outbox > 1_000_000 {
-                return err("cluster_sync.max_outbox must be between 1 and 1000000");
-            }
+            c.validate()?;
         }
         if self.realm.is_empty() || !self.realm.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
             return err("realm must be non-empty printable ASCII without '\"' or '\\'");
         }
         Ok(())
     }
+}
+
+/// What every callout target has (an Envoy cluster, an `:authority`, a path
+/// for HTTP endpoints, a timeout), checked one way for every section.
+struct Endpoint<'a> {
+    section: &'static str,
+    cluster: &'a str,
+    authority: &'a str,
+    path: Option<&'a str>,
+    timeout_ms: u64,
+}
+
+impl Endpoint<'_> {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let section = self.section;
+        // These become headers of callouts: a control character would make
+        // every callout fail instead of the configuration.
+        for (key, value) in
+            [("cluster", self.cluster), ("authority", self.authority), ("path", self.path.unwrap_or(""))]
+        {
+            if value.bytes().any(|b| b < 0x20 || b == 0x7f) {
+                return err(format!("{section}.{key} must not contain control characters"));
+            }
+        }
+        if self.cluster.trim().is_empty() {
+            return err(format!("{section}.cluster must not be empty"));
+        }
+        if self.authority.trim().is_empty() {
+            return err(format!("{section}.authority must not be empty"));
+        }
+        if self.path.is_some_and(|p| !p.starts_with('/')) {
+            return err(format!("{section}.path must start with '/'"));
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > 60_000 {
+            return err(format!("{section}.timeout_ms must be between 1 and 60000 (0 would mean no timeout)"));
+        }
+        Ok(())
+    }
+}
+
+/// `client_secret_basic` needs both halves.
+fn validate_client(section: &str, id: &Option<String>, secret: &Option<String>) -> Result<(), ConfigError> {
+    if id.is_some() != secret.is_some() {
+        return err(format!(
+            "{section}.client_id and {section}.client_secret go together (client_secret may come from client_secret_env)"
+        ));
+    }
+    Ok(())
+}
+
+impl Introspection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let (cluster, authority, path) = (&self.cluster, &self.authority, Some(self.path.as_str()));
+        Endpoint { section: "introspection", cluster, authority, path, timeout_ms: self.timeout_ms }.validate()?;
+        validate_client("introspection", &self.client_id, &self.client_secret)?;
+        if self.max_response_bytes == 0 || self.max_response_bytes > 1024 * 1024 {
+            return err("introspection.max_response_bytes must be between 1 and 1048576");
+        }
+        Ok(())
+    }
+}
+
+impl RevocationEndpoint {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let (cluster, authority, path) = (&self.cluster, &self.authority, Some(self.path.as_str()));
+        Endpoint { section: "revocation_endpoint", cluster, authority, path, timeout_ms: self.timeout_ms }
+            .validate()?;
+        validate_client("revocation_endpoint", &self.client_id, &self.client_secret)
+    }
+}
+
+impl Cache {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_entries == 0 || self.max_entries > 10_000_000 {
+            return err("cache.max_entries must be between 1 and 10000000");
+        }
+        if self.max_ttl_s > 86_400 {
+            return err("cache.max_ttl_s must be at most 86400");
+        }
+        if self.negative_ttl_s > 3600 {
+            return err("cache.negative_ttl_s must be at most 3600");
+        }
+        if self.stale_if_error_s > 86_400 {
+            return err("cache.stale_if_error_s must be at most 86400");
+        }
+        if self.local_entries > 1_000_000 {
+            return err("cache.local_entries must be at most 1000000");
+        }
+        if self.hash_memo_entries > 65_536 {
+            return err("cache.hash_memo_entries must be at most 65536");
+        }
+        if self.max_entry_bytes < 256 || self.max_entry_bytes > 65_536 {
+            return err("cache.max_entry_bytes must be between 256 and 65536");
+        }
+        Ok(())
+    }
+}
+
+impl Admin {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let prefix = &self.path_prefix;
+        if !prefix.starts_with('/')
+            || prefix.len() < 2
+            || prefix.ends_with('/')
+            || prefix.contains("//")
+            || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b))
+        {
+            return err("admin.path_prefix must look like \"/tokengate\" (letters, digits, - _ . and inner /)");
+        }
+        let hashes = &self.token_sha256.0;
+        if hashes.is_empty() || hashes.len() > MAX_ADMIN_TOKENS {
+            return err(format!("admin.token_sha256 must list 1 to {MAX_ADMIN_TOKENS} hashes"));
+        }
+        if hashes.iter().any(|h| h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit())) {
+            return err("admin.token_sha256 must be the 64 hex digits of the admin token's SHA-256");
+        }
+        if self.max_body_bytes < 1024 || self.max_body_bytes > 64 * 1024 * 1024 {
+            return err("admin.max_body_bytes must be between 1024 and 67108864");
+        }
+        if self.max_bulk_tokens == 0 || self.max_bulk_tokens > 1_000_000 {
+            return err("admin.max_bulk_tokens must be between 1 and 1000000");
+        }
+        Ok(())
+    }
+}
+
+impl Denylist {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_tokens == 0 || self.max_tokens > 10_000_000 {
+            return err("denylist.max_tokens must be between 1 and 10000000");
+        }
+        if self.max_principals == 0 || self.max_principals > 100_000 {
+            return err("denylist.max_principals must be between 1 and 100000");
+        }
+        const TEN_YEARS_S: u64 = 10 * 365 * 86_400;
+        if !(1..=TEN_YEARS_S).contains(&self.token_ttl_s) || !(1..=TEN_YEARS_S).contains(&self.principal_ttl_s) {
+            return err("denylist.token_ttl_s and denylist.principal_ttl_s must be between 1 and 315360000");
+        }
+        if self.clock_skew_s > MAX_CLOCK_SKEW_S {
+            return err(format!("denylist.clock_skew_s must be at most {MAX_CLOCK_SKEW_S}"));
+        }
+        Ok(())
+    }
+}
+
+impl ClusterSync {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let (cluster, authority) = (&self.cluster, &self.authority);
+        Endpoint { section: "cluster_sync", cluster, authority, path: None, timeout_ms: self.timeout_ms }.validate()?;
+        if self.prefix.is_empty() || !self.prefix.ends_with('/') || self.prefix.chars().any(char::is_control) {
+            return err("cluster_sync.prefix must be non-empty and end with '/'");
+        }
+        if !(50..=60_000).contains(&self.poll_ms) {
+            return err("cluster_sync.poll_ms must be between 50 and 60000");
+        }
+        if self.max_outbox == 0 || self.max_outbox > 1_000_000 {
+            return err("cluster_sync.max_outbox must be between 1 and 1000000");
+        }
+        Ok(())
+    }
+}
+
+/// An RFC 6749 §3.3 scope token (for `required_scopes` and the rules).
+pub fn is_scope_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(is_scope_char)
 }
 
 /// RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )

@@ -4,6 +4,7 @@
 //! then the check of an introspected token's scopes, audience and issuer.
 //! Pure: the filter hands in the path, the method and the metadata it read.
 
+use crate::config::is_scope_token;
 use crate::introspection::Claims;
 use crate::outcome::Denial;
 use serde::Deserialize;
@@ -307,11 +308,6 @@ fn key_prefix(at: &str) -> String {
     } else {
         format!("{at}.")
     }
-}
-
-/// RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
-pub fn is_scope_token(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
 }
 
 /// A CORS preflight: `OPTIONS` with `Origin` and `Access-Control-Request-Method`
