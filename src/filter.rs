@@ -50,18 +50,7 @@ impl Filter {
     }
 
     fn validate(&self, worker: &Worker, headers: &HeaderMap) -> Action {
-        // Claim headers come from the IdP only: drop any the client sent,
-        // and their `_` spellings, which CGI-style upstreams read as the same.
-        let claim_headers = &worker.config.claims_to_headers;
-        let mut removed: Vec<&[u8]> = Vec::new();
-        for (name, _) in headers.iter() {
-            if claim_headers.values().any(|h| headers::reads_as(name, h)) && !removed.contains(&name) {
-                if let Ok(name) = std::str::from_utf8(name) {
-                    self.host.remove_request_header(name);
-                }
-                removed.push(name);
-            }
-        }
+        self.strip_claim_headers(worker, headers);
         let need = match self.requirement(worker, headers) {
             Ok(Some(need)) => need,
             Ok(None) => return Action::Continue,
@@ -83,22 +72,10 @@ impl Filter {
             Ok(found) => found,
             Err(e) => return refuse(worker, e),
         };
-        if !worker.denylist_ready() {
-            worker.deny(&Denial::DenylistLoading);
-            return Action::Pause;
-        }
         let now = self.host.now_ms();
-        match worker.token_revoked(&hash, now / 1000) {
-            Ok(false) => {}
-            Ok(true) => {
-                worker.deny(&Denial::Revoked);
-                return Action::Pause;
-            }
-            Err(e) => {
-                log::error!("denylist read failed: {e:?}");
-                worker.deny(&Denial::IdpUnavailable("the denylist could not be read"));
-                return Action::Pause;
-            }
+        if let Err(denial) = worker.screen(&hash, now / 1000) {
+            worker.deny(&denial);
+            return Action::Pause;
         }
         // A hit needs only the hash; a miss the token itself, to introspect it.
         let found = match worker.local_answer(&hash, now) {
@@ -119,6 +96,21 @@ impl Filter {
             Found::Wait => {
                 worker.park_need(self.id, &need);
                 Action::Pause
+            }
+        }
+    }
+
+    /// Claim headers come from the IdP only: drop any the client sent, and
+    /// their `_` spellings, which CGI-style upstreams read as the same.
+    fn strip_claim_headers(&self, worker: &Worker, headers: &HeaderMap) {
+        let claim_headers = &worker.config.claims_to_headers;
+        let mut removed: Vec<&[u8]> = Vec::new();
+        for (name, _) in headers.iter() {
+            if claim_headers.values().any(|h| headers::reads_as(name, h)) && !removed.contains(&name) {
+                if let Ok(name) = std::str::from_utf8(name) {
+                    self.host.remove_request_header(name);
+                }
+                removed.push(name);
             }
         }
     }

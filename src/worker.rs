@@ -180,6 +180,22 @@ impl Worker {
         Ok(hash)
     }
 
+    /// Refuses a token before any cache: while cluster sync has not loaded
+    /// the denylist, when the token is on it, or when it cannot be read.
+    pub fn screen(&self, hash: &TokenHash, now_s: u64) -> Result<(), Denial> {
+        if !self.denylist_ready() {
+            return Err(Denial::DenylistLoading);
+        }
+        match self.token_revoked(hash, now_s) {
+            Ok(false) => Ok(()),
+            Ok(true) => Err(Denial::Revoked),
+            Err(e) => {
+                log::error!("denylist read failed: {e:?}");
+                Err(Denial::IdpUnavailable("the denylist could not be read"))
+            }
+        }
+    }
+
     /// Whether the token is on the denylist; re-reads the denylist if it
     /// changed since this worker last looked.
     pub fn token_revoked(&self, hash: &TokenHash, now_s: u64) -> Result<bool, crate::store::StoreError> {
