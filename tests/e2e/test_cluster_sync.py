@@ -13,6 +13,10 @@ are printed (with -s). How fast it is, is measured by `make bench-cluster` (medi
 p99 over 100 revocations). Tests that break something (an etcd member, all of etcd, an
 Envoy) restore it in a fixture's teardown.
 
+The configuration tests at the end (prefix, max_outbox, require_initial_sync, the gauges)
+run their own Envoys with --concurrency 4: one beside the trio on its etcd, one whose
+etcd is a port nobody listens on.
+
 Run: make e2e PYTEST_ARGS="-k cluster_sync -x"   (figures: add -s)
 """
 import json
