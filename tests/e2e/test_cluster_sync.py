@@ -13,6 +13,10 @@ are printed (with -s). How fast it is, is measured by `make bench-cluster` (medi
 p99 over 100 revocations). Tests that break something (an etcd member, all of etcd, an
 Envoy) restore it in a fixture's teardown.
 
+The configuration tests at the end (prefix, max_outbox, require_initial_sync, the gauges)
+run their own Envoys with --concurrency 4: one beside the trio on its etcd, one whose
+etcd is a port nobody listens on.
+
 Run: make e2e PYTEST_ARGS="-k cluster_sync -x"   (figures: add -s)
 """
 import json
@@ -23,7 +27,8 @@ import urllib.parse
 
 import pytest
 
-from harness import ADMIN, FORM, Envoy, Etcd, bearer, request, sha256, unique
+import conftest
+from harness import ADMIN, FORM, Envoy, Etcd, Listener, bearer, free_port, loopback_cluster, merge, request, sha256, unique
 
 CONCURRENCY = 2
 POLL_MS = 500
@@ -611,3 +616,108 @@ def test_cluster_sync_revoke_and_undo_of_one_token_while_etcd_is_down_do_not_blo
     keys = cluster.etcd.get_prefix(PREFIX)
     assert f"{PREFIX}undone/{sha256(mistake)}" in keys and f"{PREFIX}revoked/{sha256(mistake)}" not in keys
     assert one.status(mistake) == 200 and two.status(mistake) == 200
+
+
+# --------------------------------------------------------------------------- configuration: prefix, max_outbox, require_initial_sync
+
+
+OTHER_PREFIX = "other-tokengate/"
+
+
+def test_cluster_sync_prefix_keys_land_under_it_and_other_prefixes_are_ignored(cluster, fresh):
+    """An Envoy with another `prefix` beside the trio, on the same etcd: its writes land
+    under its prefix only, and neither side applies the other's, though each has read etcd
+    past the other's write (its sync.revision gauge says how far it read)."""
+    config = cluster.idp.plugin_config(
+        cluster_sync=cluster.etcd.sync_config(prefix=OTHER_PREFIX, poll_ms=POLL_MS, timeout_ms=TIMEOUT_MS),
+    )
+    other = Gate(fresh.envoy(cluster.idp, config, extra_clusters=[cluster.etcd.envoy_cluster()]), cluster.touched)
+    wait_for(lambda: other.metric("sync.revision") > 0, CEILING_S, "the other prefix's first complete read")
+    one = cluster.gates[0]
+    ours, theirs = cluster.token(), cluster.token()
+    assert other.status(ours) == 200 and other.status(theirs) == 200
+
+    admin_ok(cluster, one.revoke(ours)[0], "written")
+    admin_ok(cluster, other.revoke(theirs)[0], "written")
+    keys = cluster.etcd.get_prefix(PREFIX)
+    assert f"{PREFIX}revoked/{sha256(ours)}" in keys and f"{PREFIX}revoked/{sha256(theirs)}" not in keys
+    keys = cluster.etcd.get_prefix(OTHER_PREFIX)
+    assert set(keys) == {f"{OTHER_PREFIX}revoked/{sha256(theirs)}"}, keys
+
+    written = cluster.etcd.revision()
+    for gate in (one, other):
+        wait_for(lambda g=gate: g.metric("sync.revision") >= written, CEILING_S, f"{gate.name} to read past both writes")
+    assert other.statuses(ours) == [200] * (4 * CONCURRENCY), "another prefix's revocation was applied"
+    assert one.statuses(theirs) == [200] * (4 * CONCURRENCY), "another prefix's revocation was applied"
+    assert other.statuses(theirs) == [401] * (4 * CONCURRENCY)
+    # The leader's gauges: the time since its last good poll is measured, nothing waits.
+    wait_for(lambda: other.metric("sync.lag_ms") > 0, CEILING_S, "sync.lag_ms to be recorded")
+    assert other.metric("sync.outbox") == 0
+
+
+MAX_OUTBOX = 2
+EAGER = "eager"  # a listener with require_initial_sync: false
+
+
+@pytest.fixture(scope="module")
+def unreachable(procs, workdir, mock_idp_server, upstream):
+    """An Envoy (--concurrency 4) whose etcd cluster is a port nobody listens on: its first
+    read never completes and every etcd write fails. `data` keeps require_initial_sync
+    (true), listener `eager` sets it false; max_outbox is MAX_OUTBOX."""
+    sync = {"cluster": "etcd", "authority": "etcd", "poll_ms": POLL_MS, "timeout_ms": TIMEOUT_MS, "max_outbox": MAX_OUTBOX}
+    config = mock_idp_server.plugin_config(cluster_sync=sync)
+    eager = Listener(EAGER, merge(config, {"cluster_sync": {"require_initial_sync": False}}))
+    envoy = Envoy(
+        procs, workdir, idp_port=mock_idp_server.port, upstream_port=upstream.port, plugin_config=config,
+        extra_listeners=[eager], concurrency=conftest.CONCURRENCY, name="envoy-sync-unreachable",
+        extra_clusters=[loopback_cluster("etcd", free_port())],
+    ).start()
+    yield Gate(envoy, [])
+    envoy.stop()
+
+
+def test_cluster_sync_before_the_first_read_503_denylist_loading_unless_require_initial_sync_is_false(
+    unreachable, mock_idp_server
+):
+    gate, n = unreachable, 4 * conftest.CONCURRENCY
+    token = mock_idp_server.issue_token(client_id=unique("app"), sub="user-1")
+    loading = gate.metric("requests.denied.denylist_loading")
+    for _ in range(n):
+        resp = gate.envoy.get("/", bearer(token))
+        assert resp.status == 503, resp
+        body = resp.json()
+        assert (body["error"], body["error_description"]) == (
+            "temporarily_unavailable", "revocations are still loading from the cluster"), body
+        assert resp.header_all("WWW-Authenticate") == [], resp.headers
+    assert gate.metric("requests.denied.denylist_loading") == loading + n
+    assert [gate.envoy.get("/", bearer(token), listener=EAGER).status for _ in range(n)] == [200] * n
+    assert gate.metric("requests.denied.denylist_loading") == loading + n
+    assert gate.metric("sync.revision") == 0 and gate.metric("sync.lag_ms") == 0, "etcd was never read"
+
+
+def test_cluster_sync_outbox_over_max_outbox_answers_partly_dropped_and_counts_sync_dropped(unreachable, mock_idp_server):
+    gate, n = unreachable, 4 * conftest.CONCURRENCY
+    tokens = [mock_idp_server.issue_token(client_id=unique("app"), sub="user-1") for _ in range(MAX_OUTBOX + 1)]
+    dropped, queued = gate.metric("sync.dropped"), gate.metric("sync.queued")
+    resp, _ = gate.revoke_json({"tokens": tokens})
+    assert resp.status == 200, resp
+    body = resp.json()
+    assert (body["revoked"], body["cluster_sync"]) == (MAX_OUTBOX + 1, "partly_dropped"), body
+    assert gate.metric("sync.dropped") == dropped + 1
+    assert gate.metric("sync.queued") == queued, "a change that did not fit is dropped, not queued"
+    wait_for(lambda: gate.metric("sync.outbox") == MAX_OUTBOX, CEILING_S, f"sync.outbox to show {MAX_OUTBOX}")
+    # Full: the next change stays local only, and is still revoked here.
+    late = mock_idp_server.issue_token(client_id=unique("app"), sub="user-1")
+    resp, _ = gate.revoke(late)
+    assert (resp.status, resp.json()["cluster_sync"]) == (200, "partly_dropped"), resp
+    assert gate.metric("sync.dropped") == dropped + 2
+    for token in tokens + [late]:
+        assert [gate.envoy.get("/", bearer(token), listener=EAGER).status for _ in range(n)] == [401] * n
+
+
+def test_cluster_sync_gauges_exist_only_with_cluster_sync(unreachable, envoys, mock_idp_server):
+    plain = envoys.get(mock_idp_server)
+    for name in ("sync.lag_ms", "sync.revision", "sync.outbox"):
+        unreachable.metric(name)
+        with pytest.raises(KeyError):
+            plain.metric(f"tokengate.{name}")

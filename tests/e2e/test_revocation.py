@@ -1187,3 +1187,83 @@ def test_revocation_is_forwarded_to_the_idp_and_stands_when_the_idp_fails(procs,
         assert [envoy.get("/", bearer(other)).status for _ in range(2 * CONCURRENCY)] == [401] * (2 * CONCURRENCY)
     finally:
         envoy.stop()
+
+
+# --------------------------------------------------------------------------- what operators see and configure
+
+
+def test_admin_and_revocation_counters_move_by_exactly_what_was_done(mock_gate, mock_idp_server):
+    envoy, api = mock_gate, AdminApi(mock_gate)
+    names = ("admin.requests", "admin.rejected", "revocations.tokens", "revocations.principals",
+             "revocations.undone", "revocations.refused")
+    before = {name: envoy.metric(f"tokengate.{name}") for name in names}
+    first, *bulk = [secrets.token_urlsafe(32) for _ in range(4)]
+    assert_ok(api.revoke_form(first))
+    assert_ok(api.revoke_json({"tokens": bulk}))
+    assert_ok(api.revoke_json({"client_id": unique("counted-client")}))
+    assert api.undo(sha256(first)).status == 204
+    assert_admin_refused(api.undo(sha256(first)), 404, "not_found")
+    assert_admin_challenge(api.call("GET", f"{PREFIX}/revocations", auth=None))
+    assert_admin_refused(api.call("GET", "/elsewhere"), 404, "not_found")
+    api.revocations()
+    delta = {name: envoy.metric(f"tokengate.{name}") - before[name] for name in names}
+    assert delta == {
+        "admin.requests": 8, "admin.rejected": 3, "revocations.tokens": 4, "revocations.principals": 1,
+        "revocations.undone": 1, "revocations.refused": 0,
+    }
+
+
+def test_revocation_log_line_names_the_token_by_its_sha256_never_by_its_text(mock_gate, mock_idp_server):
+    envoy, api = mock_gate, AdminApi(mock_gate)
+    token, marker = odd_token(), unique("logged")
+    assert_ok(api.revoke_form(token, reason=marker))
+    wait_until(lambda: marker in envoy.log_text(), 10, what="the revocation's log line")
+    log = envoy.log_text()
+    (line,) = [line for line in log.splitlines() if marker in line]
+    assert "revoked 1 token(s)" in line and f"sha256:{sha256(token)}" in line, line
+    for form in {token, urllib.parse.quote(token, safe=""), urllib.parse.quote_plus(token)}:
+        assert form not in log, "a token value is in Envoy's log"
+
+
+def test_admin_routes_live_under_a_custom_path_prefix_only(gates, mock_idp_server):
+    prefix = "/ops/token-gate"
+    envoy = gate_for(gates, mock_idp_server, admin_overrides={"path_prefix": prefix})
+    api = AdminApi(envoy)
+    token = secrets.token_urlsafe(32)
+    mock_idp_server.register_active(token)
+    assert envoy.get("/", bearer(token)).status == 200
+    assert_admin_refused(api.revoke_form(token), 404, "not_found")
+    assert_admin_refused(api.call("GET", f"{PREFIX}/revocations"), 404, "not_found")
+    assert envoy.get("/", bearer(token)).status == 200, "the default prefix revoked nothing"
+
+    assert assert_ok(api.revoke_form(token, path=f"{prefix}/revoke"))["ids"] == [sha256(token)]
+    assert_invalid_token(envoy.get("/", bearer(token)))
+    listing = assert_ok(api.call("GET", f"{prefix}/revocations"))
+    assert sha256(token) in {r["id"] for r in listing["revocations"]}
+    resp = api.call("DELETE", f"{prefix}/revocations/{sha256(token)}")
+    assert resp.status == 204, resp
+    assert envoy.get("/", bearer(token)).status == 200
+
+
+def test_full_principal_list_answers_507_denylist_full_and_counts_the_refusal(gates, mock_idp_server):
+    envoy = gate_for(gates, mock_idp_server, denylist={"max_principals": 1}, name="envoy-revocation-full")
+    api = AdminApi(envoy)
+    kept, refused = unique("first-client"), unique("second-client")
+    token = mock_idp_server.issue_token(client_id=refused, sub="user-1")
+    refusals, principals = envoy.metric("tokengate.revocations.refused"), envoy.metric("tokengate.revocations.principals")
+    assert_ok(api.revoke_json({"client_id": kept}))
+    body = assert_admin_refused(api.revoke_json({"client_id": refused}), 507, "denylist_full")
+    assert body["error_description"] == "too many client and subject revocations: raise denylist.max_principals"
+    assert envoy.metric("tokengate.revocations.refused") == refusals + 1
+    assert envoy.metric("tokengate.revocations.principals") == principals + 1
+    assert set(api.listed()) >= {f"client:{kept}"} and f"client:{refused}" not in api.listed()
+    assert envoy.get("/", bearer(token)).status == 200, "the refused revocation refuses nothing"
+
+
+def test_bulk_answer_lists_at_most_1000_ids_and_revokes_every_token(mock_gate, mock_idp_server):
+    api = AdminApi(mock_gate)
+    tokens = [secrets.token_urlsafe(32) for _ in range(1001)]
+    body = assert_ok(api.revoke_json({"tokens": tokens}))
+    assert body["revoked"] == 1001
+    assert len(body["ids"]) == 1000 and set(body["ids"]) < {sha256(t) for t in tokens}, len(body["ids"])
+    assert {sha256(t) for t in tokens} <= set(api.listed()), "every token is revoked, listed or not"

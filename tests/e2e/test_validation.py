@@ -285,6 +285,55 @@ def test_requests_waiting_on_a_slow_idp_share_its_answer(envoys, mock_idp):
     assert 1 <= mock_idp.calls_for(token) <= CONCURRENCY
 
 
+def test_requests_waiting_on_another_requests_introspection_are_counted_as_coalesced(envoys, mock_idp):
+    # Every request arrives while the one introspection is pending (the IdP is slow): each is
+    # a miss (it asked, or found another worker's call under way) or coalesced, none a hit.
+    envoy = envoys.get(mock_idp)
+    token = unknown_token()
+    mock_idp.register_active(token)
+    mock_idp.fault("slow", delay_ms=1000)  # under timeout_ms (2000)
+    names = ("cache.coalesced", "cache.miss", "cache.hit.shared")
+    before = {name: envoy.metric(f"tokengate.{name}") for name in names}
+    n = 4 * CONCURRENCY
+    with ThreadPoolExecutor(n) as pool:
+        statuses = list(pool.map(lambda _: envoy.get("/resource", bearer(token)).status, range(n)))
+    assert statuses == [200] * n
+    delta = {name: envoy.metric(f"tokengate.{name}") - before[name] for name in names}
+    assert delta["cache.hit.shared"] == 0, delta
+    assert delta["cache.coalesced"] + delta["cache.miss"] == n, delta
+    # At most one introspection per worker, so the rest waited on one.
+    assert mock_idp.calls_for(token) <= delta["cache.miss"] <= CONCURRENCY, delta
+    assert delta["cache.coalesced"] >= n - CONCURRENCY, delta
+
+
+def test_local_entries_0_makes_every_hit_a_shared_hit(envoys, mock_idp):
+    envoy = envoys.get(mock_idp, mock_idp.plugin_config(cache={"local_entries": 0}), name="envoy-no-local")
+    token = unknown_token()
+    mock_idp.register_active(token)
+    allowed = envoy.metric("tokengate.requests.allowed")
+    miss, shared = envoy.metric("tokengate.cache.miss"), envoy.metric("tokengate.cache.hit.shared")
+    # One keep-alive connection (one worker, whose own cache would answer from the 2nd
+    # request on), then a request per new connection (every worker).
+    conn = http.client.HTTPConnection("127.0.0.1", envoy.port, timeout=10)
+    try:
+        for _ in range(5):
+            conn.request("GET", "/resource", headers=bearer(token))
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+    finally:
+        conn.close()
+    for _ in range(2 * CONCURRENCY):
+        assert envoy.get("/resource", bearer(token)).status == 200
+    n = 5 + 2 * CONCURRENCY
+    # Each worker hands its allowed and local-hit counts to Envoy together, on its tick.
+    assert envoy.metric_at_least("tokengate.requests.allowed", allowed + n) == allowed + n
+    assert envoy.metric("tokengate.cache.hit.local") == 0
+    assert envoy.metric("tokengate.cache.miss") == miss + 1
+    assert envoy.metric("tokengate.cache.hit.shared") == shared + n - 1
+    assert mock_idp.calls_for(token) == 1
+
+
 def test_listeners_with_another_idp_never_share_answers(fresh, mock_idp):
     # Two listeners, one vm_id: `data` asks IdP A, `other` asks IdP B and forwards one more claim.
     idp_b = fresh.mock_idp()
