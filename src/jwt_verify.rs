@@ -426,3 +426,228 @@ fn pick_key<'k>(set: &'k KeySet, kid: Option<&Value>, alg: Alg) -> Result<&'k Pu
         _ => Err(JwtError::UnknownKey),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p256::ecdsa::signature::Signer;
+    use rsa::traits::PublicKeyParts;
+    use serde_json::json;
+    use std::sync::OnceLock;
+
+    const NOW: u64 = 1_700_000_000;
+    const ISS: &str = "https://idp.example";
+
+    struct Keys {
+        rsa: rsa::RsaPrivateKey,
+        ec: p256::ecdsa::SigningKey,
+        ed: ed25519_dalek::SigningKey,
+    }
+
+    fn keys() -> &'static Keys {
+        static KEYS: OnceLock<Keys> = OnceLock::new();
+        KEYS.get_or_init(|| {
+            let mut rng = rand::thread_rng();
+            Keys {
+                rsa: rsa::RsaPrivateKey::new(&mut rng, 2048).unwrap(),
+                ec: p256::ecdsa::SigningKey::random(&mut rng),
+                ed: ed25519_dalek::SigningKey::generate(&mut rng),
+            }
+        })
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    fn jwks() -> Value {
+        let k = keys();
+        let rsa = k.rsa.to_public_key();
+        let point = k.ec.verifying_key().to_encoded_point(false);
+        json!({"keys": [
+            {"kty": "RSA", "kid": "r1", "use": "sig", "n": b64(&rsa.n().to_bytes_be()), "e": b64(&rsa.e().to_bytes_be())},
+            {"kty": "EC", "kid": "e1", "crv": "P-256", "alg": "ES256",
+             "x": b64(point.x().unwrap()), "y": b64(point.y().unwrap())},
+            {"kty": "OKP", "kid": "d1", "crv": "Ed25519", "x": b64(k.ed.verifying_key().as_bytes())},
+            {"kty": "RSA", "kid": "enc", "use": "enc", "n": "AQAB", "e": "AQAB"},
+            {"kty": "EC", "kid": "p384", "crv": "P-384", "x": "AA", "y": "AA"},
+        ]})
+    }
+
+    fn section() -> JwtSection {
+        let mut s: JwtSection = serde_json::from_value(json!({"issuers": [{
+            "issuer": ISS, "audiences": ["api"], "algorithms": ["RS256", "PS256", "ES256", "EdDSA"], "keys": jwks()
+        }]}))
+        .unwrap();
+        s.compile().unwrap();
+        s
+    }
+
+    fn sign(alg: &str, header: &Value, payload: &Value) -> String {
+        let input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(payload.to_string().as_bytes()));
+        let k = keys();
+        let sig = match alg {
+            "RS256" => {
+                let digest = Sha256::digest(input.as_bytes());
+                k.rsa.sign(rsa::Pkcs1v15Sign::new::<Sha256>(), &digest).unwrap()
+            }
+            "PS256" => {
+                let digest = Sha256::digest(input.as_bytes());
+                k.rsa.sign_with_rng(&mut rand::thread_rng(), rsa::Pss::new::<Sha256>(), &digest).unwrap()
+            }
+            "ES256" => {
+                let s: p256::ecdsa::Signature = k.ec.sign(input.as_bytes());
+                s.to_bytes().to_vec()
+            }
+            "EdDSA" => ed25519_dalek::Signer::sign(&k.ed, input.as_bytes()).to_bytes().to_vec(),
+            _ => b"x".to_vec(),
+        };
+        format!("{input}.{}", b64(&sig))
+    }
+
+    fn claims() -> Value {
+        json!({"iss": ISS, "aud": "api", "sub": "alice", "client_id": "app", "exp": NOW + 300,
+               "iat": NOW - 10, "jti": "j1", "scope": "read write"})
+    }
+
+    fn token(alg: &str, kid: &str, payload: &Value) -> String {
+        sign(alg, &json!({"alg": alg, "typ": "at+jwt", "kid": kid}), payload)
+    }
+
+    fn run(token: &str) -> Result<Claims, JwtError> {
+        match check(token.as_bytes(), &section(), NOW, &|_| false) {
+            Checked::Verified(c) => Ok(c),
+            Checked::Refused(e) => Err(e),
+            Checked::NotOurs => panic!("not ours: {token}"),
+        }
+    }
+
+    #[test]
+    fn each_algorithm_verifies_with_its_key() {
+        for (alg, kid) in [("RS256", "r1"), ("PS256", "r1"), ("ES256", "e1"), ("EdDSA", "d1")] {
+            let c = run(&token(alg, kid, &claims())).unwrap_or_else(|e| panic!("{alg}: {e:?}"));
+            assert_eq!(c.sub.as_deref(), Some("alice"));
+            assert_eq!(c.client_id.as_deref(), Some("app"));
+            assert_eq!(c.scope.as_deref(), Some("read write"));
+            assert_eq!(c.exp, Some(NOW + 300));
+            assert_eq!(c.identity, Some(crate::jwt::identity(ISS, "j1")), "revocable by jti");
+        }
+    }
+
+    #[test]
+    fn scopes_also_come_from_scp() {
+        let mut p = claims();
+        p.as_object_mut().unwrap().remove("scope");
+        p["scp"] = json!(["read", "admin"]);
+        assert_eq!(run(&token("ES256", "e1", &p)).unwrap().scope.as_deref(), Some("read admin"));
+        p["scp"] = json!("read");
+        assert_eq!(run(&token("ES256", "e1", &p)).unwrap().scope.as_deref(), Some("read"));
+    }
+
+    #[test]
+    fn times_are_checked_with_the_skew() {
+        let with = |k: &str, v: u64| {
+            let mut p = claims();
+            p[k] = json!(v);
+            run(&token("ES256", "e1", &p))
+        };
+        assert_eq!(with("exp", NOW - 61).unwrap_err(), JwtError::Expired);
+        assert!(with("exp", NOW - 30).is_ok(), "within the skew");
+        assert_eq!(with("nbf", NOW + 61).unwrap_err(), JwtError::NotYetValid);
+        assert!(with("nbf", NOW + 30).is_ok());
+        assert_eq!(with("iat", NOW + 61).unwrap_err(), JwtError::IssuedInFuture);
+        let mut p = claims();
+        p.as_object_mut().unwrap().remove("exp");
+        assert_eq!(run(&token("ES256", "e1", &p)).unwrap_err(), JwtError::Claims, "exp is required");
+    }
+
+    #[test]
+    fn audience_must_be_configured() {
+        let mut p = claims();
+        p["aud"] = json!(["other", "api"]);
+        assert!(run(&token("ES256", "e1", &p)).is_ok());
+        p["aud"] = json!("other");
+        assert_eq!(run(&token("ES256", "e1", &p)).unwrap_err(), JwtError::Audience);
+        p.as_object_mut().unwrap().remove("aud");
+        assert_eq!(run(&token("ES256", "e1", &p)).unwrap_err(), JwtError::Audience);
+    }
+
+    #[test]
+    fn rfc8725_header_rules() {
+        let p = claims();
+        let none = format!("{}.{}.", b64(br#"{"alg":"none","typ":"at+jwt"}"#), b64(p.to_string().as_bytes()));
+        assert_eq!(run(&none).unwrap_err(), JwtError::Algorithm);
+        // HS256 keyed with the RSA public key (the classic confusion attack).
+        let header = json!({"alg": "HS256", "typ": "at+jwt", "kid": "r1"});
+        assert_eq!(run(&sign("HS256", &header, &p)).unwrap_err(), JwtError::Algorithm);
+        let header = json!({"alg": "ES256", "typ": "at+jwt", "kid": "e1", "crit": ["exp"]});
+        assert_eq!(run(&sign("ES256", &header, &p)).unwrap_err(), JwtError::Critical);
+        for typ in [json!("id+jwt"), json!(null), json!(7)] {
+            let header = json!({"alg": "ES256", "typ": typ, "kid": "e1"});
+            assert_eq!(run(&sign("ES256", &header, &p)).unwrap_err(), JwtError::Type, "{typ}");
+        }
+        for typ in ["JWT", "application/at+jwt", "AT+JWT"] {
+            assert!(run(&sign("ES256", &json!({"alg": "ES256", "typ": typ, "kid": "e1"}), &p)).is_ok(), "{typ}");
+        }
+        // Without kid the one key fitting the algorithm is used.
+        assert!(run(&sign("EdDSA", &json!({"alg": "EdDSA", "typ": "at+jwt"}), &p)).is_ok());
+        assert_eq!(run(&token("ES256", "nope", &p)).unwrap_err(), JwtError::UnknownKey);
+        assert_eq!(run(&token("ES256", "r1", &p)).unwrap_err(), JwtError::UnknownKey, "the key must fit alg");
+        let big = json!({"alg": "ES256", "typ": "at+jwt", "kid": "e1", "pad": "x".repeat(MAX_HEADER_BYTES)});
+        assert_eq!(run(&sign("ES256", &big, &p)).unwrap_err(), JwtError::HeaderTooLarge);
+    }
+
+    #[test]
+    fn tampering_is_refused() {
+        let t = token("RS256", "r1", &claims());
+        let parts: Vec<&str> = t.split('.').collect();
+        let mut p = claims();
+        p["sub"] = json!("mallory");
+        let tampered = format!("{}.{}.{}", parts[0], b64(p.to_string().as_bytes()), parts[2]);
+        assert_eq!(run(&tampered).unwrap_err(), JwtError::Signature);
+        let mut sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
+        sig[10] ^= 1;
+        assert_eq!(run(&format!("{}.{}.{}", parts[0], parts[1], b64(&sig))).unwrap_err(), JwtError::Signature);
+        assert_eq!(run(&format!("{}.{}.!!", parts[0], parts[1])).unwrap_err(), JwtError::Malformed);
+        assert_eq!(run(&format!("e30x.{}.{}", parts[1], parts[2])).unwrap_err(), JwtError::Malformed);
+    }
+
+    #[test]
+    fn other_tokens_are_not_ours() {
+        let s = section();
+        let mut p = claims();
+        p["iss"] = json!("https://other.example");
+        for t in ["opaque".to_string(), "a.b".to_string(), token("ES256", "e1", &p), "a.b.c.d".to_string()] {
+            assert!(matches!(check(t.as_bytes(), &s, NOW, &|_| false), Checked::NotOurs), "{t}");
+        }
+    }
+
+    #[test]
+    fn no_keys_fails_closed() {
+        let mut s: JwtSection =
+            serde_json::from_value(json!({"issuers": [{"issuer": ISS, "audiences": ["api"], "keys": {"keys": []}}]}))
+                .unwrap();
+        s.compile().unwrap();
+        let t = token("ES256", "e1", &claims());
+        assert!(matches!(check(t.as_bytes(), &s, NOW, &|_| false), Checked::Refused(JwtError::NoKeys)));
+    }
+
+    #[test]
+    fn jwks_and_section_bounds() {
+        assert!(parse_jwks(&jwks(), 4).unwrap_err().contains("max_keys"));
+        assert_eq!(parse_jwks(&jwks(), 16).unwrap().keys.len(), 3, "enc and P-384 keys skipped");
+        let small = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 1024).unwrap().to_public_key();
+        let weak = json!({"keys": [{"kty": "RSA", "n": b64(&small.n().to_bytes_be()), "e": "AQAB"}]});
+        assert!(parse_jwks(&weak, 16).unwrap_err().contains("2048"));
+        let bad_alg = json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "alg": "RS256", "x": b64(&[1; 32])}]});
+        assert!(parse_jwks(&bad_alg, 16).is_err());
+        assert!(serde_json::from_value::<JwtSection>(
+            json!({"issuers": [{"issuer": ISS, "audiences": ["a"], "algorithms": ["HS256"], "keys": {"keys": []}}]})
+        )
+        .is_err());
+        let mut s: JwtSection =
+            serde_json::from_value(json!({"issuers": [{"issuer": ISS, "audiences": [], "keys": {"keys": []}}]}))
+                .unwrap();
+        assert!(s.compile().unwrap_err().contains("jwt.issuers[0].audiences"));
+    }
+}
