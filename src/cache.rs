@@ -75,6 +75,16 @@ pub fn partition(cfg: &config::Config) -> String {
     for claim in cfg.claims_to_headers.keys() {
         field(claim.as_bytes());
     }
+    // Answers from a JWT issuer whose keys or audiences changed are stale.
+    if let Some(jwt) = &cfg.jwt {
+        for issuer in &jwt.issuers {
+            field(issuer.issuer.as_bytes());
+            field(issuer.keys.to_string().as_bytes());
+            for aud in &issuer.audiences {
+                field(aud.as_bytes());
+            }
+        }
+    }
     // Answers keep `iss` and `aud` since the audiences/issuers checks.
     field(b"claims+iss+aud");
     field(b"cache");

@@ -59,6 +59,9 @@ pub struct Config {
     /// Share revocations with every Envoy through etcd.
     #[serde(default)]
     pub cluster_sync: Option<ClusterSync>,
+    /// JWT access tokens verified in the filter (`jwt_verify`).
+    #[serde(default)]
+    pub jwt: Option<crate::jwt_verify::JwtSection>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -391,6 +394,9 @@ impl Config {
                 secret("revocation_endpoint", r.client_secret.take(), r.client_secret_env.as_deref(), env)?;
         }
         config.validate()?;
+        if let Some(jwt) = &mut config.jwt {
+            jwt.compile().map_err(ConfigError)?;
+        }
         config.policy = config.compile_policy().map_err(ConfigError)?;
         Ok(config)
     }

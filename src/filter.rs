@@ -78,8 +78,17 @@ impl Filter {
             return Action::Pause;
         }
         // A hit needs only the hash; a miss the token itself, to introspect it.
-        let found = match worker.local_answer(&hash, now) {
-            Some(verdict) => Found::Ready(verdict),
+        // A JWT of a configured issuer is verified here, not introspected.
+        let known = match worker.local_answer(&hash, now) {
+            Some(verdict) => Some(Ok(verdict)),
+            None => worker.verify_jwt(hash, token, now),
+        };
+        let found = match known {
+            Some(Ok(verdict)) => Found::Ready(verdict),
+            Some(Err(denial)) => {
+                worker.deny(&denial);
+                return Action::Pause;
+            }
             None => match Token::checked(token) {
                 Ok(token) => worker.find_or_wait(hash, &token, self.id, now),
                 Err(e) => return refuse(worker, e),

@@ -222,14 +222,20 @@ pub fn parse_answer(body: &[u8], wanted: &dyn Fn(&str) -> bool) -> Result<Answer
         Some(Value::Bool(false)) => return Ok(Answer::Inactive),
         _ => return Err(IntrospectionError::BadAnswer("`active` is missing or not a boolean")),
     }
+    claims_from(&object, wanted).map(Answer::Active)
+}
+
+/// The claims of an active answer or a verified JWT payload (RFC 9068 uses
+/// RFC 7662's member names).
+pub fn claims_from(object: &Map<String, Value>, wanted: &dyn Fn(&str) -> bool) -> Result<Claims, IntrospectionError> {
     let mut claims = Claims {
-        scope: string_claim(&object, "scope")?,
-        client_id: string_claim(&object, "client_id")?,
-        sub: string_claim(&object, "sub")?,
-        exp: time_claim(&object, "exp")?,
-        nbf: time_claim(&object, "nbf")?,
-        iat: time_claim(&object, "iat")?,
-        issued: issued(&object),
+        scope: string_claim(object, "scope")?,
+        client_id: string_claim(object, "client_id")?,
+        sub: string_claim(object, "sub")?,
+        exp: time_claim(object, "exp")?,
+        nbf: time_claim(object, "nbf")?,
+        iat: time_claim(object, "iat")?,
+        issued: issued(object),
         extra: BTreeMap::new(),
         identity: None,
     };
@@ -241,7 +247,7 @@ pub fn parse_answer(body: &[u8], wanted: &dyn Fn(&str) -> bool) -> Result<Answer
         };
         claims.identity = Some(crate::jwt::identity(iss, jti));
     }
-    for (name, value) in &object {
+    for (name, value) in object {
         if matches!(name.as_str(), "scope" | "client_id" | "sub") || !wanted(name) {
             continue;
         }
@@ -249,7 +255,7 @@ pub fn parse_answer(body: &[u8], wanted: &dyn Fn(&str) -> bool) -> Result<Answer
             claims.extra.insert(name.clone(), text);
         }
     }
-    Ok(Answer::Active(claims))
+    Ok(claims)
 }
 
 /// `iss`, and `aud` as a string or an array of strings; anything else names

@@ -31,6 +31,7 @@ pub mod headers;
 pub mod host;
 pub mod introspection;
 pub mod jwt;
+pub mod jwt_verify;
 pub mod outcome;
 pub mod policy;
 pub mod rules;

@@ -282,6 +282,36 @@ impl Worker {
         }
     }
 
+    /// A JWT of a configured issuer: verified here (`jwt` section) and
+    /// cached like an introspection answer. `None` for any other token.
+    pub fn verify_jwt(&self, hash: TokenHash, token: &[u8], now_ms: u64) -> Option<Result<Verdict, Denial>> {
+        use crate::jwt_verify::{check, Checked, JwtError};
+        let section = self.config.jwt.as_ref()?;
+        let map = &self.config.claims_to_headers;
+        let claims = match check(token, section, now_ms / 1000, &|claim| map.contains_key(claim)) {
+            Checked::NotOurs => return None,
+            Checked::Refused(JwtError::NoKeys) => {
+                return Some(Err(Denial::IdpUnavailable(JwtError::NoKeys.description())))
+            }
+            Checked::Refused(e) => {
+                self.metrics.jwt_refused.inc();
+                log::info!("JWT sha256:{} refused: {}", short(&hash), e.description());
+                return Some(Err(Denial::InvalidToken(e.description())));
+            }
+            Checked::Verified(claims) => claims,
+        };
+        self.metrics.jwt_verified.inc();
+        let answer = Answer::Active(claims);
+        let Some(until) = cache::cache_until_ms(&answer, &self.config.cache, now_ms) else {
+            return Some(Ok(Ok(Rc::new(answer))));
+        };
+        if let Err(e) = self.shared().store_answer(&hash, &answer, until, until, now_ms) {
+            self.metrics.cache_store_errors.inc();
+            log::warn!("shared cache write failed: {e:?}");
+        }
+        Some(Ok(Ok(self.remember(hash, answer, until, now_ms))))
+    }
+
     fn join_flight(&self, hash: TokenHash, ctx: u32) -> bool {
         let mut state = self.state.borrow_mut();
         let Some(flight) = state.flights.get_mut(&hash) else {
