@@ -44,6 +44,10 @@ pub struct Config {
     /// request has no `Authorization` header. Off: URLs end up in logs.
     #[serde(default)]
     pub allow_query_token: bool,
+    /// Longest bearer token accepted (header, query or admin revoke); longer
+    /// is `invalid_request`. Rich JWTs (group claims) need more than 4096.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
     /// The realm in `WWW-Authenticate` challenges.
     #[serde(default = "default_realm")]
     pub realm: String,
@@ -300,6 +304,9 @@ fn default_sync_timeout_ms() -> u64 {
 fn default_max_outbox() -> usize {
     10_000
 }
+fn default_max_token_bytes() -> usize {
+    crate::bearer::DEFAULT_MAX_TOKEN_BYTES
+}
 fn default_realm() -> String {
     "tokengate".to_string()
 }
@@ -552,12 +559,31 @@ impl Config {
                 return err("cluster_sync.max_outbox must be between 1 and 1000000");
             }
         }
+        self.validate_token_size()?;
         if self.realm.is_empty() || !self.realm.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
             return err("realm must be non-empty printable ASCII without '\"' or '\\'");
         }
         Ok(())
     }
+
+    /// The token bound, and what it costs each worker's hash memo.
+    fn validate_token_size(&self) -> Result<(), ConfigError> {
+        let ceiling = crate::bearer::MAX_TOKEN_BYTES_CEILING;
+        if !(256..=ceiling).contains(&self.max_token_bytes) {
+            return err(format!("max_token_bytes must be between 256 and {ceiling}"));
+        }
+        if self.cache.hash_memo_entries.saturating_mul(self.max_token_bytes) > MAX_HASH_MEMO_BYTES {
+            return err(format!(
+                "cache.hash_memo_entries x max_token_bytes must be at most {MAX_HASH_MEMO_BYTES} \
+                 (the tokens each worker's hash memo may hold)"
+            ));
+        }
+        Ok(())
+    }
 }
+
+/// Most token bytes one worker's hash memo may hold (65536 tokens of 4 KiB).
+const MAX_HASH_MEMO_BYTES: usize = 256 * 1024 * 1024;
 
 /// RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
 fn is_scope_char(b: u8) -> bool {
@@ -592,6 +618,7 @@ mod tests {
         assert!(!c.hide_credentials);
         assert_eq!(c.realm, "tokengate");
         assert_eq!(c.denylist.clock_skew_s, 60);
+        assert_eq!(c.max_token_bytes, 4096);
     }
 
     #[test]
@@ -693,6 +720,12 @@ mod tests {
             (r#""claims_to_headers": {"sub": "X-Sub"}"#, "claims_to_headers.sub"),
             (r#""claims_to_headers": {"sub": "authorization"}"#, "reserved"),
             (r#""realm": "a\"b""#, "realm"),
+            (r#""max_token_bytes": 255"#, "max_token_bytes must be between 256 and 61440"),
+            (r#""max_token_bytes": 61441"#, "max_token_bytes must be between 256 and 61440"),
+            (
+                r#""max_token_bytes": 61440, "cache": {"hash_memo_entries": 4370}"#,
+                "cache.hash_memo_entries x max_token_bytes",
+            ),
             (r#""hide_credentials": "yes""#, "invalid type"),
             (r#""admin": {"token_sha256": "abc"}"#, "admin.token_sha256"),
             (r#""admin": {"token_sha256": []}"#, "admin.token_sha256 must list 1 to 8"),

@@ -362,13 +362,13 @@ fn an_admin_change_that_cannot_be_written_is_503_with_retry_after() {
 
 /// A token of the largest size accepted, as JWT access tokens come close to.
 fn large_token(last: char) -> String {
-    let mut token = "L".repeat(bearer::MAX_TOKEN_BYTES - 1);
+    let mut token = "L".repeat(bearer::DEFAULT_MAX_TOKEN_BYTES - 1);
     token.push(last);
     token
 }
 
 fn sha256(token: &str) -> TokenHash {
-    cache::hash_token(&bearer::parse(&[format!("Bearer {token}").as_bytes()], bearer::MAX_TOKEN_BYTES).unwrap())
+    cache::hash_token(&bearer::parse(&[format!("Bearer {token}").as_bytes()], bearer::DEFAULT_MAX_TOKEN_BYTES).unwrap())
 }
 
 #[test]
@@ -527,4 +527,16 @@ mod routes {
         assert_eq!(send(&rig, 2, &[(":method", "GET"), (":path", "/healthz")]), Action::Pause);
         assert_eq!(rig.outcomes(), (vec![], vec![(2, 503)]));
     }
+}
+
+#[test]
+fn max_token_bytes_bounds_the_token_a_request_may_carry() {
+    let config = CONFIG.replace(r#""required_scopes""#, r#""max_token_bytes": 8192, "required_scopes""#);
+    let rig = Rig::with_config(&store(), &config);
+    let (_f1, at_bound) = rig.request(1, &"J".repeat(8192));
+    assert_eq!((at_bound, rig.callout_ids().len()), (Action::Pause, 1), "a token of exactly the bound is introspected");
+    let (_f2, over) = rig.request(2, &"J".repeat(8193));
+    assert_eq!(over, Action::Pause);
+    assert_eq!(rig.outcomes(), (vec![], vec![(2, 400)]), "one byte more is invalid_request, never introspected");
+    assert_eq!(rig.callout_ids().len(), 1);
 }
