@@ -87,6 +87,22 @@ pub struct ClusterSync {
     /// restarted Envoy never lets through what was revoked elsewhere.
     #[serde(default = "default_true")]
     pub require_initial_sync: bool,
+    /// Stop waiting for that read after this long and serve with what is
+    /// known (counted and logged); 0 waits for ever.
+    #[serde(default)]
+    pub initial_sync_timeout_s: u64,
+}
+
+impl ClusterSync {
+    fn validate_initial_sync(&self) -> Result<(), ConfigError> {
+        if self.initial_sync_timeout_s > 86_400 {
+            return err("cluster_sync.initial_sync_timeout_s must be at most 86400 (0 waits for ever)");
+        }
+        if self.initial_sync_timeout_s > 0 && !self.require_initial_sync {
+            return err("cluster_sync.initial_sync_timeout_s bounds require_initial_sync, which is off");
+        }
+        Ok(())
+    }
 }
 
 fn default_true() -> bool {
@@ -558,6 +574,7 @@ impl Config {
             if c.max_outbox == 0 || c.max_outbox > 1_000_000 {
                 return err("cluster_sync.max_outbox must be between 1 and 1000000");
             }
+            c.validate_initial_sync()?;
         }
         self.validate_token_size()?;
         if self.realm.is_empty() || !self.realm.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
@@ -737,6 +754,11 @@ mod tests {
             (r#""denylist": {"clock_skew_s": -1}"#, "invalid value"),
             (r#""cluster_sync": {"cluster": "etcd", "authority": "e", "prefix": "x"}"#, "cluster_sync.prefix"),
             (r#""cluster_sync": {"cluster": "etcd", "authority": "e", "poll_ms": 1}"#, "cluster_sync.poll_ms"),
+            (r#""cluster_sync": {"cluster": "e", "authority": "e", "initial_sync_timeout_s": 86401}"#, "at most 86400"),
+            (
+                r#""cluster_sync": {"cluster": "e", "authority": "e", "require_initial_sync": false, "initial_sync_timeout_s": 5}"#,
+                "require_initial_sync, which is off",
+            ),
             (r#""revocation_endpoint": {"cluster": "idp", "authority": "a", "path": "x"}"#, "revocation_endpoint"),
         ];
         for (extra, key) in cases {
