@@ -176,7 +176,7 @@ pub fn authorize(authorization: &[&[u8]], token_sha256: &config::AdminTokenHashe
         Reply::error(401, "unauthorized", "the admin API needs its bearer token")
             .with_header("www-authenticate", "Bearer realm=\"tokengate-admin\"")
     };
-    let token = bearer::parse(authorization, bearer::MAX_TOKEN_BYTES).map_err(|_| denied())?;
+    let token = bearer::parse(authorization, bearer::DEFAULT_MAX_TOKEN_BYTES).map_err(|_| denied())?;
     let presented = hex(&Sha256::digest(token.as_bytes()).into());
     // Compare every byte of every hash: the time taken says nothing about which one matched.
     let matches = token_sha256.iter().fold(0usize, |n, expected| n + usize::from(same_hex(&presented, expected)));
@@ -287,7 +287,12 @@ struct RevokeJson {
 }
 
 /// Parses the body of `POST {prefix}/revoke`.
-pub fn parse_revoke(content_type: Option<&str>, body: &[u8], cfg: &config::Admin) -> Result<Revoke, Reply> {
+pub fn parse_revoke(
+    content_type: Option<&str>,
+    body: &[u8],
+    cfg: &config::Admin,
+    max_token_bytes: usize,
+) -> Result<Revoke, Reply> {
     let media =
         content_type.and_then(|c| c.split(';').next()).map(|c| c.trim().to_ascii_lowercase()).unwrap_or_default();
     if body.len() > cfg.max_body_bytes {
@@ -315,11 +320,11 @@ pub fn parse_revoke(content_type: Option<&str>, body: &[u8], cfg: &config::Admin
                 format!("at most {} tokens per request (admin.max_bulk_tokens)", cfg.max_bulk_tokens),
             ));
         }
-        if let Some(bad) = tokens.iter().position(|t| !bearer::is_presentable(t, bearer::MAX_TOKEN_BYTES)) {
+        if let Some(bad) = tokens.iter().position(|t| !bearer::is_presentable(t, max_token_bytes)) {
             return Err(Reply::error(
                 400,
                 "invalid_request",
-                format!("tokens[{bad}] is not a bearer token (RFC 6750 b64token, at most 4096 bytes)"),
+                format!("tokens[{bad}] is not a bearer token (RFC 6750 b64token, at most {max_token_bytes} bytes)"),
             ));
         }
     }
@@ -693,15 +698,23 @@ mod tests {
     #[test]
     fn revoke_bodies_parse_or_say_why() {
         let cfg = admin_cfg();
-        let form =
-            parse_revoke(Some("application/x-www-form-urlencoded"), b"token=a%2Bb&token_type_hint=access_token", &cfg);
+        let form = parse_revoke(
+            Some("application/x-www-form-urlencoded"),
+            b"token=a%2Bb&token_type_hint=access_token",
+            &cfg,
+            4096,
+        );
         assert_eq!(form, Ok(Revoke::Tokens { tokens: vec!["a+b".into()], reason: "rfc7009".into() }));
-        let json =
-            parse_revoke(Some("application/json; charset=utf-8"), br#"{"tokens": ["a", "b"], "reason": "leak"}"#, &cfg);
+        let json = parse_revoke(
+            Some("application/json; charset=utf-8"),
+            br#"{"tokens": ["a", "b"], "reason": "leak"}"#,
+            &cfg,
+            4096,
+        );
         assert_eq!(json, Ok(Revoke::Tokens { tokens: vec!["a".into(), "b".into()], reason: "leak".into() }));
-        let client = parse_revoke(Some("application/json"), br#"{"client_id": "app"}"#, &cfg);
+        let client = parse_revoke(Some("application/json"), br#"{"client_id": "app"}"#, &cfg, 4096);
         assert_eq!(client, Ok(Revoke::Principal { kind: Kind::Client, name: "app".into(), reason: String::new() }));
-        let status = |ct: Option<&str>, body: &[u8]| parse_revoke(ct, body, &cfg).unwrap_err().status;
+        let status = |ct: Option<&str>, body: &[u8]| parse_revoke(ct, body, &cfg, 4096).unwrap_err().status;
         assert_eq!(status(Some("text/plain"), b"token=a"), 415);
         assert_eq!(status(None, b"token=a"), 415);
         assert_eq!(status(Some("application/json"), b""), 400);
@@ -719,10 +732,18 @@ mod tests {
             let body = json!({"client_id": name}).to_string();
             assert_eq!(status(Some("application/json"), body.as_bytes()), 400, "{name:?}");
         }
-        assert!(parse_revoke(Some("application/json"), br#"{"sub": "Ada Lovelace"}"#, &cfg).is_ok());
+        assert!(parse_revoke(Some("application/json"), br#"{"sub": "Ada Lovelace"}"#, &cfg, 4096).is_ok());
         assert_eq!(status(Some("application/x-www-form-urlencoded"), b"token_type_hint=x"), 400);
         assert_eq!(status(Some("application/x-www-form-urlencoded"), b"token=a&token=b"), 400);
         assert_eq!(status(Some("application/json"), &vec![b' '; 5000]), 413);
+        // The revoke bound is the data path's `max_token_bytes`, not a fixed 4096.
+        let cfg = config::Admin { max_body_bytes: 65_536, ..admin_cfg() };
+        let sized = |n: usize| {
+            let body = json!({"tokens": ["a".repeat(n)]}).to_string();
+            parse_revoke(Some("application/json"), body.as_bytes(), &cfg, 5000)
+        };
+        assert!(sized(5000).is_ok());
+        assert_eq!(sized(5001).unwrap_err().status, 400);
     }
 
     #[test]

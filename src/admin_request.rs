@@ -117,7 +117,7 @@ impl AdminRequest {
             return Action::Pause;
         }
         let body = worker.host.request_body(body_size);
-        match admin::parse_revoke(content_type.as_deref(), &body, cfg) {
+        match admin::parse_revoke(content_type.as_deref(), &body, cfg, worker.config.max_token_bytes) {
             Ok(revoke) => self.handle(worker, Command::Revoke(revoke)),
             Err(reply) => self.reply(worker, reply),
         }

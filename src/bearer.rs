@@ -4,8 +4,13 @@
 
 use std::fmt;
 
-/// Longest bearer token accepted; longer ones are `invalid_request`.
-pub const MAX_TOKEN_BYTES: usize = 4096;
+/// Longest bearer token accepted by default (`max_token_bytes`); longer
+/// ones are `invalid_request`. Also the bound on the admin API's own token.
+pub const DEFAULT_MAX_TOKEN_BYTES: usize = 4096;
+
+/// Largest `max_token_bytes`: Envoy's default header limit (60 KiB) lets no
+/// larger token arrive, and the hash memo holds tokens of up to this size.
+pub const MAX_TOKEN_BYTES_CEILING: usize = 60 * 1024;
 
 /// A bearer token as the client sent it. Never logged: `Debug` hides it.
 #[derive(Clone, PartialEq, Eq)]

@@ -26,6 +26,8 @@ const REVISION_KEY: &str = shared_key!("sync.revision");
 const OUTBOX_KEY: &str = shared_key!("sync.outbox");
 const LAST_SYNC_KEY: &str = shared_key!("sync.last_ok");
 const LOADED_KEY: &str = shared_key!("sync.loaded");
+/// "{unix ms the wait began} {1 once initial_sync_timeout_s gave up, else 0}".
+const WAIT_KEY: &str = shared_key!("sync.initial_wait");
 /// etcd refuses a transaction with more operations than this (--max-txn-ops).
 pub const MAX_TXN_OPS: usize = 128;
 /// Keys one range read returns; a page always advances because one
@@ -252,6 +254,35 @@ pub fn is_loaded<S: Store + ?Sized>(store: &S) -> bool {
     store.get(LOADED_KEY).ok().flatten().is_some_and(|v| v.value == b"1")
 }
 
+/// How long this process has gone without a complete read of etcd (0 once
+/// loaded), and whether this call is the one that gave up waiting because
+/// `bound_ms` (0: never) passed.
+pub fn note_initial_wait<S: Store + ?Sized>(store: &S, now_ms: u64, bound_ms: u64) -> Result<(u64, bool), StoreError> {
+    if is_loaded(store) {
+        return Ok((0, false));
+    }
+    let (mut started, mut gave_up_now) = (now_ms, false);
+    update(store, WAIT_KEY, |current| {
+        let (since, abandoned) = parse_wait(current).unwrap_or((now_ms, false));
+        started = since;
+        gave_up_now = !abandoned && bound_ms > 0 && now_ms.saturating_sub(since) >= bound_ms;
+        (current.is_none() || gave_up_now)
+            .then(|| format!("{since} {}", u8::from(abandoned || gave_up_now)).into_bytes())
+    })?;
+    Ok((now_ms.saturating_sub(started), gave_up_now))
+}
+
+/// Whether `initial_sync_timeout_s` passed before the first complete read.
+pub fn initial_wait_abandoned<S: Store + ?Sized>(store: &S) -> bool {
+    let value = store.get(WAIT_KEY).ok().flatten();
+    parse_wait(value.as_ref().map(|v| v.value.as_slice())).is_some_and(|(_, abandoned)| abandoned)
+}
+
+fn parse_wait(bytes: Option<&[u8]>) -> Option<(u64, bool)> {
+    let (since, abandoned) = std::str::from_utf8(bytes?).ok()?.split_once(' ')?;
+    Some((since.parse().ok()?, abandoned == "1"))
+}
+
 /// How many changes wait in the outbox.
 pub fn outbox_len<S: Store + ?Sized>(store: &S) -> usize {
     let value = store.get(OUTBOX_KEY).ok().flatten();
@@ -459,6 +490,28 @@ mod tests {
         mark_loaded(&s).unwrap();
         mark_loaded(&s).unwrap();
         assert!(is_loaded(&s));
+    }
+
+    #[test]
+    fn the_initial_wait_is_measured_and_given_up_once_after_its_bound() {
+        let s = MemoryStore::new();
+        assert_eq!(note_initial_wait(&s, 1_000, 5_000).unwrap(), (0, false), "the wait starts");
+        assert_eq!(note_initial_wait(&s, 4_000, 5_000).unwrap(), (3_000, false));
+        assert!(!initial_wait_abandoned(&s));
+        assert_eq!(note_initial_wait(&s, 6_000, 5_000).unwrap(), (5_000, true), "the bound passed: given up once");
+        assert_eq!(
+            note_initial_wait(&s, 7_000, 5_000).unwrap(),
+            (6_000, false),
+            "still not loaded, not given up again"
+        );
+        assert!(initial_wait_abandoned(&s));
+        mark_loaded(&s).unwrap();
+        assert_eq!(note_initial_wait(&s, 8_000, 5_000).unwrap(), (0, false), "loaded: nothing waits");
+
+        let forever = MemoryStore::new();
+        note_initial_wait(&forever, 0, 0).unwrap();
+        assert_eq!(note_initial_wait(&forever, 86_400_000, 0).unwrap(), (86_400_000, false), "0 never gives up");
+        assert!(!initial_wait_abandoned(&forever));
         set_next_revision(&s, 21, 5).unwrap();
         assert_eq!(next_revision(&s).unwrap(), 21);
         assert_eq!(last_sync_ms(&s), 5);

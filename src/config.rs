@@ -44,6 +44,10 @@ pub struct Config {
     /// request has no `Authorization` header. Off: URLs end up in logs.
     #[serde(default)]
     pub allow_query_token: bool,
+    /// Longest bearer token accepted (header, query or admin revoke); longer
+    /// is `invalid_request`. Rich JWTs (group claims) need more than 4096.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
     /// The realm in `WWW-Authenticate` challenges.
     #[serde(default = "default_realm")]
     pub realm: String,
@@ -86,6 +90,22 @@ pub struct ClusterSync {
     /// restarted Envoy never lets through what was revoked elsewhere.
     #[serde(default = "default_true")]
     pub require_initial_sync: bool,
+    /// Stop waiting for that read after this long and serve with what is
+    /// known (counted and logged); 0 waits for ever.
+    #[serde(default)]
+    pub initial_sync_timeout_s: u64,
+}
+
+impl ClusterSync {
+    fn validate_initial_sync(&self) -> Result<(), ConfigError> {
+        if self.initial_sync_timeout_s > 86_400 {
+            return err("cluster_sync.initial_sync_timeout_s must be at most 86400 (0 waits for ever)");
+        }
+        if self.initial_sync_timeout_s > 0 && !self.require_initial_sync {
+            return err("cluster_sync.initial_sync_timeout_s bounds require_initial_sync, which is off");
+        }
+        Ok(())
+    }
 }
 
 fn default_true() -> bool {
@@ -303,6 +323,9 @@ fn default_sync_timeout_ms() -> u64 {
 fn default_max_outbox() -> usize {
     10_000
 }
+fn default_max_token_bytes() -> usize {
+    crate::bearer::DEFAULT_MAX_TOKEN_BYTES
+}
 fn default_realm() -> String {
     "tokengate".to_string()
 }
@@ -441,8 +464,24 @@ impl Config {
         if let Some(c) = &self.cluster_sync {
             c.validate()?;
         }
+        self.validate_token_size()?;
         if self.realm.is_empty() || !self.realm.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
             return err("realm must be non-empty printable ASCII without '\"' or '\\'");
+        }
+        Ok(())
+    }
+
+    /// The token bound, and what it costs each worker's hash memo.
+    fn validate_token_size(&self) -> Result<(), ConfigError> {
+        let ceiling = crate::bearer::MAX_TOKEN_BYTES_CEILING;
+        if !(256..=ceiling).contains(&self.max_token_bytes) {
+            return err(format!("max_token_bytes must be between 256 and {ceiling}"));
+        }
+        if self.cache.hash_memo_entries.saturating_mul(self.max_token_bytes) > MAX_HASH_MEMO_BYTES {
+            return err(format!(
+                "cache.hash_memo_entries x max_token_bytes must be at most {MAX_HASH_MEMO_BYTES} \
+                 (the tokens each worker's hash memo may hold)"
+            ));
         }
         Ok(())
     }
@@ -604,7 +643,7 @@ impl ClusterSync {
         if self.max_outbox == 0 || self.max_outbox > 1_000_000 {
             return err("cluster_sync.max_outbox must be between 1 and 1000000");
         }
-        Ok(())
+        self.validate_initial_sync()
     }
 }
 
@@ -612,6 +651,9 @@ impl ClusterSync {
 pub fn is_scope_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(is_scope_char)
 }
+
+/// Most token bytes one worker's hash memo may hold (65536 tokens of 4 KiB).
+const MAX_HASH_MEMO_BYTES: usize = 256 * 1024 * 1024;
 
 /// RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
 fn is_scope_char(b: u8) -> bool {
@@ -646,6 +688,7 @@ mod tests {
         assert!(!c.hide_credentials);
         assert_eq!(c.realm, "tokengate");
         assert_eq!(c.denylist.clock_skew_s, 60);
+        assert_eq!(c.max_token_bytes, 4096);
     }
 
     #[test]
@@ -747,6 +790,12 @@ mod tests {
             (r#""claims_to_headers": {"sub": "X-Sub"}"#, "claims_to_headers.sub"),
             (r#""claims_to_headers": {"sub": "authorization"}"#, "reserved"),
             (r#""realm": "a\"b""#, "realm"),
+            (r#""max_token_bytes": 255"#, "max_token_bytes must be between 256 and 61440"),
+            (r#""max_token_bytes": 61441"#, "max_token_bytes must be between 256 and 61440"),
+            (
+                r#""max_token_bytes": 61440, "cache": {"hash_memo_entries": 4370}"#,
+                "cache.hash_memo_entries x max_token_bytes",
+            ),
             (r#""hide_credentials": "yes""#, "invalid type"),
             (r#""admin": {"token_sha256": "abc"}"#, "admin.token_sha256"),
             (r#""admin": {"token_sha256": []}"#, "admin.token_sha256 must list 1 to 8"),
@@ -758,6 +807,11 @@ mod tests {
             (r#""denylist": {"clock_skew_s": -1}"#, "invalid value"),
             (r#""cluster_sync": {"cluster": "etcd", "authority": "e", "prefix": "x"}"#, "cluster_sync.prefix"),
             (r#""cluster_sync": {"cluster": "etcd", "authority": "e", "poll_ms": 1}"#, "cluster_sync.poll_ms"),
+            (r#""cluster_sync": {"cluster": "e", "authority": "e", "initial_sync_timeout_s": 86401}"#, "at most 86400"),
+            (
+                r#""cluster_sync": {"cluster": "e", "authority": "e", "require_initial_sync": false, "initial_sync_timeout_s": 5}"#,
+                "require_initial_sync, which is off",
+            ),
             (r#""revocation_endpoint": {"cluster": "idp", "authority": "a", "path": "x"}"#, "revocation_endpoint"),
         ];
         for (extra, key) in cases {

@@ -154,6 +154,18 @@ impl Poller {
             Ok(true) => {}
             _ => return,
         }
+        let bound_ms = if cfg.require_initial_sync { cfg.initial_sync_timeout_s * 1000 } else { 0 };
+        if let Ok((waited, gave_up)) = cluster_sync::note_initial_wait(io.store, now_ms, bound_ms) {
+            io.metrics.sync_initial_wait_ms.record(waited);
+            if gave_up {
+                io.metrics.sync_initial_sync_timeouts.inc();
+                log::warn!(
+                    "cluster sync: no complete read of etcd in {} s (initial_sync_timeout_s): serving with the \
+                     revocations known so far",
+                    cfg.initial_sync_timeout_s
+                );
+            }
+        }
         let last = cluster_sync::last_sync_ms(io.store);
         if last > 0 {
             io.metrics.sync_lag_ms.record(now_ms.saturating_sub(last));

@@ -165,12 +165,13 @@ impl Filter {
     /// Its characters are checked by `Worker::identify`, once per worker.
     fn credential<'h>(&self, worker: &Worker, headers: &'h HeaderMap) -> Result<Cow<'h, [u8]>, BearerError> {
         let authorization = headers.all("authorization");
+        let max = worker.config.max_token_bytes;
         if !worker.config.allow_query_token {
-            return bearer::locate(&authorization, bearer::MAX_TOKEN_BYTES).map(Cow::Borrowed);
+            return bearer::locate(&authorization, max).map(Cow::Borrowed);
         }
         let path = headers.get(":path").unwrap_or_default();
-        match (bearer::from_query(path, bearer::MAX_TOKEN_BYTES)?, authorization.is_empty()) {
-            (None, _) => bearer::locate(&authorization, bearer::MAX_TOKEN_BYTES).map(Cow::Borrowed),
+        match (bearer::from_query(path, max)?, authorization.is_empty()) {
+            (None, _) => bearer::locate(&authorization, max).map(Cow::Borrowed),
             (Some(_), false) => Err(BearerError::Malformed("the token is in both the header and the query")),
             (Some(token), true) => {
                 if worker.config.hide_credentials {

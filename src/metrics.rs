@@ -55,10 +55,12 @@ pub struct Metrics {
     pub sync_applied: Counter,
     pub sync_queued: Counter,
     pub sync_dropped: Counter,
+    pub sync_initial_sync_timeouts: Counter,
     /// Cluster sync's gauges: defined only where `cluster_sync` is configured.
     pub sync_lag_ms: Gauge,
     pub sync_revision: Gauge,
     pub sync_outbox: Gauge,
+    pub sync_initial_wait_ms: Gauge,
 }
 
 /// A counter id; 0 means "not defined" and increments are dropped.
@@ -213,9 +215,11 @@ impl Metrics {
             sync_applied: c("sync.applied"),
             sync_queued: c("sync.queued"),
             sync_dropped: c("sync.dropped"),
+            sync_initial_sync_timeouts: c("sync.initial_sync_timeouts"),
             sync_lag_ms: g("sync.lag_ms"),
             sync_revision: g("sync.revision"),
             sync_outbox: g("sync.outbox"),
+            sync_initial_wait_ms: g("sync.initial_wait_ms"),
         }
     }
 

@@ -138,7 +138,10 @@ impl Worker {
             return true;
         }
         let ready = match &self.config.cluster_sync {
-            Some(c) if c.require_initial_sync => crate::cluster_sync::is_loaded(&*self.store),
+            Some(c) if c.require_initial_sync => {
+                crate::cluster_sync::is_loaded(&*self.store)
+                    || crate::cluster_sync::initial_wait_abandoned(&*self.store)
+            }
             _ => true,
         };
         self.denylist_loaded.set(ready);

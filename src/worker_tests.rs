@@ -362,13 +362,13 @@ fn an_admin_change_that_cannot_be_written_is_503_with_retry_after() {
 
 /// A token of the largest size accepted, as JWT access tokens come close to.
 fn large_token(last: char) -> String {
-    let mut token = "L".repeat(bearer::MAX_TOKEN_BYTES - 1);
+    let mut token = "L".repeat(bearer::DEFAULT_MAX_TOKEN_BYTES - 1);
     token.push(last);
     token
 }
 
 fn sha256(token: &str) -> TokenHash {
-    cache::hash_token(&bearer::parse(&[format!("Bearer {token}").as_bytes()], bearer::MAX_TOKEN_BYTES).unwrap())
+    cache::hash_token(&bearer::parse(&[format!("Bearer {token}").as_bytes()], bearer::DEFAULT_MAX_TOKEN_BYTES).unwrap())
 }
 
 #[test]
@@ -527,4 +527,38 @@ mod routes {
         assert_eq!(send(&rig, 2, &[(":method", "GET"), (":path", "/healthz")]), Action::Pause);
         assert_eq!(rig.outcomes(), (vec![], vec![(2, 503)]));
     }
+}
+
+#[test]
+fn max_token_bytes_bounds_the_token_a_request_may_carry() {
+    let config = CONFIG.replace(r#""required_scopes""#, r#""max_token_bytes": 8192, "required_scopes""#);
+    let rig = Rig::with_config(&store(), &config);
+    let (_f1, at_bound) = rig.request(1, &"J".repeat(8192));
+    assert_eq!((at_bound, rig.callout_ids().len()), (Action::Pause, 1), "a token of exactly the bound is introspected");
+    let (_f2, over) = rig.request(2, &"J".repeat(8193));
+    assert_eq!(over, Action::Pause);
+    assert_eq!(rig.outcomes(), (vec![], vec![(2, 400)]), "one byte more is invalid_request, never introspected");
+    assert_eq!(rig.callout_ids().len(), 1);
+}
+
+#[test]
+fn initial_sync_timeout_s_ends_the_wait_for_an_unreachable_etcd_and_serves_with_what_is_known() {
+    let sync =
+        r#""cluster_sync": {"cluster": "etcd", "authority": "etcd", "initial_sync_timeout_s": 2}, "required_scopes""#;
+    let config = CONFIG.replace(r#""required_scopes""#, sync);
+    let host = Rc::new(FakeHost::new(T0));
+    let worker = Worker::new(Config::parse(config.as_bytes()).unwrap(), Metrics::default(), host.clone(), store());
+    let rig = Rig { host: host.clone(), worker: Rc::new(worker.with_sync("root-1".into())) };
+    host.refuse_dispatch.set(true);
+    rig.worker.tick();
+    let (_f1, _) = rig.request(1, "tok-wait");
+    assert_eq!(rig.outcomes(), (vec![], vec![(1, 503)]), "etcd never read: denylist_loading");
+    rig.tick_after(1_900);
+    let (_f2, _) = rig.request(2, "tok-wait");
+    assert_eq!(rig.outcomes(), (vec![], vec![(2, 503)]), "still within the bound");
+    rig.tick_after(200);
+    host.refuse_dispatch.set(false);
+    let (_f3, action) = rig.request(3, "tok-wait");
+    assert_eq!((action, rig.outcomes()), (Action::Pause, (vec![], vec![])), "past the bound: introspected");
+    assert_eq!(rig.host.last_callout().unwrap().cluster, "idp");
 }

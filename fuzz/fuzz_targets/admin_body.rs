@@ -5,7 +5,7 @@ use fuzzkit::{int, pick, text};
 use libfuzzer_sys::arbitrary::Unstructured;
 use libfuzzer_sys::fuzz_target;
 use tokengate::admin::{handle, parse_revoke, Command, Counts, Revoke};
-use tokengate::bearer::{self, MAX_TOKEN_BYTES};
+use tokengate::bearer::{self, DEFAULT_MAX_TOKEN_BYTES};
 use tokengate::cache::hash_token;
 use tokengate::config;
 use tokengate::denylist::{Denylist, Kind, MAX_PRINCIPAL_CHARS};
@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let body = u.take_rest();
 
-    let revoke = match parse_revoke(content_type, body, &cfg) {
+    let revoke = match parse_revoke(content_type, body, &cfg, DEFAULT_MAX_TOKEN_BYTES) {
         Ok(r) => r,
         Err(reply) => {
             assert!(matches!(reply.status, 400 | 413 | 415), "{}", reply.status);
@@ -58,10 +58,10 @@ fuzz_target!(|data: &[u8]| {
         Revoke::Tokens { tokens, .. } => {
             assert!(!tokens.is_empty() && tokens.len() <= cfg.max_bulk_tokens);
             for t in &tokens {
-                assert!(bearer::is_presentable(t, MAX_TOKEN_BYTES), "{t:?}");
+                assert!(bearer::is_presentable(t, DEFAULT_MAX_TOKEN_BYTES), "{t:?}");
                 // What the admin revokes is what a client would present.
                 let header = format!("Bearer {t}");
-                let presented = bearer::parse(&[header.as_bytes()], MAX_TOKEN_BYTES).expect("presentable");
+                let presented = bearer::parse(&[header.as_bytes()], DEFAULT_MAX_TOKEN_BYTES).expect("presentable");
                 assert_eq!(presented, bearer::from_admin(t));
                 let record = list.token_record(&hash_token(&presented), NOW).expect("store");
                 assert!(record.is_some(), "an accepted revocation must be on the denylist");

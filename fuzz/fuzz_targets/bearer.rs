@@ -2,14 +2,14 @@
 //! hands them over (any bytes, any number of headers).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tokengate::bearer::{self, BearerError, MAX_TOKEN_BYTES};
+use tokengate::bearer::{self, BearerError, DEFAULT_MAX_TOKEN_BYTES};
 
 fuzz_target!(|data: &[u8]| {
     // First byte: how many header values (0-3) and which length bound;
     // the rest is split into the values at NUL bytes.
     let (head, rest) = data.split_first().map_or((1u8, data), |(h, r)| (*h, r));
     let count = usize::from(head % 4);
-    let max = if head & 0x80 == 0 { MAX_TOKEN_BYTES } else { 16 };
+    let max = if head & 0x80 == 0 { DEFAULT_MAX_TOKEN_BYTES } else { 16 };
     let values: Vec<&[u8]> = if count == 0 { Vec::new() } else { rest.splitn(count, |&b| b == 0).collect() };
 
     // The `access_token` query parameter (RFC 6750 §2.3), on the same bytes as a path.

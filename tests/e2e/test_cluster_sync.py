@@ -721,3 +721,50 @@ def test_cluster_sync_gauges_exist_only_with_cluster_sync(unreachable, envoys, m
         unreachable.metric(name)
         with pytest.raises(KeyError):
             plain.metric(f"tokengate.{name}")
+
+
+# --------------------------------------------------------------------------- etcd down at start
+
+INITIAL_SYNC_TIMEOUT_S = 3
+
+
+def test_cluster_sync_initial_sync_timeout_s_serves_after_its_bound_while_etcd_is_down_and_the_wait_is_a_gauge(
+    procs, workdir, upstream, mock_idp
+):
+    """An Envoy starts while etcd is down: 503 `denylist_loading` (require_initial_sync)
+    with `sync.initial_wait_ms` growing; past `initial_sync_timeout_s` it serves with what
+    it knows, counted once in `sync.initial_sync_timeouts` and logged; once etcd is back
+    and read, the gauge is 0."""
+    etcd = Etcd(procs, workdir, members=1, name="etcd-late")
+    sync = etcd.sync_config(poll_ms=POLL_MS, timeout_ms=TIMEOUT_MS, initial_sync_timeout_s=INITIAL_SYNC_TIMEOUT_S)
+    envoy = Envoy(
+        procs,
+        workdir,
+        idp_port=mock_idp.port,
+        upstream_port=upstream.port,
+        plugin_config=mock_idp.plugin_config(cluster_sync=sync),
+        name="envoy-etcd-late",
+        extra_clusters=[etcd.envoy_cluster()],
+    ).start()
+    try:
+        token = f"late-{secrets.token_hex(8)}"
+        mock_idp.register_active(token)
+        resp = envoy.get("/", bearer(token))
+        assert (resp.status, resp.json()["error"]) == (503, "temporarily_unavailable"), resp
+        assert envoy.metric("tokengate.requests.denied.denylist_loading") >= 1
+        wait_for(lambda: envoy.metric("tokengate.sync.initial_wait_ms") > 0, CEILING_S, "the wait to show as a gauge")
+        assert envoy.metric("tokengate.sync.initial_sync_timeouts") == 0
+
+        wait_for(lambda: envoy.get("/", bearer(token)).status == 200, CEILING_S, "the bound to pass")
+        assert envoy.metric("tokengate.sync.initial_sync_timeouts") == 1
+        assert "serving with the revocations known so far" in envoy.log_text()
+        assert envoy.metric("tokengate.sync.initial_wait_ms") >= INITIAL_SYNC_TIMEOUT_S * 1000, "not loaded yet"
+        statuses = [envoy.get("/", bearer(token)).status for _ in range(4 * 4)]
+        assert statuses == [200] * 16, "every worker serves"
+
+        etcd.start()
+        wait_for(lambda: envoy.metric("tokengate.sync.initial_wait_ms") == 0, CEILING_S, "the first read once etcd is up")
+        assert envoy.metric("tokengate.sync.initial_sync_timeouts") == 1
+    finally:
+        envoy.stop()
+        etcd.stop()

@@ -1,5 +1,6 @@
-"""Tokens of the size authorization servers issue (a 1 KiB JWT access token) and of the
-largest size tokengate accepts (4 KiB), against the mock IdP on a 4-worker Envoy.
+"""Tokens of the size authorization servers issue (a 1 KiB JWT access token), of the
+largest size tokengate accepts by default (4 KiB) and of the largest `max_token_bytes`
+may allow (60 KiB, rich JWTs with group claims), against the mock IdP on a 4-worker Envoy.
 
 Each worker remembers the SHA-256 of a token it has seen (cache.hash_memo_entries) and
 does not hash it again; the denylist is still looked up by that SHA-256 on every
@@ -12,7 +13,7 @@ import secrets
 
 import pytest
 
-from harness import bearer
+from harness import assert_denied, bearer, merge, shipped_admin_additions
 from test_revocation import (  # noqa: F401  (gates and recorder are fixtures gate_for needs)
     REVOKED,
     AdminApi,
@@ -26,7 +27,8 @@ from test_revocation import (  # noqa: F401  (gates and recorder are fixtures ga
 )
 from test_validation import upstream_headers
 
-MAX_TOKEN_BYTES = 4096  # bearer::MAX_TOKEN_BYTES
+MAX_TOKEN_BYTES = 4096  # bearer::DEFAULT_MAX_TOKEN_BYTES, the default max_token_bytes
+CEILING = 60 * 1024  # bearer::MAX_TOKEN_BYTES_CEILING
 
 
 def jwt_shaped(size):
@@ -74,3 +76,27 @@ def test_a_token_a_byte_from_a_remembered_one_is_introspected_on_its_own(gates, 
     resp = gate.get("/", bearer(other))
     assert resp.status == 401, resp
     assert mock_idp.calls_for(other) == 1, "asked about on its own, not taken for the remembered token"
+
+
+def test_a_token_of_the_max_token_bytes_ceiling_is_validated_and_revoked_and_one_byte_more_is_400(
+    fresh, mock_idp
+):
+    data = mock_idp.plugin_config(max_token_bytes=CEILING)
+    admin = merge(data, shipped_admin_additions())
+    # Envoy's own limit (60 KiB for all headers) would answer 431 before the filter ran.
+    gate = fresh.envoy(mock_idp, data, listener_configs={"tokengate_admin": admin}, max_request_headers_kb=96)
+    token = jwt_shaped(CEILING)
+    mock_idp.register_active(token, sub="group-claims-user", scope="read")
+    seen = upstream_headers(gate.get("/", bearer(token)))
+    assert seen["x-auth-subject"] == "group-claims-user"
+    burst_on_every_worker(gate, token, expect=200)
+    assert mock_idp.calls_for(token) == 1
+
+    # The admin API accepts the same size: the revoke is not refused as "not a bearer token".
+    assert assert_ok(AdminApi(gate).revoke_form(token)) == {"revoked": 1, "ids": [sha256(token)]}
+    burst_on_every_worker(gate, token, expect=401)
+
+    longer = jwt_shaped(CEILING + 1)
+    mock_idp.register_active(longer)
+    assert_denied(gate.get("/", bearer(longer)), 400, "invalid_request")
+    assert mock_idp.calls_for(longer) == 0, "an oversized token never reaches the IdP"

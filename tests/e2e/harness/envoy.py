@@ -39,6 +39,7 @@ class Envoy:
     `admin` section), so the test's IdP settings reach every filter. `extra_clusters`
     (Envoy cluster dicts, e.g. `Etcd.envoy_cluster()`) are added beside the template's.
     `failure_policy` (FAIL_CLOSED, FAIL_OPEN, FAIL_RELOAD) replaces the template's.
+    `max_request_headers_kb` raises every listener's header limit (Envoy's default: 60).
     """
 
     _base_ids = itertools.count(random.randint(1, 10_000) * 1000)
@@ -61,6 +62,7 @@ class Envoy:
         name="envoy",
         extra_clusters=(),
         failure_policy=None,
+        max_request_headers_kb=None,
     ):
         self.procs = procs
         self.workdir = Path(workdir)
@@ -79,6 +81,7 @@ class Envoy:
         self.name = name
         self.extra_clusters = [copy.deepcopy(c) for c in extra_clusters]
         self.failure_policy = failure_policy
+        self.max_request_headers_kb = max_request_headers_kb
         self.template = yaml.safe_load(ENVOY_TEMPLATE.read_text())
         self.ports = {x["name"]: free_port() for x in self.template["static_resources"]["listeners"]}
         self.ports.update({x.name: x.port for x in self.extra_listeners})
@@ -125,6 +128,8 @@ class Envoy:
 
     def _configure_filters(self, listener, plugin_config):
         manager = _http_manager(listener)
+        if self.max_request_headers_kb:
+            manager["max_request_headers_kb"] = self.max_request_headers_kb
         plugins = list(_wasm_plugins(listener))
         assert plugins, f"listener {listener['name']} has no wasm filter in {ENVOY_TEMPLATE}"
         if not self.with_filter:
