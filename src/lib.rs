@@ -6,7 +6,8 @@
 //! `filter` (Envoy's callbacks for one request) → `bearer` (the credential)
 //! → `hash_memo` (the token's SHA-256, once per worker) → `denylist` (revoked
 //! tokens, JWT identities, clients, subjects) → `worker` (the local and shared
-//! `cache`, and the introspection callouts in flight) → `introspection`
+//! `cache`; `jwt_verify` for JWTs of a configured issuer, verified in the
+//! filter; the introspection callouts in flight) → `introspection`
 //! (RFC 7662 request and answer) → `policy` (active, exp, nbf, claim headers;
 //! `rules` chooses the route's requirement first and checks scopes, audience
 //! and issuer) → `outcome` (the reply for each denial).
