@@ -316,13 +316,16 @@ mod tests {
 
     /// An admin listener's worker with `extra` top-level configuration.
     fn worker_with(host: &Rc<FakeHost>, store: &Rc<MemoryStore>, extra: &str) -> Rc<Worker> {
+        worker_on(host, store.clone(), extra)
+    }
+
+    fn worker_on(host: &Rc<FakeHost>, store: Rc<dyn Store>, extra: &str) -> Rc<Worker> {
         let admin_hash: String = Sha256::digest(b"admin-token").iter().map(|b| format!("{b:02x}")).collect();
         let json = format!(
             r#"{{"introspection": {{"cluster": "idp", "authority": "idp", "path": "/i"}},
                 "admin": {{"token_sha256": "{admin_hash}"}}, {extra}}}"#
         );
         let config = Config::parse(json.as_bytes()).unwrap();
-        let store: Rc<dyn Store> = store.clone();
         Rc::new(Worker::new(config, Metrics::default(), host.clone(), store))
     }
 
@@ -426,5 +429,33 @@ mod tests {
         let (_, body) = reply(&host);
         assert_eq!(body["cluster_sync"], "partly_dropped", "a full outbox takes nothing more");
         assert_eq!(crate::cluster_sync::outbox_len(&*store), 2);
+    }
+
+    /// Shared data whose outbox key refuses every write, as a failing host call would.
+    struct OutboxRefused(MemoryStore);
+
+    impl Store for OutboxRefused {
+        fn get(&self, key: &str) -> Result<Option<crate::store::Versioned>, crate::store::StoreError> {
+            self.0.get(key)
+        }
+
+        fn set(&self, key: &str, value: &[u8], guard: crate::store::Guard) -> Result<(), crate::store::StoreError> {
+            if key.ends_with("sync.outbox") {
+                return Err(crate::store::StoreError::Host);
+            }
+            self.0.set(key, value, guard)
+        }
+    }
+
+    #[test]
+    fn an_outbox_that_cannot_be_written_says_dropped_and_the_revocation_stands() {
+        let host = Rc::new(FakeHost::new(T0));
+        let store = Rc::new(OutboxRefused(MemoryStore::new()));
+        let worker = worker_on(&host, store.clone(), r#""cluster_sync": {"cluster": "etcd", "authority": "etcd"}"#);
+        host.refuse_dispatch.set(true); // etcd's cluster refuses: the change goes to the outbox at once
+        let _filter = revoke(&host, &worker, "tok-3");
+        let (status, body) = reply(&host);
+        assert_eq!((status, body["cluster_sync"].as_str()), (200, Some("dropped")));
+        assert_eq!(worker.denylist().list(T0 / 1000).unwrap().len(), 1, "revoked here all the same");
     }
 }
