@@ -32,9 +32,13 @@ impl Rig {
     }
 
     fn with_config(store: &Rc<MemoryStore>, config: &str) -> Rig {
+        Rig::on_store(store.clone(), config)
+    }
+
+    fn on_store(store: Rc<dyn Store>, config: &str) -> Rig {
         let host = Rc::new(FakeHost::new(T0));
         let config = Config::parse(config.as_bytes()).unwrap();
-        let worker = Worker::new(config, Metrics::default(), host.clone(), store.clone());
+        let worker = Worker::new(config, Metrics::default(), host.clone(), store);
         Rig { host, worker: Rc::new(worker) }
     }
 
@@ -240,15 +244,10 @@ fn an_inactive_answer_is_401_and_is_remembered_for_negative_ttl_s() {
 
 #[test]
 fn an_answer_over_max_entry_bytes_is_used_and_asked_again_next_time() {
-    let store = store();
-    let host = Rc::new(FakeHost::new(T0));
-    let config = Config::parse(
-        br#"{"introspection": {"cluster": "idp", "authority": "idp", "path": "/i"},
-             "claims_to_headers": {"sub": "x-auth-subject", "group": "x-auth-group"},
-             "cache": {"max_entry_bytes": 256}}"#,
-    )
-    .unwrap();
-    let rig = Rig { worker: Rc::new(Worker::new(config, Metrics::default(), host.clone(), store)), host };
+    let config = r#"{"introspection": {"cluster": "idp", "authority": "idp", "path": "/i"},
+        "claims_to_headers": {"sub": "x-auth-subject", "group": "x-auth-group"},
+        "cache": {"max_entry_bytes": 256}}"#;
+    let rig = Rig::with_config(&store(), config);
     let big = format!(r#"{{"active": true, "sub": "alice", "group": "{}"}}"#, "g".repeat(400));
     let (_f, _) = rig.request(1, "tok-11");
     rig.answer(rig.callout_ids()[0], Some(200), big.as_bytes());
@@ -283,10 +282,7 @@ impl Store for FlakyStore {
 
 fn flaky_rig(config: &str) -> (Rig, Rc<FlakyStore>) {
     let store = Rc::new(FlakyStore::default());
-    let host = Rc::new(FakeHost::new(T0));
-    let config = Config::parse(config.as_bytes()).unwrap();
-    let worker = Worker::new(config, Metrics::default(), host.clone(), store.clone());
-    (Rig { host, worker: Rc::new(worker) }, store)
+    (Rig::on_store(store.clone(), config), store)
 }
 
 #[test]
