@@ -7,7 +7,8 @@
 //! → `hash_memo` (the token's SHA-256, once per worker) → `denylist` (revoked
 //! tokens, JWT identities, clients, subjects) → `worker` (the local and shared
 //! `cache`; `jwt_verify` for JWTs of a configured issuer, verified in the
-//! filter; the introspection callouts in flight) → `introspection`
+//! filter; the introspection callouts in flight, kept by `flights`) →
+//! `introspection`
 //! (RFC 7662 request and answer) → `policy` (active, exp, nbf, claim headers;
 //! `rules` chooses the route's requirement first and checks scopes, audience
 //! and issuer) → `outcome` (the reply for each denial).
@@ -41,6 +42,7 @@ pub mod store;
 mod admin_request;
 mod etcd;
 mod filter;
+mod flights;
 mod metrics;
 mod root;
 mod worker;

@@ -9,13 +9,15 @@
 //!
 //! Envoy cancels a callout when the request that sent it goes away, so a
 //! flight whose sender disconnects is re-sent from the root context, which
-//! lives as long as the worker.
+//! lives as long as the worker. Which flight is in which phase, and what
+//! follows each event, is `flights`; this module carries it out.
 
 use crate::bearer::{BearerError, Token};
 use crate::cache::{self, Claim, LocalCache, Lookup, SharedCache, Stored, TokenHash};
 use crate::config::Config;
 use crate::denylist::{DenyView, Denylist};
 use crate::etcd::Poller;
+use crate::flights::{Due, Flights, Left};
 use crate::hash_memo::HashMemo;
 use crate::host::Host;
 use crate::introspection::{self, Answer, IntrospectionError, Request};
@@ -61,31 +63,10 @@ pub struct Worker {
 
 struct State {
     local: LocalCache,
-    flights: HashMap<TokenHash, Flight>,
-    /// Callout token id → the token it introspects.
-    callouts: HashMap<u32, TokenHash>,
-    /// Paused request context id → the token it waits for.
-    waiting: HashMap<u32, TokenHash>,
+    flights: Flights,
     /// Paused requests whose route needs other than the top-level requirement.
     needs: HashMap<u32, Rc<Requirement>>,
     fast_tick: bool,
-}
-
-struct Flight {
-    /// Kept only while requests wait, to re-send the call if its sender goes.
-    token: Token,
-    waiters: Vec<u32>,
-    phase: Phase,
-}
-
-enum Phase {
-    /// Our callout is out; `sender` is the request context that sent it
-    /// (`None`: the root context).
-    Calling { token_id: u32, sender: Option<u32>, deadline_ms: u64 },
-    /// Another worker holds the shared marker since `since_ms`.
-    Remote { since_ms: u64 },
-    /// The sender went away: the root re-sends on its next tick.
-    Orphaned,
 }
 
 /// What `find_or_wait` tells the request.
@@ -115,14 +96,7 @@ impl Worker {
             host,
             store,
             metrics,
-            state: RefCell::new(State {
-                local,
-                flights: HashMap::new(),
-                callouts: HashMap::new(),
-                waiting: HashMap::new(),
-                needs: HashMap::new(),
-                fast_tick: false,
-            }),
+            state: RefCell::new(State { local, flights: Flights::default(), needs: HashMap::new(), fast_tick: false }),
             deny: RefCell::new(DenyView::new(memo_entries)),
             memo: RefCell::new(memo),
             sync: None,
@@ -273,10 +247,7 @@ impl Worker {
                 Found::Wait
             }
             Ok(Claim::Owner) | Err(_) => match self.send(hash, token, Some(ctx), now_ms) {
-                Ok(()) => {
-                    self.state.borrow_mut().waiting.insert(ctx, hash);
-                    Found::Wait
-                }
+                Ok(()) => Found::Wait,
                 Err(e) => {
                     let _ = shared.release(&hash, now_ms);
                     Found::Ready(self.fallback(&hash, e, now_ms))
@@ -316,23 +287,11 @@ impl Worker {
     }
 
     fn join_flight(&self, hash: TokenHash, ctx: u32) -> bool {
-        let mut state = self.state.borrow_mut();
-        let Some(flight) = state.flights.get_mut(&hash) else {
-            return false;
-        };
-        flight.waiters.push(ctx);
-        state.waiting.insert(ctx, hash);
-        true
+        self.state.borrow_mut().flights.join(hash, ctx)
     }
 
     fn park_remote(&self, hash: TokenHash, token: &Token, ctx: u32, now_ms: u64) {
-        let mut state = self.state.borrow_mut();
-        state.flights.insert(
-            hash,
-            Flight { token: token.clone(), waiters: vec![ctx], phase: Phase::Remote { since_ms: now_ms } },
-        );
-        state.waiting.insert(ctx, hash);
-        drop(state);
+        self.state.borrow_mut().flights.wait_remote(hash, token, ctx, now_ms);
         self.tick_fast(true);
     }
 
@@ -356,16 +315,8 @@ impl Worker {
                 return Err(IntrospectionError::Dispatch);
             }
         };
-        let mut state = self.state.borrow_mut();
-        state.callouts.insert(token_id, hash);
-        let phase = Phase::Calling { token_id, sender, deadline_ms: now_ms + cfg.timeout_ms + GRACE_MS };
-        match state.flights.get_mut(&hash) {
-            Some(flight) => flight.phase = phase,
-            None => {
-                let waiters = sender.into_iter().collect();
-                state.flights.insert(hash, Flight { token: token.clone(), waiters, phase });
-            }
-        }
+        let deadline_ms = now_ms + cfg.timeout_ms + GRACE_MS;
+        self.state.borrow_mut().flights.sent(hash, token, sender, token_id, deadline_ms);
         Ok(())
     }
 
@@ -379,7 +330,7 @@ impl Worker {
                 return;
             }
         }
-        let Some(hash) = self.state.borrow_mut().callouts.remove(&token_id) else {
+        let Some(hash) = self.state.borrow_mut().flights.answered(token_id) else {
             return;
         };
         let verdict = self.read_response(num_headers, body_size).map(|answer| self.with_token_identity(&hash, answer));
@@ -419,10 +370,7 @@ impl Worker {
                 self.fallback(&hash, e, now)
             }
         };
-        let flight = self.state.borrow_mut().flights.remove(&hash);
-        if let Some(flight) = flight {
-            self.resolve(&hash, &flight.waiters, &verdict);
-        }
+        self.land(hash, &verdict);
         self.retune_tick();
     }
 
@@ -449,7 +397,7 @@ impl Worker {
             return answer;
         };
         let state = self.state.borrow();
-        if let Some(identity) = state.flights.get(hash).and_then(|f| crate::jwt::payload_identity(f.token.as_bytes())) {
+        if let Some(identity) = state.flights.token(hash).and_then(|t| crate::jwt::payload_identity(t.as_bytes())) {
             claims.identity = Some(identity);
         }
         Answer::Active(claims)
@@ -464,7 +412,7 @@ impl Worker {
         introspection::parse_answer(&body, &|claim| map.contains_key(claim))
     }
 
-    /// Answers every parked request of a flight.
+    /// Answers the requests still waiting for a flight.
     fn resolve(&self, hash: &TokenHash, waiters: &[u32], verdict: &Verdict) {
         let now_s = self.host.now_ms() / 1000;
         // Waiters were checked against the denylist when they arrived; a
@@ -477,9 +425,6 @@ impl Worker {
             }
         };
         for &ctx in waiters {
-            if self.state.borrow_mut().waiting.remove(&ctx).is_none() {
-                continue;
-            }
             // A request that went away leaves no context to act on.
             if !self.host.set_effective_context(ctx) {
                 continue;
@@ -558,48 +503,23 @@ impl Worker {
 
     /// Whether request `ctx` is still parked.
     pub fn is_waiting(&self, ctx: u32) -> bool {
-        self.state.borrow().waiting.contains_key(&ctx)
+        self.state.borrow().flights.is_waiting(ctx)
     }
 
     /// Request `ctx` ended; if it had sent a callout that others wait on,
     /// the root re-sends it.
     pub fn forget(&self, ctx: u32) {
-        let mut state = self.state.borrow_mut();
-        state.needs.remove(&ctx);
-        let Some(hash) = state.waiting.remove(&ctx) else {
-            return;
+        let left = {
+            let mut state = self.state.borrow_mut();
+            state.needs.remove(&ctx);
+            state.flights.left(ctx)
         };
-        let Some(flight) = state.flights.get_mut(&hash) else {
-            return;
-        };
-        flight.waiters.retain(|&w| w != ctx);
-        let nobody_waits = flight.waiters.is_empty();
-        let orphaned_call = match flight.phase {
-            Phase::Calling { token_id, sender: Some(s), .. } if s == ctx => Some(token_id),
-            _ => None,
-        };
-        let calling = matches!(flight.phase, Phase::Calling { .. });
-        if orphaned_call.is_some() && !nobody_waits {
-            flight.phase = Phase::Orphaned;
-        }
-        if let Some(token_id) = orphaned_call {
-            // Envoy cancels the callout with its request.
-            state.callouts.remove(&token_id);
-        }
-        match (orphaned_call.is_some(), nobody_waits) {
-            (true, true) => {
-                state.flights.remove(&hash);
-                drop(state);
+        match left {
+            Left::ReleaseMarker(hash) => {
                 let _ = self.shared().release(&hash, self.host.now_ms());
             }
-            (true, false) => {
-                drop(state);
-                self.tick_fast(true);
-            }
-            (false, true) if !calling => {
-                state.flights.remove(&hash);
-            }
-            _ => {}
+            Left::ResendSoon => self.tick_fast(true),
+            Left::Nothing => {}
         }
     }
 
@@ -611,43 +531,23 @@ impl Worker {
         if let (Some(sync), Some(cfg)) = (&self.sync, &self.config.cluster_sync) {
             sync.borrow_mut().tick(&self.io(), cfg, now);
         }
-        let hashes: Vec<TokenHash> = self.state.borrow().flights.keys().copied().collect();
-        for hash in hashes {
-            self.advance(hash, now);
-        }
-        self.retune_tick();
-    }
-
-    fn advance(&self, hash: TokenHash, now: u64) {
-        enum Step {
-            Poll(u64),
-            Resend(Token),
-            Expire(u32),
-            Nothing,
-        }
-        let step = match self.state.borrow().flights.get(&hash) {
-            Some(Flight { phase: Phase::Remote { since_ms }, .. }) => Step::Poll(*since_ms),
-            Some(Flight { phase: Phase::Orphaned, token, .. }) => Step::Resend(token.clone()),
-            Some(Flight { phase: Phase::Calling { token_id, deadline_ms, .. }, .. }) if now > *deadline_ms => {
-                Step::Expire(*token_id)
-            }
-            _ => Step::Nothing,
-        };
-        match step {
-            Step::Poll(since) => self.poll_remote(hash, since, now),
-            Step::Resend(token) => {
-                if let Err(e) = self.send(hash, &token, None, now) {
-                    self.land(hash, &self.fallback(&hash, e, now));
+        let due = self.state.borrow_mut().flights.due(now);
+        for step in due {
+            match step {
+                Due::Poll { hash, since_ms } => self.poll_remote(hash, since_ms, now),
+                Due::Resend { hash, token } => {
+                    if let Err(e) = self.send(hash, &token, None, now) {
+                        self.land(hash, &self.fallback(&hash, e, now));
+                    }
+                }
+                Due::Expired { hash } => {
+                    self.metrics.introspection_failed(&IntrospectionError::Timeout);
+                    let _ = self.shared().fail(&hash, now);
+                    self.land(hash, &self.fallback(&hash, IntrospectionError::Timeout, now));
                 }
             }
-            Step::Expire(token_id) => {
-                self.state.borrow_mut().callouts.remove(&token_id);
-                self.metrics.introspection_failed(&IntrospectionError::Timeout);
-                let _ = self.shared().fail(&hash, now);
-                self.land(hash, &self.fallback(&hash, IntrospectionError::Timeout, now));
-            }
-            Step::Nothing => {}
         }
+        self.retune_tick();
     }
 
     fn poll_remote(&self, hash: TokenHash, since: u64, now: u64) {
@@ -670,7 +570,7 @@ impl Worker {
                 }
                 Ok(Claim::Pending) => {}
                 Ok(Claim::Owner) | Err(_) => {
-                    let token = self.state.borrow().flights.get(&hash).map(|f| f.token.clone());
+                    let token = self.state.borrow().flights.token(&hash).cloned();
                     if let Some(token) = token {
                         self.metrics.cache_miss.inc();
                         if let Err(e) = self.send(hash, &token, None, now) {
@@ -685,10 +585,8 @@ impl Worker {
 
     /// Ends a flight with a verdict.
     fn land(&self, hash: TokenHash, verdict: &Verdict) {
-        let flight = self.state.borrow_mut().flights.remove(&hash);
-        if let Some(flight) = flight {
-            self.resolve(&hash, &flight.waiters, verdict);
-        }
+        let waiters = self.state.borrow_mut().flights.land(&hash);
+        self.resolve(&hash, &waiters, verdict);
     }
 
     fn tick_fast(&self, fast: bool) {
@@ -701,8 +599,7 @@ impl Worker {
     }
 
     fn retune_tick(&self) {
-        let fast =
-            self.state.borrow().flights.values().any(|f| matches!(f.phase, Phase::Remote { .. } | Phase::Orphaned));
+        let fast = self.state.borrow().flights.needs_fast_tick();
         self.tick_fast(fast);
     }
 }
