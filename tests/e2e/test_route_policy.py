@@ -193,6 +193,18 @@ METADATA_TABLE = [
     # metadata wins: the plugin rule below says /healthz-like public, the route says read
     ("GET", "/plugin-rules/open", None, 200),
     ("GET", "/plugin-rules/closed", None, 401),
+    # Envoy's route match is byte-exact and case-sensitive: these miss the /orders
+    # routes (GET needs orders:read, POST orders:write) and get the catch-all's `read`
+    ("GET", "/orders.", "read", 200),
+    ("GET", "/orders.", None, 401),
+    ("GET", "/ORDERS", "read", 200),
+    ("POST", "/ORDERS", "read", 200),
+    ("GET", "/ORDERS", None, 401),
+    ("GET", "/orders/7.", "read", 403),
+    # ...and on a route without metadata, a miss of the plugin rule gets the top level
+    ("GET", "/plugin-rules/open.", None, 401),
+    ("GET", "/plugin-rules/open.", "read", 200),
+    ("GET", "/plugin-rules/OPEN", None, 401),
 ]
 
 
