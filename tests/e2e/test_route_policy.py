@@ -193,6 +193,18 @@ METADATA_TABLE = [
     # metadata wins: the plugin rule below says /healthz-like public, the route says read
     ("GET", "/plugin-rules/open", None, 200),
     ("GET", "/plugin-rules/closed", None, 401),
+    # Envoy's route match is byte-exact and case-sensitive: these miss the /orders
+    # routes (GET needs orders:read, POST orders:write) and get the catch-all's `read`
+    ("GET", "/orders.", "read", 200),
+    ("GET", "/orders.", None, 401),
+    ("GET", "/ORDERS", "read", 200),
+    ("POST", "/ORDERS", "read", 200),
+    ("GET", "/ORDERS", None, 401),
+    ("GET", "/orders/7.", "read", 403),
+    # ...and on a route without metadata, a miss of the plugin rule gets the top level
+    ("GET", "/plugin-rules/open.", None, 401),
+    ("GET", "/plugin-rules/open.", "read", 200),
+    ("GET", "/plugin-rules/OPEN", None, 401),
 ]
 
 
@@ -258,19 +270,33 @@ def test_rules_with_oidc_provider_scopes(envoys, oidc_idp_server):
     assert got == [(p, s) for p, _, s in table]
 
 
+ORDERS_API, BILLING_API = "https://orders.example/api", "https://billing.example/api"
+
+
 def test_issuer_and_audience_with_oidc_provider(envoys, oidc_idp_server):
-    # oidc-provider's client-credentials tokens carry `iss` but no `aud` (server.mjs
-    # configures no resource indicators), so an `audiences` check refuses them.
+    # A token asked for a resource (RFC 8707) has that resource as its `aud`; one asked
+    # for none has no `aud`, so an `audiences` check refuses it.
     idp = oidc_idp_server
     token = idp.issue_token("read")
     issuer = idp.introspect(token)["iss"]
     rules = [
         {"match": {"path": "/ours"}, "require": {"issuers": [issuer]}},
         {"match": {"path": "/theirs"}, "require": {"issuers": ["https://other.example"]}},
-        {"match": {"path": "/audience"}, "require": {"audiences": ["orders-api"]}},
+        {"match": {"path": "/audience"}, "require": {"audiences": [ORDERS_API]}},
     ]
     envoy = envoys.get(idp, idp.plugin_config(rules=rules), name="envoy-route-policy-oidc-iss")
     got = {p: request(envoy.port, p, bearer(token)) for p in ["/ours", "/theirs", "/audience"]}
     assert {p: r.status for p, r in got.items()} == {"/ours": 200, "/theirs": 401, "/audience": 401}
     assert got["/theirs"].json()["error_description"] == "the token's issuer is not trusted here"
     assert got["/audience"].json()["error_description"] == "the token is not meant for this audience"
+
+    orders = idp.issue_token("read", resource=ORDERS_API)
+    billing = idp.issue_token("read", resource=BILLING_API)
+    assert (idp.introspect(orders)["aud"], idp.introspect(billing)["aud"]) == (ORDERS_API, BILLING_API)
+    assert request(envoy.port, "/audience", bearer(orders)).status == 200
+    denied = lambda: envoy.metric("tokengate.requests.denied.invalid_audience")  # noqa: E731
+    before = denied()
+    resp = request(envoy.port, "/audience", bearer(billing))
+    assert resp.status == 401
+    assert resp.json() == {"error": "invalid_token", "error_description": "the token is not meant for this audience"}
+    assert denied() - before == 1

@@ -23,18 +23,25 @@
 //   lets a client revoke only its own tokens; both are replaced below so that only the
 //   resource server `gateway` (and a token's own client) may introspect or revoke.
 // - Opaque access tokens are 43 base64url characters; the access token format is
-//   opaque unless a resource indicator asks for a JWT (none is configured here).
+//   opaque unless a resource indicator asks for a JWT (none of ours does).
+// - Resource indicators (RFC 8707) are on by default in 9.x: a token request without
+//   `resource` gets a token with no `aud` (introspection answers carry none). With
+//   `resource=<one of RESOURCES below>` the token's `aud` is that URI and its scopes are
+//   cut to the resource's; any other resource answers 400 invalid_target.
 // - Non-standard, test-only: the token request may carry `expires_in=N` to ask for a
 //   shorter lifetime (clamped to 1..IDP_CC_TTL_S); oidc-provider ignores unknown
 //   parameters, so the TTL function reads it from the parsed body.
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import process from 'node:process';
 
-import Provider from 'oidc-provider';
+import Provider, { errors } from 'oidc-provider';
 
 const port = Number(process.argv[2] ?? process.env.PORT ?? 9000);
 const defaultTtl = Number(process.env.IDP_CC_TTL_S ?? 600);
 const RESOURCE_SERVER = 'gateway';
+// The APIs a token may be asked for (`resource` on the token request); tokens stay opaque
+// so tokengate still introspects them, and `aud` is the resource URI itself.
+const RESOURCES = new Set(['https://orders.example/api', 'https://billing.example/api']);
 
 const clients = [
   // The introspecting resource server: tokengate itself. It never gets tokens.
@@ -76,6 +83,11 @@ function requestedTtl(ctx) {
   return Math.min(Math.max(asked, 1), defaultTtl);
 }
 
+async function resourceServerInfo(ctx, resource) {
+  if (!RESOURCES.has(resource)) throw new errors.InvalidTarget();
+  return { scope: 'read write', accessTokenFormat: 'opaque' };
+}
+
 // Only the resource server or the token's own client may look at or revoke a token.
 function mayActOn(client, token) {
   return client.clientId === RESOURCE_SERVER || client.clientId === token.clientId;
@@ -91,6 +103,7 @@ const provider = new Provider(`http://127.0.0.1:${port}`, {
     clientCredentials: { enabled: true },
     introspection: { enabled: true, allowedPolicy: async (ctx, client, token) => mayActOn(client, token) },
     revocation: { enabled: true, allowedPolicy: async (ctx, client, token) => mayActOn(client, token) },
+    resourceIndicators: { enabled: true, getResourceServerInfo: resourceServerInfo },
   },
   ttl: {
     ClientCredentials: (ctx) => requestedTtl(ctx),

@@ -155,8 +155,9 @@ class OidcIdp(Idp):
             cwd=IDP_DIR,
         )
 
-    def issue_token(self, scope="read", client_id=None, sub=None, ttl=None):
-        """A client-credentials token. client_id picks a registered client able to hold scope."""
+    def issue_token(self, scope="read", client_id=None, sub=None, ttl=None, resource=None):
+        """A client-credentials token. client_id picks a registered client able to hold scope;
+        resource (one of server.mjs's RESOURCES) becomes the token's `aud`."""
         if sub is not None:
             raise ValueError("oidc-provider's client-credentials tokens have no sub; use the mock IdP")
         client_id = client_id or self._client_for(scope)
@@ -165,6 +166,8 @@ class OidcIdp(Idp):
             fields["scope"] = scope
         if ttl is not None:
             fields["expires_in"] = str(ttl)  # honoured by server.mjs's TTL function, test-only
+        if resource is not None:
+            fields["resource"] = resource
         resp = post_form(self.port, "/token", fields, auth=(client_id, f"{client_id}-secret"))
         assert resp.status == 200, resp
         return resp.json()["access_token"]
