@@ -30,7 +30,7 @@ echo "fuzz: built ${#targets[@]} targets in $((SECONDS - started))s"
 
 declare -A dict=(
     [bearer]=http [admin_route]=http [admin_body]=http [header_map]=http
-    [introspection]=json [config]=json [cache_store]=json [denylist_store]=json [etcd_answers]=json
+    [introspection]=json [config]=json [jwks]=json [jwt]=jwt [cache_store]=json [denylist_store]=json [etcd_answers]=json
 )
 status=0
 printf '%-16s %12s %8s %s\n' target executions corpus result

@@ -30,3 +30,5 @@ pub fn text(u: &mut Unstructured, max: usize) -> String {
     let bytes = u.bytes(len.min(u.len())).unwrap_or_default();
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+pub mod jwt;
