@@ -275,6 +275,9 @@ impl<'s, S: Store + ?Sized> Denylist<'s, S> {
         let mut applied = 0;
         for (key, group) in by_key {
             let limit = if key == PRINCIPALS_KEY { self.limits.max_principals } else { capacity };
+            // Times, not batch order, decide between a revocation and an un-revoke of one id.
+            let undone = latest_undone(&group);
+            let group: Vec<&Change> = group.into_iter().filter(|c| !undone_since(c, &undone)).collect();
             let mut changed = 0;
             update(self.store, &key, |current| {
                 changed = 0;
@@ -347,6 +350,23 @@ fn key_for_id(id: &str) -> Option<String> {
         return Some(token_key(&hash));
     }
     (id.starts_with("client:") || id.starts_with("sub:")).then(|| PRINCIPALS_KEY.to_string())
+}
+
+/// The latest un-revoke time of each id a batch un-revokes.
+fn latest_undone<'a>(batch: &[&'a Change]) -> HashMap<&'a str, u64> {
+    let mut latest: HashMap<&str, u64> = HashMap::new();
+    for change in batch {
+        if let Change::Undone { id, undone_at } = change {
+            let at = latest.entry(id.as_str()).or_default();
+            *at = (*at).max(*undone_at);
+        }
+    }
+    latest
+}
+
+/// Whether `change` revokes an id un-revoked at or after that time.
+fn undone_since(change: &Change, undone: &HashMap<&str, u64>) -> bool {
+    matches!(change, Change::Revoked(r) if undone.get(r.id.as_str()).is_some_and(|at| *at >= r.revoked_at))
 }
 
 fn apply_one(records: &mut Vec<Record>, change: &Change, limit: usize, now: u64) -> bool {
@@ -785,6 +805,35 @@ mod tests {
         assert_eq!(d.apply(&[Change::Revoked(newer.clone())], 40).unwrap(), 1);
         assert_eq!(d.principals(40).unwrap(), vec![newer]);
         assert_eq!(d.apply(&[Change::Undone { id: "garbage".into(), undone_at: 1 }], 40).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_batch_naming_an_id_twice_applies_by_time_not_by_order() {
+        // A range page lists keys in key order, so `revoked/` comes before `undone/` whatever happened first.
+        let l = limits();
+        let rec = |at| Record {
+            id: "client:app".into(),
+            kind: Kind::Client,
+            revoked_at: at,
+            expires_at: 1000,
+            reason: "r".into(),
+        };
+        let undone = |at| Change::Undone { id: "client:app".into(), undone_at: at };
+        for (revoked_at, undone_at, stays) in [(10, 12, false), (10, 10, false), (12, 10, true)] {
+            let batch = [Change::Revoked(rec(revoked_at)), undone(undone_at)];
+            let reversed = [undone(undone_at), Change::Revoked(rec(revoked_at))];
+            for changes in [batch, reversed] {
+                let s = MemoryStore::new();
+                let d = Denylist::new(&s, &l);
+                assert_eq!(
+                    d.apply(&changes, 20).unwrap(),
+                    usize::from(stays),
+                    "revoked {revoked_at}, undone {undone_at}"
+                );
+                assert_eq!(d.apply(&changes, 20).unwrap(), 0, "applying twice changes nothing");
+                assert_eq!(d.principals(20).unwrap(), if stays { vec![rec(revoked_at)] } else { vec![] });
+            }
+        }
     }
 
     #[test]
