@@ -58,7 +58,6 @@ pub fn parse_hex(text: &str) -> Option<TokenHash> {
 /// of a SHA-256 over everything that decides what is cached for a token.
 /// The secret is in it because a client with a wrong secret gets no answer.
 pub fn partition(cfg: &config::Config) -> String {
-    let i = &cfg.introspection;
     let c = &cfg.cache;
     let mut d = Sha256::new();
     // Each field length-prefixed, so no two configurations hash alike by shifting bytes.
@@ -66,12 +65,14 @@ pub fn partition(cfg: &config::Config) -> String {
         d.update((bytes.len() as u64).to_be_bytes());
         d.update(bytes);
     };
-    for text in [&i.cluster, &i.authority, &i.path, &i.token_type_hint] {
-        field(text.as_bytes());
+    if let Some(i) = &cfg.introspection {
+        for text in [&i.cluster, &i.authority, &i.path, &i.token_type_hint] {
+            field(text.as_bytes());
+        }
+        field(i.client_id.as_deref().unwrap_or_default().as_bytes());
+        field(i.client_secret.as_deref().unwrap_or_default().as_bytes());
+        field(&i.max_response_bytes.to_be_bytes());
     }
-    field(i.client_id.as_deref().unwrap_or_default().as_bytes());
-    field(i.client_secret.as_deref().unwrap_or_default().as_bytes());
-    field(&i.max_response_bytes.to_be_bytes());
     for claim in cfg.claims_to_headers.keys() {
         field(claim.as_bytes());
     }
@@ -79,7 +80,19 @@ pub fn partition(cfg: &config::Config) -> String {
     if let Some(jwt) = &cfg.jwt {
         for issuer in &jwt.issuers {
             field(issuer.issuer.as_bytes());
-            field(issuer.keys.to_string().as_bytes());
+            match (&issuer.keys, &issuer.jwks) {
+                (Some(keys), _) => field(keys.to_string().as_bytes()),
+                (None, Some(e)) => {
+                    for text in [&e.cluster, &e.authority, &e.path] {
+                        field(text.as_bytes());
+                    }
+                }
+                (None, None) => {}
+            }
+            for alg in &issuer.algorithms {
+                field(format!("{alg:?}").as_bytes());
+            }
+            field(&issuer.clock_skew_s.to_be_bytes());
             for aud in &issuer.audiences {
                 field(aud.as_bytes());
             }
@@ -718,11 +731,11 @@ mod tests {
         let other = config_json("");
         let mut differ = Vec::new();
         for change in [
-            |c: &mut config::Config| c.introspection.cluster = "idp-b".into(),
-            |c: &mut config::Config| c.introspection.authority = "b".into(),
-            |c: &mut config::Config| c.introspection.path = "/j".into(),
-            |c: &mut config::Config| c.introspection.client_id = Some("other".into()),
-            |c: &mut config::Config| c.introspection.client_secret = Some("t".into()),
+            |c: &mut config::Config| c.introspection.as_mut().unwrap().cluster = "idp-b".into(),
+            |c: &mut config::Config| c.introspection.as_mut().unwrap().authority = "b".into(),
+            |c: &mut config::Config| c.introspection.as_mut().unwrap().path = "/j".into(),
+            |c: &mut config::Config| c.introspection.as_mut().unwrap().client_id = Some("other".into()),
+            |c: &mut config::Config| c.introspection.as_mut().unwrap().client_secret = Some("t".into()),
             |c: &mut config::Config| {
                 c.claims_to_headers.insert("tenant".into(), "x-auth-tenant".into());
             },

@@ -9,7 +9,10 @@ use std::fmt;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub introspection: Introspection,
+    /// RFC 7662 introspection; optional where every token is a JWT of a
+    /// configured issuer (`jwt`): other tokens are then 401.
+    #[serde(default)]
+    pub introspection: Option<Introspection>,
     #[serde(default)]
     pub cache: Cache,
     /// Every one of these must be in the token's `scope` (where no rule matches).
@@ -406,12 +409,13 @@ impl Config {
 
     pub fn parse_with_env(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-            return err("the plugin configuration is empty; `introspection` is required");
+            return err("the plugin configuration is empty; `introspection` or `jwt` is required");
         }
         // serde_json's message names the unknown or missing key and its position.
         let mut config: Config = serde_json::from_slice(bytes).map_err(|e| ConfigError(e.to_string()))?;
-        let i = &mut config.introspection;
-        i.client_secret = secret("introspection", i.client_secret.take(), i.client_secret_env.as_deref(), env)?;
+        if let Some(i) = &mut config.introspection {
+            i.client_secret = secret("introspection", i.client_secret.take(), i.client_secret_env.as_deref(), env)?;
+        }
         if let Some(r) = &mut config.revocation_endpoint {
             r.client_secret =
                 secret("revocation_endpoint", r.client_secret.take(), r.client_secret_env.as_deref(), env)?;
@@ -436,7 +440,13 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        self.introspection.validate()?;
+        match &self.introspection {
+            Some(i) => i.validate()?,
+            None if self.jwt.is_none() => {
+                return err("`introspection` is required unless `jwt` verifies every token in the filter")
+            }
+            None => {}
+        }
         self.cache.validate()?;
         for s in &self.required_scopes {
             if !is_scope_token(s) {
@@ -489,16 +499,16 @@ impl Config {
 
 /// What every callout target has (an Envoy cluster, an `:authority`, a path
 /// for HTTP endpoints, a timeout), checked one way for every section.
-struct Endpoint<'a> {
-    section: &'static str,
-    cluster: &'a str,
-    authority: &'a str,
-    path: Option<&'a str>,
-    timeout_ms: u64,
+pub(crate) struct Endpoint<'a> {
+    pub section: &'a str,
+    pub cluster: &'a str,
+    pub authority: &'a str,
+    pub path: Option<&'a str>,
+    pub timeout_ms: u64,
 }
 
 impl Endpoint<'_> {
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let section = self.section;
         // These become headers of callouts: a control character would make
         // every callout fail instead of the configuration.
@@ -678,8 +688,8 @@ mod tests {
     #[test]
     fn minimal_config_gets_defaults() {
         let c = Config::parse(MINIMAL.as_bytes()).unwrap();
-        assert_eq!(c.introspection.timeout_ms, 2000);
-        assert_eq!(c.introspection.token_type_hint, "access_token");
+        assert_eq!(c.introspection.as_ref().unwrap().timeout_ms, 2000);
+        assert_eq!(c.introspection.as_ref().unwrap().token_type_hint, "access_token");
         assert_eq!(c.cache.max_ttl_s, 300);
         assert_eq!(c.cache.negative_ttl_s, 5);
         assert_eq!(c.cache.max_entries, 100_000);
@@ -708,10 +718,10 @@ mod tests {
         };
         let parse = |extra: &str| Config::parse_with_env(json(extra).as_bytes(), &env).map_err(|e| e.0);
         let c = parse(r#", "client_secret_env": "INTROSPECT_SECRET""#).unwrap();
-        assert_eq!(c.introspection.client_secret.as_deref(), Some("s3cret"));
+        assert_eq!(c.introspection.as_ref().unwrap().client_secret.as_deref(), Some("s3cret"));
         assert_eq!(c.revocation_endpoint.unwrap().client_secret.as_deref(), Some("other"));
         let inline = parse(r#", "client_secret": "inline""#).unwrap();
-        assert_eq!(inline.introspection.client_secret.as_deref(), Some("inline"));
+        assert_eq!(inline.introspection.as_ref().unwrap().client_secret.as_deref(), Some("inline"));
         for (extra, says) in [
             (r#", "client_secret_env": "MISSING""#, "\"MISSING\", which is not set"),
             (r#", "client_secret_env": "EMPTY""#, "\"EMPTY\", which is not set"),
@@ -760,7 +770,7 @@ mod tests {
         assert!(
             error_of(r#"{"introspection": {"cluster": "idp", "path": "/i"}}"#).contains("missing field `authority`")
         );
-        assert!(error_of("{}").contains("missing field `introspection`"));
+        assert!(error_of("{}").contains("`introspection` is required unless `jwt`"));
         assert!(error_of("").contains("empty"));
         assert!(error_of("not json").contains("expected"));
     }

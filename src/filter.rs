@@ -80,13 +80,18 @@ impl Filter {
         // A hit needs only the hash; a miss the token itself, to introspect it.
         // A JWT of a configured issuer is verified here, not introspected.
         let known = match worker.local_answer(&hash, now) {
-            Some(verdict) => Some(Ok(verdict)),
-            None => worker.verify_jwt(hash, token, now),
+            Some(verdict) => Some(Ok(Found::Ready(verdict))),
+            None => worker.verify_jwt(hash, token, self.id, &need, now),
         };
         let found = match known {
-            Some(Ok(verdict)) => Found::Ready(verdict),
+            Some(Ok(found)) => found,
             Some(Err(denial)) => {
                 worker.deny(&denial);
+                return Action::Pause;
+            }
+            // Only JWTs of configured issuers are accepted without introspection.
+            None if worker.config.introspection.is_none() => {
+                worker.deny(&Denial::InvalidToken("the token is not a JWT of a configured issuer"));
                 return Action::Pause;
             }
             None => match Token::checked(token) {

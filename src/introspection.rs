@@ -336,6 +336,7 @@ mod tests {
         )
         .unwrap()
         .introspection
+        .unwrap()
     }
 
     fn parse(body: &str) -> Result<Answer, IntrospectionError> {

@@ -13,6 +13,8 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::rc::Rc;
 
+/// Issuers per configuration: each fetched one has two shared-data keys.
+const MAX_ISSUERS: usize = 16;
 /// Largest encoded JOSE header: real ones are under 200 bytes.
 pub const MAX_HEADER_BYTES: usize = 1024;
 /// RSA moduli accepted, in bits: below 2048 is weak (RFC 8725 §3.5), above
@@ -38,8 +40,11 @@ pub struct IssuerConfig {
     pub audiences: Vec<String>,
     #[serde(default = "default_algorithms")]
     pub algorithms: Vec<Alg>,
-    /// The issuer's JWKS (`{"keys": [...]}`), inline.
-    pub keys: Value,
+    /// The issuer's JWKS (`{"keys": [...]}`), inline; or `jwks`, fetched.
+    #[serde(default)]
+    pub keys: Option<Value>,
+    #[serde(default)]
+    pub jwks: Option<crate::jwks::Endpoint>,
     /// Leeway for `exp`, `nbf` and `iat`, in seconds.
     #[serde(default = "default_clock_skew_s")]
     pub clock_skew_s: u64,
@@ -218,6 +223,9 @@ impl JwtSection {
         if self.issuers.is_empty() {
             return Err("jwt.issuers must not be empty".into());
         }
+        if self.issuers.len() > MAX_ISSUERS {
+            return Err(format!("jwt.issuers: at most {MAX_ISSUERS}"));
+        }
         if self.max_keys == 0 || self.max_keys > 100 {
             return Err("jwt.max_keys must be between 1 and 100".into());
         }
@@ -235,8 +243,14 @@ impl JwtSection {
             if issuer.clock_skew_s > 3600 {
                 return Err(format!("{at}.clock_skew_s must be at most 3600"));
             }
-            let keys = parse_jwks(&issuer.keys, self.max_keys).map_err(|e| format!("{at}.keys: {e}"))?;
-            issuer.key_set = Rc::new(keys);
+            match (&issuer.keys, &issuer.jwks) {
+                (Some(keys), None) => {
+                    let keys = parse_jwks(keys, self.max_keys).map_err(|e| format!("{at}.keys: {e}"))?;
+                    issuer.key_set = Rc::new(keys);
+                }
+                (None, Some(endpoint)) => endpoint.validate(&format!("{at}.jwks"))?,
+                _ => return Err(format!("{at}: give either `keys` (inline) or `jwks` (an endpoint), not both")),
+            }
         }
         let mut names: Vec<&str> = self.issuers.iter().map(|i| i.issuer.as_str()).collect();
         names.sort_unstable();
@@ -302,38 +316,67 @@ fn object(segment: &[u8]) -> Option<Map<String, Value>> {
     }
 }
 
-/// Verifies `token` if it is a JWT of an issuer in `section`. `wanted`
-/// names the extra claims to keep (`claims_to_headers`).
-pub fn check(token: &[u8], section: &JwtSection, now_s: u64, wanted: &dyn Fn(&str) -> bool) -> Checked {
+/// A JWT naming a configured issuer, split but not yet verified.
+pub struct Candidate<'t> {
+    /// Index of its issuer in `JwtSection::issuers`.
+    pub issuer: usize,
+    header: &'t [u8],
+    payload: &'t [u8],
+    signature: &'t [u8],
+    claims: Map<String, Value>,
+}
+
+/// The token as a JWT of an issuer in `section`, or `None`: not ours.
+pub fn candidate<'t>(token: &'t [u8], section: &JwtSection) -> Option<Candidate<'t>> {
     let mut segments = token.split(|&b| b == b'.');
     let (Some(header), Some(payload), Some(signature), None) =
         (segments.next(), segments.next(), segments.next(), segments.next())
     else {
+        return None;
+    };
+    let claims = object(payload)?;
+    let iss = claims.get("iss").and_then(Value::as_str)?;
+    let issuer = section.issuers.iter().position(|i| i.issuer == iss)?;
+    Some(Candidate { issuer, header, payload, signature, claims })
+}
+
+impl Candidate<'_> {
+    /// Verifies it with `keys` (the issuer's, inline or fetched). `wanted`
+    /// names the extra claims to keep (`claims_to_headers`).
+    pub fn verify(
+        mut self,
+        section: &JwtSection,
+        keys: &KeySet,
+        now_s: u64,
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> Result<Claims, JwtError> {
+        let issuer = section.issuers.get(self.issuer).ok_or(JwtError::NoKeys)?;
+        verify(&mut self, issuer, keys, now_s, wanted)
+    }
+}
+
+/// Verifies `token` with its issuer's inline keys if it is a JWT of an
+/// issuer in `section`.
+pub fn check(token: &[u8], section: &JwtSection, now_s: u64, wanted: &dyn Fn(&str) -> bool) -> Checked {
+    let Some(candidate) = candidate(token, section) else {
         return Checked::NotOurs;
     };
-    let Some(mut claims) = object(payload) else {
-        return Checked::NotOurs;
-    };
-    let Some(issuer) =
-        claims.get("iss").and_then(Value::as_str).and_then(|iss| section.issuers.iter().find(|i| i.issuer == iss))
-    else {
-        return Checked::NotOurs;
-    };
-    match verify(header, payload, signature, &mut claims, issuer, now_s, wanted) {
+    let keys = section.issuers.get(candidate.issuer).map(|i| i.key_set.clone()).unwrap_or_default();
+    match candidate.verify(section, &keys, now_s, wanted) {
         Ok(c) => Checked::Verified(c),
         Err(e) => Checked::Refused(e),
     }
 }
 
 fn verify(
-    header_b64: &[u8],
-    payload_b64: &[u8],
-    signature_b64: &[u8],
-    claims: &mut Map<String, Value>,
+    candidate: &mut Candidate<'_>,
     issuer: &IssuerConfig,
+    keys: &KeySet,
     now_s: u64,
     wanted: &dyn Fn(&str) -> bool,
 ) -> Result<Claims, JwtError> {
+    let (header_b64, payload_b64, signature_b64) = (candidate.header, candidate.payload, candidate.signature);
+    let claims = &mut candidate.claims;
     if header_b64.len() > MAX_HEADER_BYTES {
         return Err(JwtError::HeaderTooLarge);
     }
@@ -351,7 +394,7 @@ fn verify(
     if header.contains_key("crit") {
         return Err(JwtError::Critical);
     }
-    let key = pick_key(&issuer.key_set, header.get("kid"), alg)?;
+    let key = pick_key(keys, header.get("kid"), alg)?;
     let signature = URL_SAFE_NO_PAD.decode(signature_b64).map_err(|_| JwtError::Malformed)?;
     // The signed input is the two segments as sent, dot included.
     let signed = [header_b64, b".", payload_b64].concat();
@@ -428,15 +471,15 @@ fn pick_key<'k>(set: &'k KeySet, kid: Option<&Value>, alg: Alg) -> Result<&'k Pu
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use p256::ecdsa::signature::Signer;
     use rsa::traits::PublicKeyParts;
     use serde_json::json;
     use std::sync::OnceLock;
 
-    const NOW: u64 = 1_700_000_000;
-    const ISS: &str = "https://idp.example";
+    pub(crate) const NOW: u64 = 1_700_000_000;
+    pub(crate) const ISS: &str = "https://idp.example";
 
     struct Keys {
         rsa: rsa::RsaPrivateKey,
@@ -456,11 +499,11 @@ mod tests {
         })
     }
 
-    fn b64(bytes: &[u8]) -> String {
+    pub(crate) fn b64(bytes: &[u8]) -> String {
         URL_SAFE_NO_PAD.encode(bytes)
     }
 
-    fn jwks() -> Value {
+    pub(crate) fn jwks() -> Value {
         let k = keys();
         let rsa = k.rsa.to_public_key();
         let point = k.ec.verifying_key().to_encoded_point(false);
@@ -505,12 +548,12 @@ mod tests {
         format!("{input}.{}", b64(&sig))
     }
 
-    fn claims() -> Value {
+    pub(crate) fn claims() -> Value {
         json!({"iss": ISS, "aud": "api", "sub": "alice", "client_id": "app", "exp": NOW + 300,
                "iat": NOW - 10, "jti": "j1", "scope": "read write"})
     }
 
-    fn token(alg: &str, kid: &str, payload: &Value) -> String {
+    pub(crate) fn token(alg: &str, kid: &str, payload: &Value) -> String {
         sign(alg, &json!({"alg": alg, "typ": "at+jwt", "kid": kid}), payload)
     }
 

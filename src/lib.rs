@@ -7,7 +7,8 @@
 //! → `hash_memo` (the token's SHA-256, once per worker) → `denylist` (revoked
 //! tokens, JWT identities, clients, subjects) → `worker` (the local and shared
 //! `cache`; `jwt_verify` for JWTs of a configured issuer, verified in the
-//! filter; the introspection callouts in flight, kept by `flights`) →
+//! filter with keys inline or fetched by `jwks`; the introspection callouts
+//! in flight, kept by `flights`) →
 //! `introspection`
 //! (RFC 7662 request and answer) → `policy` (active, exp, nbf, claim headers;
 //! `rules` chooses the route's requirement first and checks scopes, audience
@@ -32,6 +33,7 @@ pub mod hash_memo;
 pub mod headers;
 pub mod host;
 pub mod introspection;
+pub mod jwks;
 pub mod jwt;
 pub mod jwt_verify;
 pub mod outcome;

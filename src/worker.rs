@@ -21,6 +21,8 @@ use crate::flights::{Due, Flights, Left};
 use crate::hash_memo::HashMemo;
 use crate::host::Host;
 use crate::introspection::{self, Answer, IntrospectionError, Request};
+use crate::jwks::{Jwks, Waiter};
+use crate::jwt_verify::{Candidate, JwtError};
 use crate::metrics::Metrics;
 use crate::outcome::Denial;
 use crate::policy;
@@ -59,6 +61,10 @@ pub struct Worker {
     denylist_loaded: std::cell::Cell<bool>,
     /// Requirements read from route metadata (`route_metadata`).
     pub routes: RefCell<RouteMemo>,
+    /// Issuers' keys, and requests waiting for fetched ones.
+    jwks: RefCell<Jwks>,
+    /// This root context's name among the process's (fetch leases).
+    me: String,
 }
 
 struct State {
@@ -90,6 +96,7 @@ impl Worker {
         // the worker's memory stops growing with them.
         let memo_entries = config.cache.local_entries.saturating_mul(2).max(1024);
         let memo = HashMemo::new(config.cache.hash_memo_entries);
+        let jwks = Jwks::new(config.jwt.as_ref());
         Worker {
             partition: cache::partition(&config),
             config,
@@ -102,6 +109,8 @@ impl Worker {
             sync: None,
             denylist_loaded: std::cell::Cell::new(false),
             routes: RefCell::new(RouteMemo::default()),
+            jwks: RefCell::new(jwks),
+            me: String::new(),
         }
     }
 
@@ -122,12 +131,17 @@ impl Worker {
         ready
     }
 
-    /// Enables cluster sync; `me` names this root among the process's.
+    /// Names this root among the process's (`me`) and enables cluster sync.
     pub fn with_sync(mut self, me: String) -> Worker {
         if self.config.cluster_sync.is_some() {
-            self.sync = Some(RefCell::new(Poller::new(me)));
+            self.sync = Some(RefCell::new(Poller::new(me.clone())));
         }
+        self.me = me;
         self
+    }
+
+    fn jwks_io(&self) -> crate::jwks::Io<'_> {
+        crate::jwks::Io { host: &*self.host, store: &*self.store, metrics: &self.metrics, me: &self.me }
     }
 
     fn io(&self) -> crate::etcd::Io<'_> {
@@ -202,7 +216,7 @@ impl Worker {
     }
 
     fn marker_until(&self, now_ms: u64) -> u64 {
-        now_ms + self.config.introspection.timeout_ms + GRACE_MS
+        now_ms + self.config.introspection.as_ref().map_or(0, |i| i.timeout_ms) + GRACE_MS
     }
 
     /// This worker's own cached answer for a token: the hit path, which
@@ -257,33 +271,90 @@ impl Worker {
     }
 
     /// A JWT of a configured issuer: verified here (`jwt` section) and
-    /// cached like an introspection answer. `None` for any other token.
-    pub fn verify_jwt(&self, hash: TokenHash, token: &[u8], now_ms: u64) -> Option<Result<Verdict, Denial>> {
-        use crate::jwt_verify::{check, Checked, JwtError};
-        let section = self.config.jwt.as_ref()?;
+    /// cached like an introspection answer; `None` for any other token. A
+    /// key the worker lacks parks request `ctx` while the keys are fetched.
+    pub fn verify_jwt(
+        &self,
+        hash: TokenHash,
+        token: &[u8],
+        ctx: u32,
+        need: &Rc<Requirement>,
+        now_ms: u64,
+    ) -> Option<Result<Found, Denial>> {
+        let candidate = crate::jwt_verify::candidate(token, self.config.jwt.as_ref()?)?;
+        // Verified on another worker already: a read, not a signature check.
+        if let Ok(Lookup::Hit { answer, until_ms }) = self.shared().lookup(&hash, now_ms) {
+            self.metrics.cache_hit_shared.inc();
+            return Some(Ok(Found::Ready(Ok(self.remember(hash, answer, until_ms, now_ms)))));
+        }
+        let issuer = candidate.issuer;
+        match self.jwt_verdict(candidate, hash, now_ms) {
+            Ok(verdict) => Some(Ok(Found::Ready(verdict))),
+            Err(JwtError::UnknownKey | JwtError::NoKeys)
+                if self.jwks.borrow_mut().want(&self.jwks_io(), issuer, now_ms) =>
+            {
+                self.jwks.borrow_mut().park(ctx, issuer, hash, token, need.clone(), now_ms);
+                self.tick_fast(true);
+                Some(Ok(Found::Wait))
+            }
+            Err(e) => Some(Err(self.jwt_denial(&hash, e))),
+        }
+    }
+
+    /// Verifies a JWT with the keys this worker has, and caches the claims.
+    fn jwt_verdict(&self, candidate: Candidate<'_>, hash: TokenHash, now_ms: u64) -> Result<Verdict, JwtError> {
+        let keys = self.jwks.borrow().keys(candidate.issuer);
+        let section = self.config.jwt.as_ref().ok_or(JwtError::NoKeys)?;
         let map = &self.config.claims_to_headers;
-        let claims = match check(token, section, now_ms / 1000, &|claim| map.contains_key(claim)) {
-            Checked::NotOurs => return None,
-            Checked::Refused(JwtError::NoKeys) => {
-                return Some(Err(Denial::IdpUnavailable(JwtError::NoKeys.description())))
-            }
-            Checked::Refused(e) => {
-                self.metrics.jwt_refused.inc();
-                log::info!("JWT sha256:{} refused: {}", short(&hash), e.description());
-                return Some(Err(Denial::InvalidToken(e.description())));
-            }
-            Checked::Verified(claims) => claims,
-        };
+        let claims = candidate.verify(section, &keys, now_ms / 1000, &|claim| map.contains_key(claim))?;
         self.metrics.jwt_verified.inc();
         let answer = Answer::Active(claims);
         let Some(until) = cache::cache_until_ms(&answer, &self.config.cache, now_ms) else {
-            return Some(Ok(Ok(Rc::new(answer))));
+            return Ok(Ok(Rc::new(answer)));
         };
         if let Err(e) = self.shared().store_answer(&hash, &answer, until, until, now_ms) {
             self.metrics.cache_store_errors.inc();
             log::warn!("shared cache write failed: {e:?}");
         }
-        Some(Ok(Ok(self.remember(hash, answer, until, now_ms))))
+        Ok(Ok(self.remember(hash, answer, until, now_ms)))
+    }
+
+    /// The reply to a JWT that is refused (401) or cannot be checked (503).
+    fn jwt_denial(&self, hash: &TokenHash, error: JwtError) -> Denial {
+        if error == JwtError::NoKeys {
+            return Denial::IdpUnavailable(error.description());
+        }
+        self.metrics.jwt_refused.inc();
+        log::info!("JWT sha256:{} refused: {}", short(hash), error.description());
+        Denial::InvalidToken(error.description())
+    }
+
+    /// Answers the requests that waited for keys, with the keys there are now.
+    fn resume_jwt(&self, ready: Vec<Waiter>) {
+        let now = self.host.now_ms();
+        for waiter in ready {
+            if !self.host.set_effective_context(waiter.ctx) {
+                continue;
+            }
+            // Revoked while it waited: the denylist first, as on arrival.
+            if let Err(denial) = self.screen(&waiter.hash, now / 1000) {
+                self.deny(&denial);
+                continue;
+            }
+            let candidate = self.config.jwt.as_ref().and_then(|s| crate::jwt_verify::candidate(&waiter.token, s));
+            let verdict = match candidate {
+                Some(c) => self.jwt_verdict(c, waiter.hash, now).map_err(|e| self.jwt_denial(&waiter.hash, e)),
+                None => Err(self.jwt_denial(&waiter.hash, JwtError::Malformed)),
+            };
+            match verdict {
+                Ok(verdict) => {
+                    if self.finish(&verdict, &waiter.need, now / 1000) {
+                        self.host.resume_request();
+                    }
+                }
+                Err(denial) => self.deny(&denial),
+            }
+        }
     }
 
     fn join_flight(&self, hash: TokenHash, ctx: u32) -> bool {
@@ -304,7 +375,9 @@ impl Worker {
     /// Sends the introspection callout. With `sender` the callout belongs to
     /// that request context, without it to the root context.
     fn send(&self, hash: TokenHash, token: &Token, sender: Option<u32>, now_ms: u64) -> Result<(), IntrospectionError> {
-        let cfg = &self.config.introspection;
+        let Some(cfg) = &self.config.introspection else {
+            return Err(IntrospectionError::Dispatch);
+        };
         let sent = dispatch(&*self.host, &cfg.cluster, &introspection::request(cfg, token), cfg.timeout_ms);
         self.metrics.introspection_calls.inc();
         let token_id = match sent {
@@ -322,6 +395,12 @@ impl Worker {
 
     /// An introspection answer arrived (in a request context or the root).
     pub fn on_callout_response(&self, token_id: u32, num_headers: usize, body_size: usize) {
+        if self.jwks.borrow().owns(token_id) {
+            let ready = self.jwks.borrow_mut().on_response(&self.jwks_io(), token_id, num_headers, body_size);
+            self.resume_jwt(ready);
+            self.retune_tick();
+            return;
+        }
         let now = self.host.now_ms();
         if let (Some(sync), Some(cfg)) = (&self.sync, &self.config.cluster_sync) {
             let mut poller = sync.borrow_mut();
@@ -405,7 +484,7 @@ impl Worker {
 
     fn read_response(&self, num_headers: usize, body_size: usize) -> Result<Answer, IntrospectionError> {
         let status = self.host.callout_status(num_headers);
-        let max = self.config.introspection.max_response_bytes;
+        let max = self.config.introspection.as_ref().map_or(0, |i| i.max_response_bytes);
         introspection::check_response(status, body_size, max)?;
         let body = self.host.callout_body(body_size);
         let map = &self.config.claims_to_headers;
@@ -503,7 +582,7 @@ impl Worker {
 
     /// Whether request `ctx` is still parked.
     pub fn is_waiting(&self, ctx: u32) -> bool {
-        self.state.borrow().flights.is_waiting(ctx)
+        self.state.borrow().flights.is_waiting(ctx) || self.jwks.borrow().is_waiting(ctx)
     }
 
     /// Request `ctx` ended; if it had sent a callout that others wait on,
@@ -514,6 +593,7 @@ impl Worker {
             state.needs.remove(&ctx);
             state.flights.left(ctx)
         };
+        self.jwks.borrow_mut().forget(ctx);
         match left {
             Left::ReleaseMarker(hash) => {
                 let _ = self.shared().release(&hash, self.host.now_ms());
@@ -531,6 +611,8 @@ impl Worker {
         if let (Some(sync), Some(cfg)) = (&self.sync, &self.config.cluster_sync) {
             sync.borrow_mut().tick(&self.io(), cfg, now);
         }
+        let ready = self.jwks.borrow_mut().tick(&self.jwks_io(), now);
+        self.resume_jwt(ready);
         let due = self.state.borrow_mut().flights.due(now);
         for step in due {
             match step {
@@ -599,7 +681,7 @@ impl Worker {
     }
 
     fn retune_tick(&self) {
-        let fast = self.state.borrow().flights.needs_fast_tick();
+        let fast = self.state.borrow().flights.needs_fast_tick() || self.jwks.borrow().has_waiters();
         self.tick_fast(fast);
     }
 }

@@ -558,3 +558,197 @@ fn initial_sync_timeout_s_ends_the_wait_for_an_unreachable_etcd_and_serves_with_
     assert_eq!((action, rig.outcomes()), (Action::Pause, (vec![], vec![])), "past the bound: introspected");
     assert_eq!(rig.host.last_callout().unwrap().cluster, "idp");
 }
+
+/// Keys fetched from a JWKS endpoint (`jwt.issuers[].jwks`): once per
+/// process, shared by every worker, last good keys kept, unknown `kid`s refetched.
+mod jwks_fetch {
+    use super::*;
+    use crate::jwt_verify::tests::{claims, jwks, token, ISS};
+
+    fn config() -> String {
+        format!(
+            r#"{{"introspection": {{"cluster": "idp", "authority": "idp", "path": "/introspect", "timeout_ms": 1000}},
+                "jwt": {{"issuers": [{{"issuer": "{ISS}", "audiences": ["api"], "algorithms": ["ES256", "EdDSA"],
+                         "jwks": {{"cluster": "keys", "authority": "idp", "path": "/jwks", "timeout_ms": 1000,
+                                   "refresh_s": 60, "min_refetch_s": 5}}}}]}}}}"#
+        )
+    }
+
+    /// The test keys whose `kid` is listed, as a JWKS document.
+    fn jwks_of(kids: &[&str]) -> Vec<u8> {
+        let all = jwks();
+        let keys: Vec<_> = all["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| kids.contains(&k["kid"].as_str().unwrap()))
+            .cloned()
+            .collect();
+        serde_json::json!({ "keys": keys }).to_string().into_bytes()
+    }
+
+    /// A token valid at T0, signed by test key `kid` (`d1` EdDSA, any other ES256).
+    fn jwt(kid: &str, jti: &str) -> String {
+        let mut c = claims();
+        c["exp"] = serde_json::json!(T0 / 1000 + 600);
+        c["iat"] = serde_json::json!(T0 / 1000 - 10);
+        c["jti"] = serde_json::json!(jti);
+        token(if kid == "d1" { "EdDSA" } else { "ES256" }, kid, &c)
+    }
+
+    fn fetches(rig: &Rig) -> Vec<u32> {
+        rig.host.callouts.borrow().iter().filter(|c| c.cluster == "keys").map(|c| c.id).collect()
+    }
+
+    #[test]
+    fn keys_are_fetched_once_per_process_and_every_worker_uses_them() {
+        let shared = store();
+        let (a, b) = (Rig::with_config(&shared, &config()), Rig::with_config(&shared, &config()));
+        a.tick_after(1000);
+        b.tick_after(1000);
+        let ids = fetches(&a);
+        assert_eq!((ids.len(), fetches(&b).len()), (1, 0), "B saw A's lease");
+        let call = a.host.last_callout().unwrap();
+        for header in [(":method", "GET"), (":path", "/jwks"), (":authority", "idp")] {
+            assert!(call.headers.contains(&(header.0.into(), header.1.into())), "{:?}", call.headers);
+        }
+        a.answer(ids[0], Some(200), &jwks_of(&["e1"]));
+        b.tick_after(1000);
+        let (_f, action) = b.request(1, &jwt("e1", "j1"));
+        assert_eq!(action, Action::Continue);
+        assert!(b.callout_ids().is_empty(), "B neither fetched keys nor introspected");
+        // Ticks before refresh_s fetch nothing more, on either worker.
+        for _ in 0..50 {
+            a.tick_after(1000);
+            b.tick_after(1000);
+        }
+        assert_eq!((fetches(&a).len(), fetches(&b).len()), (1, 0));
+        // Past refresh_s one of them fetches again.
+        a.tick_after(10_000);
+        b.tick_after(10_000);
+        assert_eq!(fetches(&a).len() + fetches(&b).len(), 2);
+    }
+
+    #[test]
+    fn a_request_before_the_first_fetch_waits_for_the_keys() {
+        let rig = Rig::with_config(&store(), &config());
+        let (_f, action) = rig.request(1, &jwt("e1", "j1"));
+        assert_eq!(action, Action::Pause);
+        assert_eq!(rig.host.tick.get(), Some(FAST_TICK), "the fetch starts on the next tick");
+        rig.tick_after(10);
+        let ids = fetches(&rig);
+        assert_eq!(ids.len(), 1);
+        assert!(rig.worker.is_waiting(1));
+        rig.answer(ids[0], Some(200), &jwks_of(&["e1"]));
+        assert_eq!(rig.outcomes(), (vec![1], vec![]));
+        assert!(!rig.worker.is_waiting(1));
+    }
+
+    #[test]
+    fn no_keys_at_all_is_503_and_a_failed_refresh_keeps_the_last_good_keys() {
+        let rig = Rig::with_config(&store(), &config());
+        let (_f1, _) = rig.request(1, &jwt("e1", "j1"));
+        rig.tick_after(10);
+        rig.answer(fetches(&rig)[0], Some(503), b"down");
+        assert_eq!(rig.outcomes(), (vec![], vec![(1, 503)]), "fail closed: no keys");
+        // Within min_refetch_s: answered at once, no new fetch.
+        let (_f2, action) = rig.request(2, &jwt("e1", "j2"));
+        assert_eq!((action, fetches(&rig).len()), (Action::Pause, 1));
+        assert_eq!(rig.outcomes(), (vec![], vec![(2, 503)]));
+        // The endpoint is back: the next fetch (min_refetch_s later) gets keys.
+        rig.tick_after(5000);
+        rig.answer(*fetches(&rig).last().unwrap(), Some(200), &jwks_of(&["e1"]));
+        assert_eq!(rig.request(3, &jwt("e1", "j3")).1, Action::Continue);
+        // Down again at the refresh: the keys it had stay in use.
+        rig.tick_after(60_000);
+        assert_eq!(fetches(&rig).len(), 3);
+        rig.answer(*fetches(&rig).last().unwrap(), None, b"");
+        assert_eq!(rig.request(4, &jwt("e1", "j4")).1, Action::Continue);
+        let too_large = vec![b' '; 70_000];
+        rig.tick_after(5000);
+        rig.answer(*fetches(&rig).last().unwrap(), Some(200), &too_large);
+        assert_eq!(rig.request(5, &jwt("e1", "j5")).1, Action::Continue, "an oversized document is a failed fetch");
+        rig.tick_after(5000);
+        rig.answer(*fetches(&rig).last().unwrap(), Some(200), br#"{"keys": []}"#);
+        assert_eq!(rig.request(6, &jwt("e1", "j6")).1, Action::Continue, "an empty key set is a failed fetch");
+        assert_eq!(fetches(&rig).len(), 5);
+    }
+
+    #[test]
+    fn an_unknown_kid_fetches_once_and_the_rate_limit_answers_the_rest_at_once() {
+        let rig = Rig::with_config(&store(), &config());
+        rig.tick_after(1000);
+        rig.answer(fetches(&rig)[0], Some(200), &jwks_of(&["e1"]));
+        // The IdP rotated: a token signed with a key published since.
+        rig.tick_after(5000);
+        let (_f1, action) = rig.request(1, &jwt("d1", "j1"));
+        let (_f2, _) = rig.request(2, &jwt("d1", "j2"));
+        assert_eq!(action, Action::Pause);
+        rig.tick_after(10);
+        assert_eq!(fetches(&rig).len(), 2, "one refetch for both requests");
+        rig.answer(fetches(&rig)[1], Some(200), &jwks_of(&["e1", "d1"]));
+        assert_eq!(rig.outcomes(), (vec![1, 2], vec![]));
+        assert_eq!(rig.request(3, &jwt("e1", "j3")).1, Action::Continue, "the old key is still published");
+        // A kid nobody publishes: the next refetch is not allowed yet, 401 at once.
+        let (_f4, _) = rig.request(4, &jwt("x9", "j4"));
+        let (resumed, replies) = rig.outcomes();
+        assert_eq!((resumed, replies), (vec![], vec![(4, 401)]));
+        assert_eq!(fetches(&rig).len(), 2);
+    }
+
+    #[test]
+    fn a_waiting_request_that_goes_away_is_forgotten() {
+        let rig = Rig::with_config(&store(), &config());
+        let (_f, _) = rig.request(1, &jwt("e1", "j1"));
+        rig.worker.forget(1);
+        assert!(!rig.worker.is_waiting(1));
+        rig.tick_after(10);
+        rig.answer(fetches(&rig)[0], Some(200), &jwks_of(&["e1"]));
+        assert_eq!(rig.outcomes(), (vec![], vec![]));
+    }
+
+    #[test]
+    fn without_introspection_only_jwts_of_configured_issuers_pass() {
+        let inline = config().replace(
+            r#""introspection": {"cluster": "idp", "authority": "idp", "path": "/introspect", "timeout_ms": 1000},"#,
+            "",
+        );
+        let inline = inline.replace(
+            r#""jwks": {"cluster": "keys", "authority": "idp", "path": "/jwks", "timeout_ms": 1000,
+                                   "refresh_s": 60, "min_refetch_s": 5}"#,
+            &format!(r#""keys": {}"#, String::from_utf8(jwks_of(&["e1"])).unwrap()),
+        );
+        let rig = Rig::with_config(&store(), &inline);
+        assert_eq!(rig.request(1, &jwt("e1", "j1")).1, Action::Continue);
+        let (_f, _) = rig.request(2, "an-opaque-token");
+        let events = rig.host.take_events();
+        let reply = events.iter().find_map(|e| match e {
+            Event::Reply { ctx: 2, status, headers, .. } => Some((*status, headers.clone())),
+            _ => None,
+        });
+        let (status, headers) = reply.unwrap();
+        assert_eq!(status, 401);
+        let challenge = headers.iter().find(|(n, _)| n == "www-authenticate").unwrap();
+        assert!(
+            challenge.1.contains(r#"error="invalid_token""#)
+                && challenge.1.contains("not a JWT of a configured issuer"),
+            "{challenge:?}"
+        );
+        assert!(rig.callout_ids().is_empty(), "nothing to introspect with");
+    }
+
+    #[test]
+    fn section_errors_name_the_key() {
+        let bad = |jwks: &str| {
+            let c = config().replace(r#""refresh_s": 60, "min_refetch_s": 5"#, jwks);
+            Config::parse(c.as_bytes()).unwrap_err().0
+        };
+        assert!(bad(r#""refresh_s": 5"#).contains("jwt.issuers[0].jwks.refresh_s"));
+        assert!(bad(r#""min_refetch_s": 400"#).contains("jwt.issuers[0].jwks.min_refetch_s"));
+        assert!(bad(r#""max_bytes": 10"#).contains("jwt.issuers[0].jwks.max_bytes"));
+        let both = config().replace(r#""jwks": {"#, r#""keys": {"keys": []}, "jwks": {"#);
+        assert!(Config::parse(both.as_bytes()).unwrap_err().0.contains("either `keys`"));
+        let path = config().replace(r#""path": "/jwks""#, r#""path": "jwks""#);
+        assert!(Config::parse(path.as_bytes()).unwrap_err().0.contains("jwt.issuers[0].jwks.path must start with '/'"));
+    }
+}

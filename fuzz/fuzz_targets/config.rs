@@ -24,9 +24,21 @@ fuzz_target!(|data: &[u8]| {
     let hash = hash_token(&token);
 
     // The introspection callout can be sent: every header value is sendable.
-    let request = introspection::request(&config.introspection, &token);
-    for (name, value) in &request.headers {
-        assert!(is_header_safe(value), "introspection header {name} is not sendable: {value:?}");
+    assert!(config.introspection.is_some() || config.jwt.is_some(), "nothing to validate tokens with");
+    if let Some(i) = &config.introspection {
+        let request = introspection::request(i, &token);
+        for (name, value) in &request.headers {
+            assert!(is_header_safe(value), "introspection header {name} is not sendable: {value:?}");
+        }
+    }
+    // So can every JWKS fetch.
+    for issuer in config.jwt.iter().flat_map(|j| &j.issuers) {
+        assert!(issuer.keys.is_some() != issuer.jwks.is_some(), "inline keys or an endpoint, not both");
+        if let Some(e) = &issuer.jwks {
+            assert!(is_header_safe(&e.authority) && is_header_safe(&e.path) && e.path.starts_with('/'), "{e:?}");
+            assert!((10..=86_400).contains(&e.refresh_s) && (1..=e.refresh_s).contains(&e.min_refetch_s), "{e:?}");
+            assert!((1024..=1_048_576).contains(&e.max_bytes) && (1..=60_000).contains(&e.timeout_ms), "{e:?}");
+        }
     }
 
     // The cache works with these bounds.
@@ -74,11 +86,12 @@ fuzz_target!(|data: &[u8]| {
 /// documentation cannot drift apart unnoticed.
 fn check_documented_ranges(c: &Config) {
     let within = |v: u64, lo: u64, hi: u64, key: &str| assert!((lo..=hi).contains(&v), "{key} = {v}, documented {lo} to {hi}");
-    let i = &c.introspection;
-    within(i.timeout_ms, 1, 60_000, "introspection.timeout_ms");
-    within(i.max_response_bytes as u64, 1, 1_048_576, "introspection.max_response_bytes");
-    assert!(i.path.starts_with('/'), "introspection.path {:?}", i.path);
-    assert_eq!(i.client_id.is_some(), i.client_secret.is_some(), "client_id and client_secret go together");
+    if let Some(i) = &c.introspection {
+        within(i.timeout_ms, 1, 60_000, "introspection.timeout_ms");
+        within(i.max_response_bytes as u64, 1, 1_048_576, "introspection.max_response_bytes");
+        assert!(i.path.starts_with('/'), "introspection.path {:?}", i.path);
+        assert_eq!(i.client_id.is_some(), i.client_secret.is_some(), "client_id and client_secret go together");
+    }
     let k = &c.cache;
     within(k.max_ttl_s, 0, 86_400, "cache.max_ttl_s");
     within(k.negative_ttl_s, 0, 3600, "cache.negative_ttl_s");
