@@ -262,6 +262,19 @@ def test_idp_jwt_that_fails_verification_is_invalid_token_and_never_introspected
     assert gate.metric(REFUSED) == refused + 1
 
 
+def test_jwt_of_an_issuer_not_configured_is_introspected_and_refused_as_invalid_token(gate, jwt_idp):
+    """Mixed mode: a JWT whose `iss` names no `jwt` issuer goes to introspection, where
+    oidc-provider answers 400 unsupported_token_type (it introspects no JWT): an unproven
+    token, 401 invalid_token, not an IdP outage (503)."""
+    token = resigned(jwt_idp, jwt_idp.issue_jwt(), iss="https://elsewhere.example")
+    calls, failures = gate.counter(IDP_CALLS), gate.metric("tokengate.introspection.failures.status")
+    resp = gate.get("/", bearer(token))
+    assert_invalid_token(resp)
+    assert resp.json()["error_description"] == "the token is not active"
+    assert gate.counter(IDP_CALLS) == calls + 1
+    assert gate.metric("tokengate.introspection.failures.status") == failures
+
+
 def test_per_route_rules_and_scopes_apply_to_idp_jwts_as_to_introspected_tokens(gate, jwt_idp):
     reader = jwt_idp.issue_jwt(scope="read", client_id="app-b")
     writer = jwt_idp.issue_jwt(scope="read write", client_id="app-a")
