@@ -17,8 +17,6 @@
 // - A requested scope must be in the client's `scope` metadata, or the token
 //   endpoint answers 400 invalid_scope. With no scope asked, the token has none
 //   (the introspection answer then has no `scope` member at all).
-// - Introspecting anything that parses as a JWT (three dot-separated base64url
-//   parts with a JSON header) answers 400 unsupported_token_type, not {"active": false}.
 // - Unknown, expired and revoked tokens answer 200 {"active": false}. Expiry is exact
 //   for introspection (exp <= now), though lookups allow a 15 s clock tolerance inside.
 // - The default allowedPolicy lets any authenticated client introspect any token but
@@ -34,8 +32,8 @@
 //   key set signs (its `kid` is the JWKS's, or the key's thumbprint when it has none).
 // - The introspection and revocation endpoints refuse anything whose first segment decodes
 //   as a JOSE header with 400 unsupported_token_type ("Structured JWT Tokens cannot be
-//   introspected/revoked"), its own JWT access tokens included: a JWT is never revocable
-//   at this IdP, only at the resource server (tokengate's admin API).
+//   introspected/revoked"), not {"active": false}, its own JWT access tokens included: a
+//   JWT is never revocable at this IdP, only at the resource server (tokengate's admin API).
 // - Resource indicators (RFC 8707) are on by default in 9.x: a token request without
 //   `resource` gets a token with no `aud` (introspection answers carry none). With
 //   `resource=<one of RESOURCES below>` the token's `aud` is that URI and its scopes are
