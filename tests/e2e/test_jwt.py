@@ -211,6 +211,12 @@ def _malformed_header(idp):
     return f"{b64(b'not json')}.{body}.{sig}"
 
 
+def _malformed_signature(idp):
+    """A b64token (RFC 6750) but not base64url: `+` and `/`."""
+    head, body, sig = idp.issue_jwt().split(".")
+    return f"{head}.{body}.{sig[:-2]}+/"
+
+
 def _tampered(idp):
     """IdP-issued; its payload swapped for one granting more, its signature kept."""
     head, _, sig = idp.issue_jwt().split(".")
@@ -246,6 +252,7 @@ IDP_REFUSALS = {
     "tampered-payload": (_tampered, "the token's signature is invalid"),
     "tampered-signature": (_bad_signature, "the token's signature is invalid"),
     "malformed-header": (_malformed_header, "the token is not a well-formed JWT"),
+    "malformed-signature": (_malformed_signature, "the token is not a well-formed JWT"),
     "oversized-header": (lambda idp: resigned(idp, idp.issue_jwt(), header={"pad": "x" * 2000}), "the token's JOSE header is too large"),
 }
 
