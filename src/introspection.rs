@@ -196,10 +196,37 @@ pub fn basic_auth(id: &str, secret: &str) -> String {
     format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}")))
 }
 
+/// The verdict of an introspection callout; `body` is read only when the
+/// status and size allow.
+pub fn read_answer(
+    status: Option<u32>,
+    body_size: usize,
+    max_bytes: usize,
+    body: impl FnOnce() -> Vec<u8>,
+    wanted: &dyn Fn(&str) -> bool,
+) -> Result<Answer, IntrospectionError> {
+    match check_response(status, body_size, max_bytes) {
+        Ok(()) => parse_answer(&body(), wanted),
+        // oidc-provider answers so for every JWT (one of an issuer not in `jwt`): an unproven token, not an outage.
+        Err(IntrospectionError::Status(400)) if body_size <= max_bytes && is_unsupported_token_type(&body()) => {
+            Ok(Answer::Inactive)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// An OAuth error body naming `unsupported_token_type` (RFC 7009 §2.2.1).
+fn is_unsupported_token_type(body: &[u8]) -> bool {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(o)) => o.get("error").and_then(Value::as_str) == Some("unsupported_token_type"),
+        _ => false,
+    }
+}
+
 /// Judges the callout's status and size before the body is read.
 /// `status` is `None` when Envoy gave no response headers at all; a refused
 /// connection or failed TLS handshake comes as Envoy's own 503 (`Status`).
-pub fn check_response(status: Option<u32>, body_size: usize, max_bytes: usize) -> Result<(), IntrospectionError> {
+fn check_response(status: Option<u32>, body_size: usize, max_bytes: usize) -> Result<(), IntrospectionError> {
     match status {
         None => Err(IntrospectionError::Transport),
         Some(200) if body_size > max_bytes => Err(IntrospectionError::TooLarge),
@@ -466,5 +493,25 @@ mod tests {
         assert_eq!(check_response(Some(401), 0, 10), Err(IntrospectionError::Unauthorized(401)));
         assert_eq!(check_response(Some(504), 0, 10), Err(IntrospectionError::Timeout));
         assert_eq!(check_response(Some(500), 0, 10), Err(IntrospectionError::Status(500)));
+    }
+
+    #[test]
+    fn unsupported_token_type_is_an_inactive_token_and_other_400s_are_failures() {
+        let read = |status, body: &str, max| read_answer(Some(status), body.len(), max, || body.into(), &|_| false);
+        // oidc-provider's answer for any JWT.
+        let oidc = r#"{"error":"unsupported_token_type","error_description":"Structured JWT Tokens cannot be introspected via the introspection_endpoint"}"#;
+        assert!(matches!(read(400, oidc, 1024), Ok(Answer::Inactive)));
+        assert_eq!(read(400, oidc, 16).unwrap_err(), IntrospectionError::Status(400), "too large to read");
+        for other in
+            [r#"{"error":"invalid_request"}"#, r#"{"error":["unsupported_token_type"]}"#, "unsupported_token_type", ""]
+        {
+            assert_eq!(read(400, other, 1024).unwrap_err(), IntrospectionError::Status(400), "{other}");
+        }
+        assert_eq!(read(500, oidc, 1024).unwrap_err(), IntrospectionError::Status(500), "only a 400 says so");
+        assert_eq!(
+            read(200, oidc, 1024).unwrap_err(),
+            IntrospectionError::BadAnswer("`active` is missing or not a boolean")
+        );
+        assert!(matches!(read(200, r#"{"active":false}"#, 1024), Ok(Answer::Inactive)));
     }
 }

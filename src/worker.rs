@@ -485,10 +485,10 @@ impl Worker {
     fn read_response(&self, num_headers: usize, body_size: usize) -> Result<Answer, IntrospectionError> {
         let status = self.host.callout_status(num_headers);
         let max = self.config.introspection.as_ref().map_or(0, |i| i.max_response_bytes);
-        introspection::check_response(status, body_size, max)?;
-        let body = self.host.callout_body(body_size);
         let map = &self.config.claims_to_headers;
-        introspection::parse_answer(&body, &|claim| map.contains_key(claim))
+        introspection::read_answer(status, body_size, max, || self.host.callout_body(body_size), &|claim| {
+            map.contains_key(claim)
+        })
     }
 
     /// Answers the requests still waiting for a flight.

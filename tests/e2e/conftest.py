@@ -5,13 +5,15 @@
                issue_token(scope, client_id, sub, ttl), introspect, revoke,
                introspection_path, port, authority, kind, plugin_config(**overrides)
   mock_idp     the session mock IdP, reset before and after the test (faults, records)
+  jwt_idp      a session oidc-provider whose signing keys are `jwt_idp.signer`'s (a
+               harness JwtIssuer of its issuer), so a test can sign what it cannot issue
   upstream     the echo upstream
   envoys       session cache (EnvoyCache): envoys.get(idp, plugin_config=None,
                extra_listeners=(), listener_configs=None, name=None) returns a running
                Envoy, shared by every test asking for the same setup
   envoy        envoys.get(idp) with envoy/tokengate.json pointed at idp
   fresh        function-scoped factory for processes a test may break or must see alone:
-               fresh.mock_idp(), fresh.oidc_idp(), fresh.idp(kind), fresh.envoy(idp, ...)
+               fresh.mock_idp(), fresh.oidc_idp(default_ttl, keys_file), fresh.idp(kind), fresh.envoy(idp, ...)
 
 Every Envoy runs with --concurrency 4 (CONCURRENCY).
 """
@@ -20,7 +22,7 @@ import signal
 
 import pytest
 
-from harness import EchoUpstream, Envoy, MockIdp, OidcIdp, Processes
+from harness import EchoUpstream, Envoy, JwtIssuer, MockIdp, OidcIdp, Processes
 
 CONCURRENCY = 4
 
@@ -61,6 +63,15 @@ def mock_idp_server(procs, workdir):
 def oidc_idp_server(procs, workdir):
     server = OidcIdp(procs, workdir).start()
     yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def jwt_idp(procs, workdir):
+    server = OidcIdp(procs, workdir, keys_file=workdir / "jwt-idp-keys.json")
+    server.signer = JwtIssuer(issuer=server.issuer)
+    server.keys_file.write_text(json.dumps(server.signer.private_jwks()))
+    yield server.start()
     server.stop()
 
 
@@ -142,8 +153,8 @@ class Fresh:
     def mock_idp(self):
         return self._own(MockIdp(self.procs, self.workdir).start())
 
-    def oidc_idp(self, default_ttl=600):
-        return self._own(OidcIdp(self.procs, self.workdir, default_ttl).start())
+    def oidc_idp(self, default_ttl=600, keys_file=None):
+        return self._own(OidcIdp(self.procs, self.workdir, default_ttl, keys_file).start())
 
     def idp(self, kind):
         return self.mock_idp() if kind == "mock" else self.oidc_idp()

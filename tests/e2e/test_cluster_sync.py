@@ -28,7 +28,10 @@ import urllib.parse
 import pytest
 
 import conftest
-from harness import ADMIN, FORM, Envoy, Etcd, Listener, bearer, free_port, loopback_cluster, merge, request, sha256, unique
+from harness import (
+    ADMIN, FORM, Envoy, Etcd, Listener, bearer, decode, free_port, high_s_twin, jwt_section, loopback_cluster, merge, request,
+    sha256, unique,
+)
 
 CONCURRENCY = 2
 POLL_MS = 500
@@ -347,6 +350,37 @@ def test_cluster_sync_bulk_revocation_spanning_several_txns_and_range_pages(clus
         wait_for(lambda g=gate: ids <= g.listed(), CEILING_S, f"{gate.name} to list all 1200")
     keys = cluster.etcd.get_prefix(f"{PREFIX}revoked/")
     assert ids <= {k.rsplit("/", 1)[1] for k in keys}
+
+
+def test_cluster_sync_idp_jwt_revoked_on_one_envoy_is_refused_by_another_in_every_encoding(cluster, fresh, jwt_idp):
+    """Two Envoys (--concurrency 4) beside the trio, on its etcd, that verify oidc-provider's
+    JWT access tokens themselves (`jwt` section): a JWT revoked on the first is refused by
+    the second, and so is its other encoding (ES256 (r, n - s)): the `jti:` identity
+    travels through etcd with the token's hash."""
+    config = jwt_idp.plugin_config(
+        jwt=jwt_section(jwt_idp, [jwt_idp.JWT_RESOURCES["ES256"]]),
+        cluster_sync=cluster.etcd.sync_config(poll_ms=POLL_MS, timeout_ms=TIMEOUT_MS),
+    )
+    one, two = (Gate(fresh.envoy(jwt_idp, config, extra_clusters=[cluster.etcd.envoy_cluster()]), cluster.touched)
+                for _ in range(2))
+    for gate in (one, two):
+        wait_for(lambda g=gate: g.metric("sync.revision") > 0, CEILING_S, "the JWT Envoy's first complete read")
+    token = jwt_idp.issue_jwt(alg="ES256", client_id="app-b")
+    twin = high_s_twin(token)
+    n = 4 * conftest.CONCURRENCY
+    for gate in (one, two):
+        assert gate.statuses(token, n) == [200] * n and gate.statuses(twin, n) == [200] * n, gate.name
+
+    resp, replied = one.revoke(token)
+    body = admin_ok(cluster, resp, "written")
+    (jti_id,) = body["jti_ids"]
+    assert one.statuses(twin, n) == [401] * n, "the Envoy that took it refuses the other encoding at once"
+    assert_reached(cluster, watch([two], twin, 401, replied), "JWT revocation on one JWT Envoy → its twin 401 on another")
+    assert_revoked_everywhere(cluster, [two], token, "the revoked JWT")
+    assert_revoked_everywhere(cluster, [two], twin, "its other encoding")
+    record = cluster.etcd.get_prefix(PREFIX)[f"{PREFIX}revoked/{jti_id}"]
+    assert (record["id"], record["kind"]) == (jti_id, "jti")
+    assert decode(token)[1]["jti"] not in json.dumps(cluster.etcd.get_prefix(PREFIX)), "etcd names a JWT by hash only"
 
 
 # --------------------------------------------------------------------------- etcd failures

@@ -16,7 +16,6 @@ import pytest
 from conftest import CONCURRENCY
 from harness import (
     GATEWAY_CLIENT,
-    JwtIssuer,
     PLUGIN_CONFIG,
     Listener,
     assert_denied,
@@ -603,87 +602,3 @@ def test_challenges_name_the_configured_realm(outcomes, mock_idp):
     assert resp.status == 400, resp
     params = challenge(resp)[1]
     assert (params["realm"], params["error"]) == ("corp-api", "invalid_request"), params
-
-
-# --------------------------------------------------------------------------- JWT access tokens
-
-@pytest.fixture(scope="module")
-def jwt_issuer():
-    return JwtIssuer()
-
-
-@pytest.fixture
-def jwt_envoy(envoys, mock_idp, jwt_issuer):
-    return envoys.get(mock_idp, mock_idp.plugin_config(jwt=jwt_issuer.config()), name="envoy-jwt")
-
-
-def test_jwt_of_a_configured_issuer_is_verified_in_the_filter_without_introspection(jwt_envoy, jwt_issuer):
-    calls, verified = jwt_envoy.counter(IDP_CALLS), jwt_envoy.metric("tokengate.jwt.verified")
-    for alg in ("RS256", "ES256"):
-        token = jwt_issuer.mint(alg, scope=REQUIRED_SCOPE, scp=["ignored"])
-        seen = upstream_headers(jwt_envoy.get("/resource", bearer(token)))
-        assert seen["x-auth-subject"] == "jwt-user", alg
-        assert seen["x-auth-client-id"] == "jwt-client", alg
-        assert seen["x-auth-scope"] == REQUIRED_SCOPE, alg
-        # Cached like an introspection answer: a burst over every worker verifies once per worker at most.
-        statuses = burst(jwt_envoy.port, n=200, connections=16, headers=bearer(token))
-        assert statuses == [200] * 200
-    assert jwt_envoy.counter(IDP_CALLS) == calls, "no JWT of the issuer went to the IdP"
-    assert 2 <= jwt_envoy.metric("tokengate.jwt.verified") - verified <= 2 * CONCURRENCY
-    # `scp` (Okta, Azure AD) stands for `scope` when that is absent.
-    assert upstream_headers(jwt_envoy.get("/", bearer(jwt_scp(jwt_issuer))))["x-auth-scope"] == REQUIRED_SCOPE
-
-
-def jwt_scp(issuer):
-    claims = issuer.claims(scp=REQUIRED_SCOPE.split())
-    del claims["scope"]
-    return issuer.mint_claims("ES256", claims)
-
-
-def _tampered_payload(issuer):
-    head, _, sig = issuer.mint("RS256", scope=REQUIRED_SCOPE).split(".")
-    other = issuer.mint("RS256", scope=REQUIRED_SCOPE, sub="mallory").split(".")[1]
-    return f"{head}.{other}.{sig}"
-
-
-def _tampered_signature(issuer):
-    head, body, sig = issuer.mint("RS256", scope=REQUIRED_SCOPE).split(".")
-    return f"{head}.{body}.{'A' if sig[0] != 'A' else 'B'}{sig[1:]}"
-
-
-def _alg_none(issuer):
-    head, body, _ = issuer.mint("RS256", header={"alg": "none"}, scope=REQUIRED_SCOPE).split(".")
-    return f"{head}.{body}."
-
-
-BAD_JWTS = {
-    "expired": (lambda i: i.mint("RS256", scope=REQUIRED_SCOPE, exp=int(time.time()) - 3600), "the token has expired"),
-    "not-yet-valid": (lambda i: i.mint("ES256", scope=REQUIRED_SCOPE, nbf=int(time.time()) + 3600), "the token is not valid yet"),
-    "wrong-audience": (lambda i: i.mint("RS256", scope=REQUIRED_SCOPE, aud="other-api"), "the token is not meant for this audience"),
-    "unknown-kid": (lambda i: i.mint("RS256", header={"kid": "rsa-9"}, scope=REQUIRED_SCOPE), "the token's signing key is unknown"),
-    "alg-none": (_alg_none, "the token's signing algorithm is not accepted"),
-    "hs256-with-public-key": (lambda i: i.mint("HS256", scope=REQUIRED_SCOPE), "the token's signing algorithm is not accepted"),
-    "tampered-payload": (_tampered_payload, "the token's signature is invalid"),
-    "tampered-signature": (_tampered_signature, "the token's signature is invalid"),
-    "typ-id-token": (lambda i: i.mint("ES256", header={"typ": "id+jwt"}, scope=REQUIRED_SCOPE), "the token's typ is not at+jwt"),
-    "crit": (lambda i: i.mint("ES256", header={"crit": ["exp"]}, scope=REQUIRED_SCOPE), "the token has critical header parameters"),
-    "oversized-header": (lambda i: i.mint("ES256", header={"pad": "x" * 2000}, scope=REQUIRED_SCOPE), "the token's JOSE header is too large"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_JWTS))
-def test_jwt_that_fails_verification_is_invalid_token_and_never_introspected(jwt_envoy, jwt_issuer, case):
-    make, description = BAD_JWTS[case]
-    calls, refused = jwt_envoy.counter(IDP_CALLS), jwt_envoy.metric("tokengate.jwt.refused")
-    resp = jwt_envoy.get("/", bearer(make(jwt_issuer)))
-    assert_denied(resp, 401, "invalid_token")
-    assert resp.json()["error_description"] == description
-    assert jwt_envoy.counter(IDP_CALLS) == calls
-    assert jwt_envoy.metric("tokengate.jwt.refused") == refused + 1
-
-
-def test_jwt_of_another_issuer_goes_to_introspection(jwt_envoy, mock_idp):
-    other = JwtIssuer(issuer="https://elsewhere.test")
-    calls = jwt_envoy.counter(IDP_CALLS)
-    assert_denied(jwt_envoy.get("/", bearer(other.mint("RS256", scope=REQUIRED_SCOPE))), 401, "invalid_token")
-    assert jwt_envoy.counter(IDP_CALLS) == calls + 1

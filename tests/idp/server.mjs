@@ -3,6 +3,8 @@
 //
 //   node server.mjs [PORT]            (or PORT=...; default 9000)
 //   IDP_CC_TTL_S=600                  lifetime of client-credentials tokens, seconds
+//   IDP_KEYS_FILE=keys.json           signing keys: a JWKS with private keys (RSA and/or
+//                                     P-256 EC); unset: a throwaway RSA and EC key each
 //
 // Endpoints (oidc-provider's defaults; discovery at /.well-known/openid-configuration):
 //   POST /token                   grant_type=client_credentials, client_secret_basic
@@ -15,15 +17,23 @@
 // - A requested scope must be in the client's `scope` metadata, or the token
 //   endpoint answers 400 invalid_scope. With no scope asked, the token has none
 //   (the introspection answer then has no `scope` member at all).
-// - Introspecting anything that parses as a JWT (three dot-separated base64url
-//   parts with a JSON header) answers 400 unsupported_token_type, not {"active": false}.
 // - Unknown, expired and revoked tokens answer 200 {"active": false}. Expiry is exact
 //   for introspection (exp <= now), though lookups allow a 15 s clock tolerance inside.
 // - The default allowedPolicy lets any authenticated client introspect any token but
 //   lets a client revoke only its own tokens; both are replaced below so that only the
 //   resource server `gateway` (and a token's own client) may introspect or revoke.
 // - Opaque access tokens are 43 base64url characters; the access token format is
-//   opaque unless a resource indicator asks for a JWT (none of ours does).
+//   opaque unless the resource asked for is one of JWT_RESOURCES below.
+// - JWT access tokens (RFC 9068, `resource=<one of JWT_RESOURCES>`) for client_credentials
+//   carry: header {alg, typ: "at+jwt", kid}; payload {jti, sub, iat, exp, scope, client_id,
+//   iss, aud}. `sub` is the client id (no end user), `jti` a random 43-character base64url id,
+//   `aud` the resource URI (a string), `iss` the issuer URL; there is no `nbf`, and no
+//   `scope` member when none was granted. The first key of the resource's `alg` in the
+//   key set signs (its `kid` is the JWKS's, or the key's thumbprint when it has none).
+// - The introspection and revocation endpoints refuse anything whose first segment decodes
+//   as a JOSE header with 400 unsupported_token_type ("Structured JWT Tokens cannot be
+//   introspected/revoked"), not {"active": false}, its own JWT access tokens included: a
+//   JWT is never revocable at this IdP, only at the resource server (tokengate's admin API).
 // - Resource indicators (RFC 8707) are on by default in 9.x: a token request without
 //   `resource` gets a token with no `aud` (introspection answers carry none). With
 //   `resource=<one of RESOURCES below>` the token's `aud` is that URI and its scopes are
@@ -32,6 +42,7 @@
 //   shorter lifetime (clamped to 1..IDP_CC_TTL_S); oidc-provider ignores unknown
 //   parameters, so the TTL function reads it from the parsed body.
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import process from 'node:process';
 
 import Provider, { errors } from 'oidc-provider';
@@ -39,9 +50,15 @@ import Provider, { errors } from 'oidc-provider';
 const port = Number(process.argv[2] ?? process.env.PORT ?? 9000);
 const defaultTtl = Number(process.env.IDP_CC_TTL_S ?? 600);
 const RESOURCE_SERVER = 'gateway';
-// The APIs a token may be asked for (`resource` on the token request); tokens stay opaque
-// so tokengate still introspects them, and `aud` is the resource URI itself.
+// The APIs a token may be asked for (`resource` on the token request); `aud` is the
+// resource URI itself. These tokens stay opaque, so tokengate introspects them.
 const RESOURCES = new Set(['https://orders.example/api', 'https://billing.example/api']);
+// APIs whose access tokens are JWTs (RFC 9068), each signed with its algorithm.
+const JWT_RESOURCES = new Map([
+  ['https://jwt.example/api', 'RS256'],
+  ['https://jwt-es256.example/api', 'ES256'],
+  ['https://jwt-other.example/api', 'RS256'],
+]);
 
 const clients = [
   // The introspecting resource server: tokengate itself. It never gets tokens.
@@ -70,11 +87,19 @@ function appClient(clientId, scope) {
   };
 }
 
-// A throwaway signing key, so the provider does not fall back to its published dev keys.
+// The key file's keys, so a test can sign with them too or rotate them on a restart; else
+// throwaway ones, so the provider does not fall back to its published dev keys.
 function signingKeys() {
+  if (process.env.IDP_KEYS_FILE) return JSON.parse(readFileSync(process.env.IDP_KEYS_FILE, 'utf8'));
   // RSA because clients default to RS256-signed ID tokens (an EC-only keystore fails them).
-  const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
-  return { keys: [{ ...privateKey.export({ format: 'jwk' }), use: 'sig', alg: 'RS256' }] };
+  const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
+  const ec = generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey;
+  return {
+    keys: [
+      { ...rsa.export({ format: 'jwk' }), use: 'sig', alg: 'RS256' },
+      { ...ec.export({ format: 'jwk' }), use: 'sig', alg: 'ES256' },
+    ],
+  };
 }
 
 function requestedTtl(ctx) {
@@ -84,6 +109,9 @@ function requestedTtl(ctx) {
 }
 
 async function resourceServerInfo(ctx, resource) {
+  if (JWT_RESOURCES.has(resource)) {
+    return { scope: 'read write', accessTokenFormat: 'jwt', jwt: { sign: { alg: JWT_RESOURCES.get(resource) } } };
+  }
   if (!RESOURCES.has(resource)) throw new errors.InvalidTarget();
   return { scope: 'read write', accessTokenFormat: 'opaque' };
 }

@@ -14,7 +14,7 @@ process group and killed on teardown, at interpreter exit, on SIGTERM or Ctrl-C
   etcd        an etcd cluster and what Envoy and the filter need to reach it
   asserts     what a client sees: denials, the fail-closed 503, admin answers; test tokens
 """
-from .jwt import JWT_AUDIENCE, JWT_ISSUER, JwtIssuer
+from .jwt import JWT_AUDIENCE, JWT_ISSUER, JwtIssuer, b64, decode, high_s_twin, jwt_section, unb64
 from .asserts import (
     ADMIN,
     ADMIN_REALM,

@@ -16,6 +16,29 @@ def b64(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+# P-256's group order: an ECDSA signature (r, s) is also valid as (r, n - s).
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def unb64(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def decode(token):
+    """(header, payload) of a JWT, unverified."""
+    head, body, _ = token.split(".")
+    return json.loads(unb64(head)), json.loads(unb64(body))
+
+
+def high_s_twin(token):
+    """The same ES256 JWT with its signature (r, s) as (r, n - s): another encoding, with its
+    own SHA-256, that verifies as well."""
+    head, body, sig = token.split(".")
+    raw = unb64(sig)
+    s = int.from_bytes(raw[32:], "big")
+    return f"{head}.{body}.{b64(raw[:32] + (P256_N - s).to_bytes(32, 'big'))}"
+
+
 def _int(n, size):
     return b64(n.to_bytes(size, "big"))
 
@@ -32,6 +55,18 @@ class JwtIssuer:
             {"kty": "RSA", "kid": "rsa-1", "use": "sig", "n": _int(r.n, 256), "e": _int(r.e, 3)},
             {"kty": "EC", "kid": "ec-1", "crv": "P-256", "x": _int(e.x, 32), "y": _int(e.y, 32)},
         ]}
+
+    def private_jwks(self):
+        """The same keys with their private parts: an IdP's key file (server.mjs IDP_KEYS_FILE),
+        so that the IdP and this issuer sign alike."""
+        r, e = self.rsa.private_numbers(), self.ec.private_numbers()
+        rsa_key, ec_key = self.jwks()["keys"]
+        # RFC 7518 Base64urlUInt: the fewest octets that hold the value.
+        uint = {name: _int(n, (n.bit_length() + 7) // 8) for name, n in
+                dict(d=r.d, p=r.p, q=r.q, dp=r.dmp1, dq=r.dmq1, qi=r.iqmp).items()}
+        rsa_key.update(alg="RS256", **uint)
+        ec_key.update(alg="ES256", use="sig", d=_int(e.private_value, 32))
+        return {"keys": [rsa_key, ec_key]}
 
     def config(self):
         """The plugin's `jwt` section for this issuer (inline keys)."""
@@ -69,3 +104,9 @@ class JwtIssuer:
             mac.update(data)
             return mac.finalize()
         return b""
+
+
+def jwt_section(idp, audiences, **issuer):
+    """The plugin's `jwt` section for oidc-provider `idp`: its issuer, `audiences`, and the keys
+    it publishes (discovery's jwks_uri), inline; `issuer` sets more of the issuer's keys."""
+    return {"issuers": [{"issuer": idp.issuer, "audiences": list(audiences), "keys": idp.jwks(), **issuer}]}

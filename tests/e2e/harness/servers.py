@@ -3,6 +3,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 from .client import get, post_form, post_json
@@ -137,16 +138,45 @@ class OidcIdp(Idp):
     introspection_path = "/token/introspection"
     revocation_path = "/token/revocation"
     CLIENT_SCOPES = {"app-a": "read write", "app-b": "read", "app-c": "write"}
+    # server.mjs's JWT_RESOURCES: the API (`aud`) whose access tokens are JWTs signed with alg.
+    JWT_RESOURCES = {"RS256": "https://jwt.example/api", "ES256": "https://jwt-es256.example/api"}
+    # Another JWT API, one a gateway for JWT_RESOURCES does not serve (a wrong `aud`).
+    OTHER_JWT_RESOURCE = "https://jwt-other.example/api"
 
-    def __init__(self, procs, workdir, default_ttl=600):
+    def __init__(self, procs, workdir, default_ttl=600, keys_file=None):
         super().__init__(procs, workdir)
         self.default_ttl = default_ttl
+        self.keys_file = keys_file
+
+    @property
+    def issuer(self):
+        """The `iss` of its JWTs: the URL it serves (server.mjs)."""
+        return f"http://{self.authority}"
+
+    def restart(self, keys_file=None):
+        """Stopped and started on the same port, signing with keys_file's JWKS (None: throwaway
+        keys). Its in-memory store starts empty: opaque tokens issued before are unknown."""
+        self.stop()
+        self.keys_file = keys_file
+        return self.start()
+
+    def jwks(self):
+        """The public JWKS it publishes, found as a resource server would: discovery, then jwks_uri."""
+        resp = get(self.port, "/.well-known/openid-configuration")
+        assert resp.status == 200, resp
+        jwks_path = urllib.parse.urlsplit(resp.json()["jwks_uri"]).path
+        resp = get(self.port, jwks_path)
+        assert resp.status == 200, resp
+        return resp.json()
 
     def _spawn(self):
         modules = IDP_DIR / "node_modules" / "oidc-provider"
         if not modules.is_dir():
             raise RuntimeError("oidc-provider is not installed: run `make idp`")
         env = dict(os.environ, IDP_CC_TTL_S=str(self.default_ttl), NODE_ENV="test")
+        env.pop("IDP_KEYS_FILE", None)
+        if self.keys_file is not None:
+            env["IDP_KEYS_FILE"] = str(self.keys_file)
         return self.procs.start(
             "oidc-provider",
             ["node", IDP_DIR / "server.mjs", self.port],
@@ -171,6 +201,11 @@ class OidcIdp(Idp):
         resp = post_form(self.port, "/token", fields, auth=(client_id, f"{client_id}-secret"))
         assert resp.status == 200, resp
         return resp.json()["access_token"]
+
+    def issue_jwt(self, scope="read", client_id=None, ttl=None, alg="RS256", resource=None):
+        """A client-credentials JWT access token (RFC 9068) signed with alg, for the JWT API
+        of that alg (its `aud`) unless resource names another."""
+        return self.issue_token(scope=scope, client_id=client_id, ttl=ttl, resource=resource or self.JWT_RESOURCES[alg])
 
     def _client_for(self, scope):
         wanted = set((scope or "").split())
