@@ -269,8 +269,21 @@ struct ListPage<'r> {
 /// A revocation request, whatever its encoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revoke {
-    Tokens { tokens: Vec<String>, reason: String },
-    Principal { kind: Kind, name: String, reason: String },
+    Tokens {
+        tokens: Vec<String>,
+        reason: String,
+    },
+    Principal {
+        kind: Kind,
+        name: String,
+        reason: String,
+    },
+    /// A JWT by its issuer and `jti`, without the token itself.
+    Jwt {
+        iss: String,
+        jti: String,
+        reason: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -282,6 +295,10 @@ struct RevokeJson {
     client_id: Option<String>,
     #[serde(default)]
     sub: Option<String>,
+    #[serde(default)]
+    iss: Option<String>,
+    #[serde(default)]
+    jti: Option<String>,
     #[serde(default)]
     reason: Option<String>,
 }
@@ -361,13 +378,34 @@ fn parse_json(body: &[u8]) -> Result<Revoke, Reply> {
     let r: RevokeJson = serde_json::from_slice(body)
         .map_err(|e| Reply::error(400, "invalid_request", format!("bad JSON body: {e}")))?;
     let reason = r.reason.unwrap_or_default();
-    match (r.tokens, r.client_id, r.sub) {
-        (Some(tokens), None, None) if !tokens.is_empty() => Ok(Revoke::Tokens { tokens, reason }),
-        (Some(_), None, None) => Err(Reply::error(400, "invalid_request", "`tokens` is empty")),
-        (None, Some(name), None) => principal(Kind::Client, name, reason),
-        (None, None, Some(name)) => principal(Kind::Subject, name, reason),
-        _ => Err(Reply::error(400, "invalid_request", "give exactly one of `tokens`, `client_id`, `sub`")),
+    let jwt = match (r.iss, r.jti) {
+        (None, None) => None,
+        (Some(iss), Some(jti)) => Some((iss, jti)),
+        _ => return Err(Reply::error(400, "invalid_request", "`iss` and `jti` go together")),
+    };
+    match (r.tokens, r.client_id, r.sub, jwt) {
+        (Some(tokens), None, None, None) if !tokens.is_empty() => Ok(Revoke::Tokens { tokens, reason }),
+        (Some(_), None, None, None) => Err(Reply::error(400, "invalid_request", "`tokens` is empty")),
+        (None, Some(name), None, None) => principal(Kind::Client, name, reason),
+        (None, None, Some(name), None) => principal(Kind::Subject, name, reason),
+        (None, None, None, Some((iss, jti))) => jwt_id(iss, jti, reason),
+        _ => {
+            Err(Reply::error(400, "invalid_request", "give exactly one of `tokens`, `client_id`, `sub`, `iss` + `jti`"))
+        }
     }
+}
+
+/// A JWT named by `iss` + `jti`: the `jti` must be there, the issuer may be
+/// empty (a JWT without `iss` has that identity).
+fn jwt_id(iss: String, jti: String, reason: String) -> Result<Revoke, Reply> {
+    let fits = |text: &str| text.chars().count() <= MAX_PRINCIPAL_CHARS * 4 && !text.chars().any(char::is_control);
+    if jti.is_empty() || !fits(&jti) || !fits(&iss) {
+        let limit = MAX_PRINCIPAL_CHARS * 4;
+        let message =
+            format!("`jti` must be 1 to {limit} characters and `iss` at most {limit}, without control characters");
+        return Err(Reply::error(400, "invalid_request", message));
+    }
+    Ok(Revoke::Jwt { iss, jti, reason })
 }
 
 fn principal(kind: Kind, name: String, reason: String) -> Result<Revoke, Reply> {
@@ -402,6 +440,10 @@ pub fn handle<S: Store + ?Sized>(
             revoke_tokens(&list, limits, tokens, &reason, now, cached)
         }
         Command::Revoke(Revoke::Principal { kind, name, reason }) => revoke_principal(&list, kind, &name, &reason, now),
+        Command::Revoke(Revoke::Jwt { iss, jti, reason }) => {
+            let identity = jwt::identity(&iss, &jti);
+            revoke_identity(&list, identity, now.saturating_add(limits.token_ttl_s), &reason, now)
+        }
         Command::List { offset, limit } => Handled::from(list_page(&list, offset, limit, now)),
         Command::Undo(id) => undo(&list, &id, now),
     }
@@ -494,6 +536,33 @@ fn revoked_tokens_reply(tokens: &Revoked, jwts: &Revoked) -> Reply {
         })),
         headers: Vec::new(),
     }
+}
+
+/// Revokes one JWT identity, as a token revocation would with the token.
+fn revoke_identity<S: Store + ?Sized>(
+    list: &Denylist<'_, S>,
+    identity: TokenHash,
+    expires_at: u64,
+    reason: &str,
+    now: u64,
+) -> Handled {
+    let done = match list.revoke_identities(&[(identity, expires_at)], reason, now) {
+        Ok(done) => done,
+        Err(e) => return Handled::from(store_failure(e)),
+    };
+    let id = Record::hashed_id(Kind::Jwt, &identity);
+    if done.revoked.is_empty() {
+        let message = "the JWT was not revoked: raise denylist.max_tokens";
+        let mut handled = Handled::from(Reply::error(507, "denylist_full", message));
+        handled.counts.refused = 1;
+        return handled;
+    }
+    let mut handled = Handled::from(Reply::ok(json!({"revoked": 1, "jti_ids": [id]})));
+    log::info!("revoked {id} reason={:?}", crate::denylist::clip_reason(reason));
+    let reason = crate::denylist::clip_reason(reason);
+    handled.changes.push(Change::Revoked(Record { id, kind: Kind::Jwt, revoked_at: now, expires_at, reason }));
+    handled.counts.tokens = 1;
+    handled
 }
 
 fn revoke_principal<S: Store + ?Sized>(
@@ -770,6 +839,37 @@ mod tests {
 
         assert_eq!(handle(Command::Undo(id.clone()), &limits, &store, 102, &no_exp).reply.status, 204);
         assert_eq!(handle(Command::Undo(id), &limits, &store, 102, &no_exp).reply.status, 404);
+    }
+
+    #[test]
+    fn a_jwt_is_revoked_by_iss_and_jti_without_the_token() {
+        let cfg = admin_cfg();
+        let parse = |body: &str| parse_revoke(Some("application/json"), body.as_bytes(), &cfg, 4096);
+        let jwt = parse(r#"{"iss": "https://idp", "jti": "j-1", "reason": "leak"}"#).unwrap();
+        assert_eq!(jwt, Revoke::Jwt { iss: "https://idp".into(), jti: "j-1".into(), reason: "leak".into() });
+        for bad in [
+            r#"{"jti": "j-1"}"#,
+            r#"{"iss": "x"}"#,
+            r#"{"iss": "x", "jti": ""}"#,
+            r#"{"iss": "x", "jti": "a
+b"}"#,
+            r#"{"iss": "x", "jti": "j", "sub": "alice"}"#,
+        ] {
+            assert_eq!(parse(bad).unwrap_err().status, 400, "{bad}");
+        }
+        let store = MemoryStore::new();
+        let limits = config::Denylist::default();
+        let done = handle(Command::Revoke(jwt), &limits, &store, 100, &|_| None);
+        let id = Record::hashed_id(Kind::Jwt, &jwt::identity("https://idp", "j-1"));
+        assert_eq!(done.reply.body, Some(json!({"revoked": 1, "jti_ids": [id.clone()]})));
+        assert_eq!(done.counts.tokens, 1);
+        let [Change::Revoked(record)] = &done.changes[..] else { panic!("{:?}", done.changes) };
+        assert_eq!(
+            (record.kind, &record.id, record.expires_at, record.reason.as_str()),
+            (Kind::Jwt, &id, 100 + limits.token_ttl_s, "leak")
+        );
+        // The same identity a revoked token of that issuer and jti gets: either undoes it.
+        assert_eq!(handle(Command::Undo(id), &limits, &store, 101, &|_| None).reply.status, 204);
     }
 
     #[test]

@@ -355,6 +355,27 @@ def test_revoking_an_idp_jwt_revokes_its_jti_in_every_encoding_until_that_id_is_
     assert_revoked(gate, token)
 
 
+def test_an_idp_jwt_revoked_by_its_iss_and_jti_alone_is_refused_on_every_worker(gate, jwt_idp, request):
+    """What an admin has from an IdP's logs or a user's report: the issuer and the `jti`, not
+    the token. Every encoding of that JWT is refused at once, cached or not."""
+    api = AdminApi(gate)
+    token, bystander = jwt_idp.issue_jwt(alg="ES256", client_id="app-b"), jwt_idp.issue_jwt(client_id="app-b")
+    burst_on_every_worker(gate, token, expect=200)
+    jti = decode(token)[1]["jti"]
+    request.addfinalizer(lambda: api.undo(jti_id(jwt_idp.issuer, jti)))
+
+    body = assert_ok(api.revoke_json({"iss": jwt_idp.issuer, "jti": jti, "reason": "e2e"}))
+    assert body == {"revoked": 1, "jti_ids": [jti_id(jwt_idp.issuer, jti)]}
+    burst_on_every_worker(gate, token, expect=401)
+    burst_on_every_worker(gate, high_s_twin(token), expect=401)
+    assert_revoked(gate, token)
+    assert gate.get("/", bearer(bystander)).status == 200, "another jti of the same client"
+    record = api.listed()[jti_id(jwt_idp.issuer, jti)]
+    assert (record["kind"], record["reason"]) == ("jti", "e2e")
+    assert api.undo(jti_id(jwt_idp.issuer, jti)).status == 204
+    assert gate.get("/", bearer(token)).status == 200
+
+
 @pytest.mark.parametrize("kind", ["client_id", "sub"])
 def test_client_or_subject_revocation_refuses_the_idp_jwts_it_names_on_every_worker(gate, jwt_idp, request, kind):
     """oidc-provider's client-credentials JWTs carry the client id as `sub` too: revoking
