@@ -212,22 +212,29 @@ impl Jwks {
 
     /// Re-reads the shared documents whose version changed.
     pub fn sync(&mut self, store: &dyn Store) {
+        for issuer in 0..self.sources.len() {
+            self.sync_one(store, issuer);
+        }
+    }
+
+    /// Re-reads issuer `issuer`'s shared document if its version changed
+    /// (another worker fetched it since this one last looked).
+    pub fn sync_one(&mut self, store: &dyn Store, issuer: usize) {
         let max_keys = self.max_keys;
-        for source in &mut self.sources {
-            let Some(remote) = &mut source.remote else { continue };
-            let Ok(Some(doc)) = store.get(&remote.keys_key) else { continue };
-            if remote.parsed == Some(doc.cas) {
-                continue;
+        let Some(source) = self.sources.get_mut(issuer) else { return };
+        let Some(remote) = &mut source.remote else { return };
+        let Ok(Some(doc)) = store.get(&remote.keys_key) else { return };
+        if remote.parsed == Some(doc.cas) {
+            return;
+        }
+        remote.parsed = Some(doc.cas);
+        match parse_document(&doc.value, max_keys) {
+            Ok(keys) => {
+                source.keys = Rc::new(keys);
+                source.version += 1;
             }
-            remote.parsed = Some(doc.cas);
-            match parse_document(&doc.value, max_keys) {
-                Ok(keys) => {
-                    source.keys = Rc::new(keys);
-                    source.version += 1;
-                }
-                // Written by a root with other bounds (another configuration): keep ours.
-                Err(e) => log::warn!("JWKS of {}: the shared copy is unusable here: {e}", remote.endpoint.path),
-            }
+            // Written by a root with other bounds (another configuration): keep ours.
+            Err(e) => log::warn!("JWKS of {}: the shared copy is unusable here: {e}", remote.endpoint.path),
         }
     }
 
@@ -376,6 +383,9 @@ impl Jwks {
                 None => u64::MAX,
             })
             .collect();
+        // Keys after states: a fetch writes its document before it ends, so
+        // a waiter whose fetch ended is judged with that fetch's keys.
+        self.sync(store);
         let sources = &self.sources;
         let (ready, waiting) = std::mem::take(&mut self.waiters).into_iter().partition(|w: &Waiter| {
             let changed = sources.get(w.issuer).is_none_or(|s| s.version != w.version);

@@ -288,6 +288,8 @@ impl Worker {
             return Some(Ok(Found::Ready(Ok(self.remember(hash, answer, until_ms, now_ms)))));
         }
         let issuer = candidate.issuer;
+        // Keys another worker fetched since this one's last tick count too.
+        self.jwks.borrow_mut().sync_one(&*self.store, issuer);
         match self.jwt_verdict(candidate, hash, now_ms) {
             Ok(verdict) => Some(Ok(Found::Ready(verdict))),
             Err(JwtError::UnknownKey | JwtError::NoKeys)

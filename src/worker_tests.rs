@@ -630,6 +630,17 @@ mod jwks_fetch {
     }
 
     #[test]
+    fn keys_another_worker_fetched_are_used_before_this_worker_ticks() {
+        let shared = store();
+        let (a, b) = (Rig::with_config(&shared, &config()), Rig::with_config(&shared, &config()));
+        a.tick_after(1000);
+        a.answer(fetches(&a)[0], Some(200), &jwks_of(&["e1"]));
+        // B has not ticked since: it reads the shared keys on the request itself.
+        assert_eq!(b.request(1, &jwt("e1", "j1")).1, Action::Continue);
+        assert!(fetches(&b).is_empty());
+    }
+
+    #[test]
     fn a_request_before_the_first_fetch_waits_for_the_keys() {
         let rig = Rig::with_config(&store(), &config());
         let (_f, action) = rig.request(1, &jwt("e1", "j1"));

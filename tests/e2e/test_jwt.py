@@ -9,7 +9,7 @@ the IdP's own keys (`jwt_idp.signer`, the IdP's key file); each case says which.
 
 The Envoys are test_revocation's (`gate_for`: the shipped data and admin listeners, same
 vm_id, the recording echo upstream), with the `jwt` section from `jwt_section`, which
-reads the IdP's published JWKS (discovery, jwks_uri) and puts it inline.
+fetches the IdP's keys from its jwks_uri (discovery) through the `idp-keys` cluster.
 
 The first tests sign with a harness issuer against the mock IdP: every algorithm and
 the header rules, where the mock's control API counts introspections.

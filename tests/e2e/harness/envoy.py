@@ -111,6 +111,8 @@ class Envoy:
             listeners.append(listener)
         clusters = config["static_resources"]["clusters"]
         _set_cluster_port(_named(clusters, "idp"), self.idp_port)
+        # The same IdP for JWKS fetches (`jwt_section`), so that `cluster.idp.*` counts introspections only.
+        clusters.append(loopback_cluster("idp-keys", self.idp_port))
         _set_cluster_port(_named(clusters, "upstream"), self.upstream_port)
         clusters.extend(copy.deepcopy(c) for c in self.extra_clusters)
         return config

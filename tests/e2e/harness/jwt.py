@@ -107,6 +107,8 @@ class JwtIssuer:
 
 
 def jwt_section(idp, audiences, **issuer):
-    """The plugin's `jwt` section for oidc-provider `idp`: its issuer, `audiences`, and the keys
-    it publishes (discovery's jwks_uri), inline; `issuer` sets more of the issuer's keys."""
-    return {"issuers": [{"issuer": idp.issuer, "audiences": list(audiences), "keys": idp.jwks(), **issuer}]}
+    """The plugin's `jwt` section for oidc-provider `idp`: its issuer, `audiences`, and its keys
+    fetched from the jwks_uri of its discovery document through the `idp-keys` cluster (the
+    harness Envoy's second cluster to the IdP); `issuer` sets more of the issuer's keys."""
+    jwks = {"cluster": "idp-keys", "authority": idp.authority, "path": idp.jwks_path()}
+    return {"issuers": [{"issuer": idp.issuer, "audiences": list(audiences), "jwks": jwks, **issuer}]}
