@@ -84,5 +84,12 @@ fuzz_target!(|data: &[u8]| {
             assert!(principals[0].id.ends_with(name.as_str()));
             assert_eq!(done.counts, Counts { principals: 1, ..Counts::default() });
         }
+        Revoke::Jwt { iss, jti, .. } => {
+            assert!(!jti.is_empty() && !jti.chars().any(char::is_control) && !iss.chars().any(char::is_control));
+            let identity = tokengate::jwt::identity(&iss, &jti);
+            assert!(list.hashed_record(Kind::Jwt, &identity, NOW).expect("store").is_some(), "a JWT revocation that does not hold");
+            assert!(done.forward.is_empty(), "nothing to forward without the token");
+            assert_eq!(done.counts, Counts { tokens: 1, ..Counts::default() });
+        }
     }
 });
