@@ -200,11 +200,6 @@ impl Jwks {
         Jwks { sources: sources.collect(), max_keys: section.map_or(0, |s| s.max_keys), waiters: Vec::new() }
     }
 
-    /// Whether any issuer's keys are fetched.
-    pub fn any_remote(&self) -> bool {
-        self.sources.iter().any(|s| s.remote.is_some())
-    }
-
     /// The keys of issuer `issuer` as this worker knows them.
     pub fn keys(&self, issuer: usize) -> Rc<KeySet> {
         self.sources.get(issuer).map(|s| s.keys.clone()).unwrap_or_default()
