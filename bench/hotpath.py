@@ -83,8 +83,9 @@ def no_hash_memo(d):
 
 def no_claim_headers(d):
     """No claim headers written (what `claims_to_headers: {}` would cost): the price of the header writes."""
-    patch(d / "src/worker.rs", "for (header, value) in policy::claim_headers(claims, &self.config.claims_to_headers) {",
-          "for (header, value) in policy::claim_headers(claims, &self.config.claims_to_headers).into_iter().take(0) {")
+    patch(d / "src/worker.rs", """                for (header, value) in headers {
+                    self.host.add_request_header(header, value);""", """                for (header, value) in headers.into_iter().take(0) {
+                    self.host.add_request_header(header, value);""")
 
 
 def price_denylist(d):
@@ -103,6 +104,12 @@ def price_sha256(d):
         h[i] = *b;
     }
     h""")
+
+
+def price_identity(d):
+    """(pricing only) a cached JWT's identity (`iss` + `jti`) not looked up in the denylist."""
+    patch(d / "src/worker.rs", "let Some(identity) = &claims.identity else {",
+          "let Some(identity) = claims.identity.as_ref().filter(|_| false) else {")
 
 
 def price_strip(d):
@@ -164,6 +171,7 @@ VARIANTS = {
     "price-denylist": (price_denylist.__doc__, [price_denylist]),
     "price-sha256": (price_sha256.__doc__, [price_sha256]),
     "price-strip": (price_strip.__doc__, [price_strip]),
+    "price-identity": (price_identity.__doc__, [price_identity]),
     "price-time": (price_time.__doc__, [price_time]),
     "price-headers+sha256": ("(pricing only) no claim headers and no SHA-256: what is left beyond the floor",
                              [no_claim_headers, price_sha256]),
