@@ -10,7 +10,7 @@ The patches are sketches that keep the hit path's behaviour for this benchmark's
 not finished changes: a patch that no longer applies to the current source is reported
 and skipped. Knobs: HOTPATH_VARIANTS (comma-separated names), HOTPATH_REQUESTS (200),
 HOTPATH_ROUNDS (3), HOTPATH_TOKENS (the bearer tokens every variant is measured with, comma-separated
-among short, 1k, 4k; default all three), HOTPATH_WORK (the build and callgrind directory, default
+among short, 1k, 4k, jwt; default all four; with jwt, Envoy's jwt_authn is measured too), HOTPATH_WORK (the build and callgrind directory, default
 .deps/bench-hotpath: give concurrent runs their own). Run it with `make bench-hotpath`, which passes the Makefile's wasm-opt and
 its flags (WASM_OPT, WASM_FEATURES): variants are built as `make build` builds.
 """
@@ -31,9 +31,14 @@ import run  # noqa: E402  (the benchmark's Envoy and process helpers)
 REPO = run.REPO
 # HOTPATH_WORK: another work dir, so that two runs (two worktrees sharing .deps) never collide.
 WORK = Path(os.environ.get("HOTPATH_WORK") or REPO / ".deps" / "bench-hotpath")
-# The cached token each variant is measured with: the headline's short one, a JWT-sized one and the
-# largest tokengate accepts; the no-op floor gets the same token, so its copy of the header is priced in.
-TOKENS = {"short": "bench-hot-token", "1k": run.LONG_TOKEN, "4k": run.MAX_TOKEN}
+# The cached token each variant is measured with: the headline's short one, a JWT-sized one, the
+# largest tokengate accepts, and a real RS256 JWT (verified by the `jwt` section, then cached); the
+# no-op floor gets the same token, so its copy of the header is priced in.
+TOKENS = {"short": "bench-hot-token", "1k": run.LONG_TOKEN, "4k": run.MAX_TOKEN, "jwt": None}
+
+
+def token(size):
+    return run.jwt_token() if size == "jwt" else TOKENS[size]
 
 
 
@@ -78,8 +83,9 @@ def no_hash_memo(d):
 
 def no_claim_headers(d):
     """No claim headers written (what `claims_to_headers: {}` would cost): the price of the header writes."""
-    patch(d / "src/worker.rs", "for (header, value) in policy::claim_headers(claims, &self.config.claims_to_headers) {",
-          "for (header, value) in policy::claim_headers(claims, &self.config.claims_to_headers).into_iter().take(0) {")
+    patch(d / "src/worker.rs", """                for (header, value) in headers {
+                    self.host.add_request_header(header, value);""", """                for (header, value) in headers.into_iter().take(0) {
+                    self.host.add_request_header(header, value);""")
 
 
 def price_denylist(d):
@@ -98,6 +104,12 @@ def price_sha256(d):
         h[i] = *b;
     }
     h""")
+
+
+def price_identity(d):
+    """(pricing only) a cached JWT's identity (`iss` + `jti`) not looked up in the denylist."""
+    patch(d / "src/worker.rs", "let Some(identity) = &claims.identity else {",
+          "let Some(identity) = claims.identity.as_ref().filter(|_| false) else {")
 
 
 def price_strip(d):
@@ -159,6 +171,7 @@ VARIANTS = {
     "price-denylist": (price_denylist.__doc__, [price_denylist]),
     "price-sha256": (price_sha256.__doc__, [price_sha256]),
     "price-strip": (price_strip.__doc__, [price_strip]),
+    "price-identity": (price_identity.__doc__, [price_identity]),
     "price-time": (price_time.__doc__, [price_time]),
     "price-headers+sha256": ("(pricing only) no claim headers and no SHA-256: what is left beyond the floor",
                              [no_claim_headers, price_sha256]),
@@ -205,9 +218,13 @@ def measure(batch, noop, n, rounds, tokens, log):
     e.clusters.append(run.cluster("idp", idp))
     e.add("A", [], run.direct())
     e.add("B", [run.wasm("noop", "noop", noop, "")], run.direct())
+    jwt = "jwt" in tokens
+    if jwt:  # for reference: Envoy's own JWT filter, its JWT cache on, the same token
+        e.add("N", [run.jwt_issuer().jwt_authn()], run.direct())
+    section = run.jwt_issuer().tokengate_section() if jwt else None
     for name, wasm in batch:
         ident = "tg_" + re.sub(r"\W", "_", name)
-        e.add(name, [run.wasm(ident, ident, wasm, run.tokengate_config())], run.direct())
+        e.add(name, [run.wasm(ident, ident, wasm, run.tokengate_config(jwt=section))], run.direct())
         e.add(f"{name}-admin", [run.wasm(ident + "_admin", ident, wasm, run.tokengate_config(admin=True)),
                                 run.buffer_body()], run.direct(status=404, body="{}"))
     e.start(timeout=900, wrapper=["valgrind", "--tool=callgrind", "--smc-check=all", "--instr-atstart=no",
@@ -218,15 +235,16 @@ def measure(batch, noop, n, rounds, tokens, log):
     ctl = lambda *a: subprocess.run(["callgrind_control", *a, str(pid)], capture_output=True, text=True)
     try:
         for rnd in range(rounds):
-            for v, size in [(v, size) for size in tokens for v in ["A", "B"] + [name for name, _ in batch]]:
-                token = TOKENS[size]
+            for v, size in [(v, size) for size in tokens
+                            for v in ["A", "B"] + (["N"] if size == "jwt" else []) + [name for name, _ in batch]]:
+                bearer = run.bearer(token(size))
                 conn = http.client.HTTPConnection(run.LOOPBACK, e.ports[v], timeout=120)
                 for _ in range(30):
-                    run.request(0, headers=run.bearer(token), conn=conn)
+                    run.request(0, headers=bearer, conn=conn)
                 ctl("-z")
                 ctl("-i", "on")
                 for _ in range(n):
-                    status, body = run.request(0, headers=run.bearer(token), conn=conn)
+                    status, body = run.request(0, headers=bearer, conn=conn)
                     if status != 200:
                         raise RuntimeError(f"{v}: {status} {body[:200]!r}")
                 ctl("-i", "off")
@@ -284,24 +302,31 @@ def main():
          f"one connection, median of {rounds} rounds, after one revocation through the admin API (production state: "
          "the denylist generation key exists). Each variant is the committed tree with one sketch of a change "
          "(bench/hotpath.py); *pricing* variants remove a step only to price it. Every row is measured with each "
-         "token (" + ", ".join(f"{t}: {len(TOKENS[t])} bytes" for t in tokens) + "), the no-op floor (B) with the "
-         "same token. Instructions are independent of the machine's load.", "",
+         "token (" + ", ".join(f"{t}: {len(token(t))} bytes" for t in tokens) + "), the no-op floor (B) with the "
+         "same token. Instructions are independent of the machine's load." + (
+             " With the jwt token (an RS256 access token), every tokengate variant has a `jwt` section trusting its "
+             "issuer (verified once, then a cached hit), and N is Envoy's jwt_authn with the same key inline and its "
+             "JWT cache on, for reference." if "jwt" in tokens else ""), "",
          "| variant | token | what changes | instructions/req | over no-op | saved vs head | no-op / variant |",
          "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for size in tokens:
         head, floor = res.get(("head", size)), res.get(("B", size))
-        for v in ["A", "B"] + [name for name, _ in built]:
+        for v in ["A", "B", "N"] + [name for name, _ in built]:
             if (v, size) not in res:
                 continue
             x = res[(v, size)]
-            what = {"A": "bare Envoy", "B": "no-op filter (the floor)"}.get(v) or " ".join(VARIANTS[v][0].split())
-            saved = f"{head - x:+,.0f}" if head and v not in ("A", "B", "head") else ""
+            what = {"A": "bare Envoy", "B": "no-op filter (the floor)",
+                    "N": "Envoy's jwt_authn, JWT cache on (reference)"}.get(v) or " ".join(VARIANTS[v][0].split())
+            saved = f"{head - x:+,.0f}" if head and v not in ("A", "B", "N", "head") else ""
             over = f"{x - floor:+,.0f}" if floor else ""
             ratio = f"{floor / x:.3f}" if floor and v not in ("A", "B") else ""
             L.append(f"| {v} | {size} | {what} | {x:,.0f} | {over} | {saved} | {ratio} |")
     for name, why in stale.items():
         L.append(f"| {name} | | not measured: {why} | | | | |")
     L += ["", "*no-op / variant*: the throughput ratio to the no-op floor implied by instructions (same token)."]
+    if ("head", "jwt") in res and ("N", "jwt") in res:
+        L += ["", f"JWT: tokengate's cached hit / jwt_authn's, implied by instructions: "
+                  f"{res[('N', 'jwt')] / res[('head', 'jwt')]:.3f}."]
     md = "\n".join(L) + "\n"
     (run.BENCH / "hotpath.md").write_text(md)
     print()

@@ -1,9 +1,10 @@
 """The benchmark's report (bench/results.md) and chart (bench/results.png), from the numbers
 run.py measured (bench/results.json); `BENCH_RERENDER=bench/results.json` writes them again
 without measuring."""
+import functools
 import statistics
 
-from variants import CG_LABEL, CG_ORDER, CG_REF, IDP_ANSWER, LADDER_ALT, VARIANT_INFO
+from variants import CG_LABEL, CG_ORDER, CG_REF, IDP_ANSWER, JWT_ALGS, JWT_VARIANTS, LADDER_ALT, VARIANT_INFO
 
 
 def med(xs):
@@ -35,6 +36,94 @@ def fmt_us(us):
     return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
 
 
+def pair(rounds, a, b):
+    """(req/s a/b, CPU per request b/a), each the median of the ratios taken round by round: a
+    round's two measurements share that round's machine, so the drift between rounds cancels out
+    of each ratio."""
+    both = [r for r in rounds if a in r and b in r]
+    if not both:
+        return None
+    return (med([r[a]["rps"] / r[b]["rps"] for r in both]),
+            med([r[b]["envoy_cpu_us_per_req"] / r[a]["envoy_cpu_us_per_req"] for r in both]))
+
+
+def throughput_table(L, summ):
+    L.append("| variant | | req/s (min–max) | p50 | p90 | p99 | Envoy CPU µs/req | Envoy on core | Envoy waiting for core | wrk on core | errors |")
+    L.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for v, s in summ.items():
+        L.append(f"| {v} | {VARIANT_INFO[v]} | {s['rps']:,.0f} ({s['rps_min']:,.0f}–{s['rps_max']:,.0f}) | "
+                 f"{fmt_us(s['p50_us'])} | {fmt_us(s['p90_us'])} | {fmt_us(s['p99_us'])} | "
+                 f"{s['envoy_cpu_us_per_req']:.2f} | {s['envoy_cpu_util'] * 100:.0f}% | "
+                 f"{s['envoy_wait_util'] * 100:.0f}% | {s['wrk_cpu_util'] * 100:.0f}% | {s['errors']} |")
+    L.append("")
+
+
+def jwt_section(L, res, k):
+    """The cached JWT hit against jwt_authn and the floor (the jwt phase), and what one cold
+    verification costs per algorithm (the callgrind phase)."""
+    jwt = res.get("jwt")
+    cgm = cg_medians(res["callgrind"]) if (res.get("callgrind") or {}).get("results") else {}
+    cold = [alg for alg in JWT_ALGS if f"J{alg}" in cgm]
+    if not jwt and not cold:
+        return
+    L.append("## JWT access tokens: a cached hit against Envoy's jwt_authn")
+    L.append("")
+    if jwt:
+        L.append(f"The same Envoy and load as the throughput table, in rounds of their own ({len(jwt['rounds'])} "
+                 f"rounds of {k['SECONDS']} s per variant, order rotated each round). Every request carries the "
+                 f"same {jwt['token_bytes']:,}-byte RS256 access token (`typ` at+jwt, `aud`, `exp` a day ahead, "
+                 "`scope`, `client_id`, `sub`, `jti` and Keycloak's usual profile claims): tokengate with a `jwt` "
+                 "section holding the issuer's keys inline (J, verified once before the run, then cached), Envoy's "
+                 "`jwt_authn` with the same keys as `local_jwks`, its JWT cache on (`jwt_cache_config`), "
+                 "`forward: true` and the same three claim headers (N), and the no-op floor (BJ). jwt_authn "
+                 "checks no scope and no denylist; tokengate does both on every request.")
+        L.append("")
+        throughput_table(L, summarize(jwt["rounds"], JWT_VARIANTS))
+        L.append("| ratio (median of the per-round ratios) | by req/s | by Envoy CPU per request (inverse) |")
+        L.append("| --- | ---: | ---: |")
+        for name, a, b in (("tokengate JWT hit / jwt_authn (J/N)", "J", "N"),
+                           ("tokengate JWT hit / no-op, same token (J/BJ)", "J", "BJ"),
+                           ("no-op / jwt_authn (BJ/N)", "BJ", "N")):
+            p = pair(jwt["rounds"], a, b)
+            if p:
+                L.append(f"| {name} | {p[0]:.3f} | {p[1]:.3f} |")
+        L.append("")
+        stats = ", ".join(f"`{n}` {v:,}" for n, v in sorted(jwt["jwt_authn"].items()) if v)
+        L.append(f"During the rounds: jwt_authn's counters {stats or 'none'}; tokengate verified "
+                 f"{jwt['tokengate_verified']} JWT(s) in the whole run (the rest were cache hits).")
+        L.append("")
+    if all(v in cgm for v in ("BJ", "J", "N")):
+        L.append(f"By instructions (callgrind, same token): no-op {cgm['BJ']['ir']:,.0f}, tokengate {cgm['J']['ir']:,.0f}, "
+                 f"jwt_authn {cgm['N']['ir']:,.0f} per request; tokengate / no-op {cgm['BJ']['ir'] / cgm['J']['ir']:.3f}, "
+                 f"tokengate / jwt_authn {cgm['N']['ir'] / cgm['J']['ir']:.3f} (throughput ratios implied).")
+        L.append("")
+    if cold:
+        cg = res["callgrind"]
+        L.append("### One cold verification, per algorithm")
+        L.append("")
+        L.append(f"Callgrind, Envoy's worker thread: {cg.get('cold_requests', '?')} requests per round, each with a JWT "
+                 "never seen before (distinct `jti`, pre-signed), after 20 such requests unmeasured; median of "
+                 f"{cg['rounds']} rounds. *Over a cached hit*: the request's instructions minus those of the "
+                 "cached RS256 hit of the same verifier, i.e. one verification plus what a miss does beyond a "
+                 "hit (tokengate: hashing the new token, base64 and JSON decoding, the signature, the claim "
+                 "checks, storing the answer in shared data and the worker's cache; jwt_authn: parsing, the "
+                 "signature, inserting in its JWT cache). The algorithms' differences are the signature alone. "
+                 "RSA keys have 2048 bits; ES256 is P-256; EdDSA is Ed25519.")
+        L.append("")
+        L.append("| algorithm | token bytes | tokengate instructions/req | over its cached hit | jwt_authn instructions/req | over its cached hit | tokengate / jwt_authn (over the hit) |")
+        L.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for alg in cold:
+            t, n = cgm[f"J{alg}"]["ir"], cgm.get(f"N{alg}", {}).get("ir")
+            t_over = t - cgm["J"]["ir"] if "J" in cgm else None
+            n_over = n - cgm["N"]["ir"] if n is not None and "N" in cgm else None
+            size = cg.get("cold_token_bytes", {}).get(alg)
+            cells = [f"{size:,}" if size else "", f"{t:,.0f}", f"{t_over:+,.0f}" if t_over is not None else "",
+                     f"{n:,.0f}" if n is not None else "", f"{n_over:+,.0f}" if n_over is not None else "",
+                     f"{t_over / n_over:.1f}×" if t_over and n_over else ""]
+            L.append(f"| {alg} | " + " | ".join(cells) + " |")
+        L.append("")
+
+
 def mark(ok):
     return "met" if ok else "**not met**"
 
@@ -53,6 +142,10 @@ def report(res, k):
     L.append(f"{meta['date']} · tokengate `{meta['commit']}` · Envoy {meta['envoy']} (V8) · {meta['cpu_model']} "
              f"({meta['ncpu']} cores) · Linux {meta['kernel']}")
     L.append("")
+    if meta.get("kept"):
+        L.append("Not run this time (`BENCH_KEEP`), so these sections are an earlier run's: " + "; ".join(
+            f"{phase} from {origin}" for phase, origin in meta["kept"].items()) + ".")
+        L.append("")
     L.append(f"Envoy pinned to core {meta['envoy_cpu']}, load generator (wrk {k['THREADS']} threads, "
              f"{k['CONNECTIONS']} keep-alive connections) and this script to core {meta['load_cpu']}, all on "
              f"127.0.0.1. Throughput variants share one Envoy with **one worker** (`--concurrency 1`): the ratios "
@@ -66,14 +159,7 @@ def report(res, k):
     if summ:
         L.append("## Throughput and latency (medians)")
         L.append("")
-        L.append("| variant | | req/s (min–max) | p50 | p90 | p99 | Envoy CPU µs/req | Envoy on core | Envoy waiting for core | wrk on core | errors |")
-        L.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for v, s in summ.items():
-            L.append(f"| {v} | {VARIANT_INFO[v]} | {s['rps']:,.0f} ({s['rps_min']:,.0f}–{s['rps_max']:,.0f}) | "
-                     f"{fmt_us(s['p50_us'])} | {fmt_us(s['p90_us'])} | {fmt_us(s['p99_us'])} | "
-                     f"{s['envoy_cpu_us_per_req']:.2f} | {s['envoy_cpu_util'] * 100:.0f}% | "
-                     f"{s['envoy_wait_util'] * 100:.0f}% | {s['wrk_cpu_util'] * 100:.0f}% | {s['errors']} |")
-        L.append("")
+        throughput_table(L, summ)
         L.append("*Envoy on core*: share of the wall time Envoy's threads ran; *waiting for core*: share they were "
                  "runnable while something else had the core (other processes on the machine: noise).")
         L.append("")
@@ -107,6 +193,7 @@ def report(res, k):
         for name, value, ok in targets:
             L.append(f"| {name} | {value} | {mark(ok) if ok is not None else 'not measured'} |")
         L.append("")
+    jwt_section(L, res, k)
     lad = res.get("ladder")
     if lad:
         L.append("## Where tokengate's cost goes: the profile ladder")
@@ -300,16 +387,7 @@ def report(res, k):
 def ratios_and_targets(res):
     rounds = res.get("rounds") or []
     ratios, targets = [], []
-
-    def pair(a, b):
-        """(req/s a/b, CPU per request b/a), each the median of the ratios taken round by
-        round: a round's two measurements share that round's machine, so the drift between
-        rounds cancels out of each ratio."""
-        both = [r for r in rounds if a in r and b in r]
-        if not both:
-            return None
-        return (med([r[a]["rps"] / r[b]["rps"] for r in both]),
-                med([r[b]["envoy_cpu_us_per_req"] / r[a]["envoy_cpu_us_per_req"] for r in both]))
+    throughput = functools.partial(pair, rounds)
 
     for name, a, b in (("tokengate / no-op (C/B)", "C", "B"), ("tokengate / no-op, empty key (C/Be)", "C", "Be"),
                        ("tokengate / bare (C/A)", "C", "A"),
@@ -318,21 +396,21 @@ def ratios_and_targets(res):
                        ("tokengate / no-op, 4 KiB token (C4/B4)", "C4", "B4"),
                        ("tokengate without claim headers / no-op (C3/B)", "C3", "B"),
                        ("no-op / bare (B/A)", "B", "A"), ("ext_authz / bare (D/A)", "D", "A")):
-        p = pair(a, b)
+        p = throughput(a, b)
         if p:
             ratios.append((name, *p))
-    p = pair("C", "B")
+    p = throughput("C", "B")
     measured = f"{p[0]:.3f}" if p else "–"
     cgm = cg_medians(res["callgrind"]) if (res.get("callgrind") or {}).get("results") else {}
     if "B" in cgm and "C" in cgm:
         measured += f" (by instructions {cgm['B']['ir'] / cgm['C']['ir']:.3f})"
     # The floor's read is of a key with a value; tokengate's per-request read is of an empty one.
-    pe = pair("C", "Be")
+    pe = throughput("C", "Be")
     if pe or ("Be" in cgm and "C" in cgm):
         by_ir = f" (by instructions {cgm['Be']['ir'] / cgm['C']['ir']:.3f})" if "Be" in cgm and "C" in cgm else ""
         measured += f"; against the empty-key floor (Be) {pe[0]:.3f}{by_ir}" if pe else \
             f"; against the empty-key floor (Be){by_ir}"
-    p3 = pair("C3", "B")
+    p3 = throughput("C3", "B")
     if p3:
         by_ir = f", by instructions {cgm['B']['ir'] / cgm['C3']['ir']:.3f}" if "C3" in cgm and "B" in cgm else ""
         measured += f"; without claim headers (C3) {p3[0]:.3f}{by_ir}"
@@ -341,9 +419,26 @@ def ratios_and_targets(res):
         by_ir = cgm["BL"]["ir"] / cgm["CL"]["ir"]
         targets.append(("1 KiB token: cache hit ≥ 0.90 × no-op with the same token, by instructions",
                         f"{by_ir:.3f}", by_ir >= 0.90))
-    p = pair("C", "D")
+    jwt_rounds = (res.get("jwt") or {}).get("rounds") or []
+    pj = pair(jwt_rounds, "J", "N")
+    if pj or ("J" in cgm and "N" in cgm):
+        measured = f"{pj[0]:.3f}" if pj else "–"
+        if "J" in cgm and "N" in cgm:
+            measured += f" (by instructions {cgm['N']['ir'] / cgm['J']['ir']:.3f})"
+        floor = pair(jwt_rounds, "BJ", "N")
+        if floor:
+            measured += f"; the no-op floor itself: {floor[0]:.3f}"
+        targets.append(("JWT cached hit ≥ 0.85 × jwt_authn (JWT cache on) throughput", measured,
+                        pj[0] >= 0.85 if pj else None))
+    if "J" in cgm and "BJ" in cgm:
+        by_ir = cgm["BJ"]["ir"] / cgm["J"]["ir"]
+        pjb = pair(jwt_rounds, "J", "BJ")
+        by_rps = f" (by req/s {pjb[0]:.3f})" if pjb else ""
+        targets.append(("JWT cached hit ≥ 0.90 × no-op with the same token, by instructions",
+                        f"{by_ir:.3f}{by_rps}", by_ir >= 0.90))
+    p = throughput("C", "D")
     measured = f"{p[0]:.2f}×" if p else "–"
-    floor = pair("B", "D")
+    floor = throughput("B", "D")
     if floor:
         measured += f" (the no-op filter itself: {floor[0]:.2f}×)"
     targets.append(("tokengate ≥ 3 × ext_authz throughput", measured, p[0] >= 3 if p else None))

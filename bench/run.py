@@ -9,6 +9,9 @@ Phases (BENCH_PHASES, comma-separated, default all):
               alternate round by round: A bare, B no-op wasm, C tokengate (one
               cached token), C2 tokengate (1,000 cached tokens rotated), C3 tokengate
               writing no claim headers (one cached token), D ext_authz
+  jwt         the same Envoy, rounds of its own: one RS256 JWT access token, cached by
+              tokengate's `jwt` section (J), verified by Envoy's jwt_authn with its
+              JWT cache on (N), and the no-op floor given the same token (BJ)
   ladder      the no-op filter with tokengate's hit-path steps added one by one
               (bench/noop), then tokengate itself: where the cost beyond the floor goes
   perf        perf record of Envoy's core during A, B and C: CPU by DSO (kernel,
@@ -22,6 +25,7 @@ prints the tables.
 See bench/README.md for the knobs.
 """
 import datetime
+import functools
 import hashlib
 import http.client
 import json
@@ -39,8 +43,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
 from harness import LOOPBACK, Processes, free_port, port_accepts  # noqa: E402  (the e2e harness)
+from jwt_issuer import BenchIssuer  # noqa: E402  (imports the e2e harness's JWT issuer)
 from report import chart, ratios_and_targets, report, summarize
-from variants import CG_LABEL, CG_ORDER, IDP_ANSWER, LADDER, LADDER_ALT
+from variants import CG_LABEL, CG_ORDER, IDP_ANSWER, JWT_COLD, JWT_VARIANTS, LADDER, LADDER_ALT
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -53,17 +58,19 @@ PROFILES = {
     "smoke": dict(
         ROUNDS=2, SECONDS=3, WARMUP=1, LADDER_ROUNDS=2, LADDER_SECONDS=3, PERF_SECONDS=3,
         BURSTS=2, RSS_MILESTONES="1000,10000,30000", RSS_MAX_ENTRIES=10000, CG_ROUNDS=1, CG_REQUESTS=100,
+        CG_COLD_REQUESTS=20,
     ),
     # The real run (about 25 minutes on a quiet 2-core machine).
     "full": dict(
         ROUNDS=5, SECONDS=20, WARMUP=3, LADDER_ROUNDS=3, LADDER_SECONDS=10, PERF_SECONDS=10,
         BURSTS=5, RSS_MILESTONES="10000,100000,500000,1000000", RSS_MAX_ENTRIES=100000, CG_ROUNDS=3, CG_REQUESTS=300,
+        CG_COLD_REQUESTS=60,
     ),
 }
 COMMON = dict(
     CONNECTIONS=32, THREADS=2, VARIANTS="A,B,Be,C,C2,C3,D,BL,CL,B4,C4", ROTATE_TOKENS=1000,
     BURST_REQUESTS=400, BURST_CONNECTIONS=32, IDP_DELAY_MS=50, BURST_CONCURRENCY=4,
-    RSS_CONCURRENCY=4, PHASES="throughput,ladder,perf,miss,callgrind,burst,rss", PERF=1,
+    RSS_CONCURRENCY=4, PHASES="throughput,jwt,ladder,perf,miss,callgrind,burst,rss", PERF=1,
     ENVOY_CPU="", LOAD_CPU="", OUT=str(BENCH), LOG_LEVEL="warn", AUTHZ="separate",
 )
 
@@ -204,9 +211,12 @@ def buffer_body():
 ADMIN_TOKEN = "bench-admin-token"
 
 
-def tokengate_config(max_entries=None, admin=False, claims=True):
-    """envoy/tokengate.json, with cached answers that outlive the run (see README)."""
+def tokengate_config(max_entries=None, admin=False, claims=True, jwt=None):
+    """envoy/tokengate.json, with cached answers that outlive the run (see README); `jwt`: the
+    section verifying the bench issuer's tokens."""
     cfg = json.loads((REPO / "envoy/tokengate.json").read_text())
+    if jwt:
+        cfg["jwt"] = jwt
     if not claims:
         cfg["claims_to_headers"] = {}
     cfg["introspection"]["cluster"] = "idp"
@@ -241,6 +251,39 @@ LONG_TOKEN = "L" * 1024  # a JWT-sized token (b64token characters)
 MAX_TOKEN = "L" * 4096  # the largest token tokengate accepts (bearer::MAX_TOKEN_BYTES)
 # Variants that are another variant's listener with a large cached token: variant -> (listener, token).
 SIZED = {"BL": ("B", LONG_TOKEN), "CL": ("C", LONG_TOKEN), "B4": ("B", MAX_TOKEN), "C4": ("C", MAX_TOKEN)}
+# The JWT variants' listeners: BJ is the no-op's; every cold variant (J<alg>, N<alg>) is J's or N's.
+JWT_LISTENER = {"BJ": "B", "J": "J", "N": "N", **{c: c[0] for c in JWT_COLD}}
+
+
+@functools.lru_cache(maxsize=None)
+def jwt_issuer():
+    """One issuer (keys generated at start) for the whole run: tokengate and jwt_authn trust its keys."""
+    return BenchIssuer()
+
+
+@functools.lru_cache(maxsize=None)
+def jwt_token():
+    """The RS256 access token every JWT variant sends (about 1.1 KiB, valid for a day)."""
+    return jwt_issuer().access_token("RS256")
+
+
+def token_for(variant):
+    if variant in JWT_LISTENER:
+        return jwt_token()
+    if variant in SIZED:
+        return SIZED[variant][1]
+    return "bench-hot-token"
+
+
+def jwt_listeners(e, tokengate):
+    """J: tokengate verifying the issuer's JWTs (same vm_id, so the same shared data and denylist as
+    C); N: jwt_authn trusting the same keys. BJ and the cold variants reuse listeners."""
+    issuer = jwt_issuer()
+    e.add("J", [wasm("tokengate_jwt", "tokengate", tokengate, tokengate_config(jwt=issuer.tokengate_section()))],
+          direct())
+    e.add("N", [issuer.jwt_authn()], direct())
+    for v, listener in JWT_LISTENER.items():
+        e.ports.setdefault(v, e.ports[listener])
 
 
 class Envoy:
@@ -402,6 +445,7 @@ def throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, with_lad
     e.add("D", [ext_authz(authz_port)], direct())
     for v, (listener, _) in SIZED.items():
         e.ports[v] = e.ports[listener]
+    jwt_listeners(e, tokengate)
     if with_ladder:
         for i, (_, steps) in enumerate(LADDER[1:], 1):
             e.add(f"L{i}", [wasm(f"noop{i}", "noop", noop, steps)], direct())
@@ -427,6 +471,7 @@ def warm(e, k):
         check_ok(e.ports[v], "bench-hot-token", f"variant {v}")
     for v, (listener, token) in SIZED.items():
         check_ok(e.ports[listener], token, f"variant {v}")
+    check_jwt(e)
     revoke_unrelated(e)
     before = e.stat("cluster.idp.upstream_rq_total")
     conn = http.client.HTTPConnection(LOOPBACK, e.ports["C"], timeout=10)
@@ -440,13 +485,27 @@ def warm(e, k):
     return e.stat("cluster.idp.upstream_rq_total") - before
 
 
+def check_jwt(e):
+    """Both verifiers really verify: the JWT passes J and N, the same JWT with its signature's last
+    character changed is refused by both; then J has it cached (one verification)."""
+    token = jwt_token()
+    forged = token[:-1] + ("A" if token[-1] != "A" else "Q")
+    for v in ("J", "N"):
+        check_ok(e.ports[v], token, f"variant {v}")
+        status, body = request(e.ports[v], headers=bearer(forged))
+        if status != 401:
+            raise RuntimeError(f"variant {v} answered {status} to a forged JWT, not 401: {body[:200]!r}")
+    check_ok(e.ports["BJ"], token, "variant BJ")
+    verified = e.stat("wasmcustom.tokengate.jwt.verified")
+    if verified != 1:
+        raise RuntimeError(f"tokengate verified the JWT {verified} times, not once")
+
+
 def measure(e, wrk, variant, port, seconds, warmup, rotate_tokens):
     if variant == "C2":
         kw = dict(script="rotate.lua", env={"BENCH_TOKENS": str(rotate_tokens), "BENCH_TOKEN_PREFIX": "bench-rot-"})
-    elif variant in SIZED:
-        kw = dict(headers=[f"Authorization: Bearer {SIZED[variant][1]}"])
     else:
-        kw = dict(headers=["Authorization: Bearer bench-hot-token"])
+        kw = dict(headers=[f"Authorization: Bearer {token_for(variant)}"])
     if warmup:
         wrk.run(port, warmup, **kw)
     idp0 = e.stat("cluster.idp.upstream_rq_total")
@@ -492,6 +551,28 @@ def phase_throughput(k, e, wrk, log):
         rounds.append(row)
     refuse_errors(rounds, "throughput")
     return rounds
+
+
+def phase_jwt(k, e, wrk, log):
+    """The cached JWT hit (J) beside jwt_authn with its JWT cache (N) and the no-op floor (BJ), all
+    sending the same RS256 token, in rounds of their own (same knobs as the throughput phase)."""
+    cache = r"^http\.N\.jwt_authn\."
+    before = e.stats(cache)
+    rounds = []
+    for rnd in range(1, k["ROUNDS"] + 1):
+        row = {}
+        for v in rotated(JWT_VARIANTS, rnd):
+            r = measure(e, wrk, v, e.ports[v], k["SECONDS"], k["WARMUP"], k["ROTATE_TOKENS"])
+            row[v] = r
+            log(f"  jwt round {rnd} {v:>2}: {r['rps']:9.0f} req/s  p99 {r['p99_us']:6d} µs  "
+                f"envoy {r['envoy_cpu_us_per_req']:6.2f} µs/req ({r['envoy_wait_util'] * 100:3.0f}% waiting)  "
+                f"wrk {r['wrk_cpu_util'] * 100:3.0f}% cpu  errors {r['errors']}  introspections {r['introspections']}")
+        rounds.append(row)
+    refuse_errors(rounds, "jwt")
+    after = e.stats(cache)
+    return {"rounds": rounds, "token_bytes": len(jwt_token()),
+            "jwt_authn": {n.removeprefix("http.N.jwt_authn."): v - before.get(n, 0) for n, v in after.items()},
+            "tokengate_verified": e.stat("wasmcustom.tokengate.jwt.verified")}
 
 
 def phase_ladder(k, e, wrk, log):
@@ -582,6 +663,9 @@ def phase_callgrind(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, load_cpu,
         rot = [f"bench-rot-{i:06d}" for i in range(k["ROTATE_TOKENS"])]
         for i, t in enumerate(rot):  # cached before, uninstrumented
             check_ok(e.ports["C"], t, "callgrind warm")
+        check_jwt(e)
+        n_cold, cold_warmup = k["CG_COLD_REQUESTS"], 20
+        cold = {}  # (algorithm, round) -> distinct tokens: the warm-up's, then the measured ones
         results = {v: [] for v in CG_ORDER}
         dumps = 0
         # C0 while nothing was ever revoked, then one revocation, then everything else.
@@ -592,22 +676,27 @@ def phase_callgrind(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, load_cpu,
                 revoke_unrelated(e)
                 continue
             port = e.ports[{"C0": "C", "C2": "C", "M1": "C", **{s: x for s, (x, _) in SIZED.items()}}.get(v, v)]
-            if v == "C2":
+            count, warm_n = (n_cold, cold_warmup) if v in JWT_COLD else (n, warmup)
+            if v in JWT_COLD:
+                # J<alg> and N<alg> send the same tokens: each verifier's cache is its own.
+                key = (v[1:], rnd)
+                if key not in cold:
+                    cold[key] = [jwt_issuer().access_token(v[1:]) for _ in range(warm_n + count)]
+                tokens = lambda i, ts=cold[key]: ts[i]
+            elif v == "C2":
                 tokens = lambda i: rot[i % len(rot)]
             elif v == "M1":
                 tokens = lambda i, r=rnd: f"cg-miss-{r}-{i}"
-            elif v in SIZED:
-                tokens = lambda i, v=v: SIZED[v][1]
             else:
-                tokens = lambda i: "bench-hot-token"
+                tokens = lambda i, t=token_for(v): t
             conn = http.client.HTTPConnection(LOOPBACK, port, timeout=120)
             try:
                 # C2 visits every rotation token first: a revocation clears each worker's denylist memo.
-                for i in range(len(rot) if v == "C2" else warmup):
+                for i in range(len(rot) if v == "C2" else warm_n):
                     request(0, headers=bearer(tokens(i) if v != "M1" else f"cg-warm-{rnd}-{i}"), conn=conn)
                 ctl("-z")
                 ctl("-i", "on")
-                for i in range(n):
+                for i in range(warm_n if v in JWT_COLD else 0, (warm_n if v in JWT_COLD else 0) + count):
                     status, body = request(0, headers=bearer(tokens(i)), conn=conn)
                     if status != 200:
                         raise RuntimeError(f"callgrind {v}: {status} {body[:200]!r}")
@@ -634,15 +723,16 @@ def phase_callgrind(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, load_cpu,
             worker = max(per_thread, key=per_thread.get)
             total = per_thread[worker]
             split = cg_split(worker)
-            results[v].append({"ir_per_req": total / n, "all_threads_per_req": sum(per_thread.values()) / n,
-                               **{f"{x}_per_req": y / n for x, y in split.items()}})
-            log(f"  callgrind round {rnd} {CG_LABEL[v]:<36} {total / n:10,.0f} instructions/req "
+            results[v].append({"ir_per_req": total / count, "all_threads_per_req": sum(per_thread.values()) / count,
+                               **{f"{x}_per_req": y / count for x, y in split.items()}})
+            log(f"  callgrind round {rnd} {CG_LABEL[v]:<36} {total / count:10,.0f} instructions/req "
                 f"(JIT {split['jit'] / max(total, 1) * 100:4.1f}%)")
     finally:
         if e:
             e.stop()
         authz.stop()
-    return {"requests": k["CG_REQUESTS"], "rounds": k["CG_ROUNDS"], "results": results}
+    return {"requests": k["CG_REQUESTS"], "cold_requests": k["CG_COLD_REQUESTS"], "rounds": k["CG_ROUNDS"],
+            "results": results, "cold_token_bytes": {alg: len(ts[0]) for (alg, _), ts in cold.items()}}
 
 
 def phase_perf(k, e, wrk, log, workdir):
@@ -828,6 +918,27 @@ def commit():
         return "unknown"
 
 
+# What each phase writes into results.json.
+PHASE_KEYS = {"throughput": ("rounds", "summary", "pools"), "jwt": ("jwt",), "ladder": ("ladder",), "perf": ("perf",),
+              "miss": ("miss",), "callgrind": ("callgrind",), "burst": ("burst",), "rss": ("rss",)}
+
+
+def keep_phases(res, path, phases):
+    """BENCH_KEEP=bench/results.json: the phases this run skips keep that run's sections, so that a
+    run of a few phases still writes a whole report; the report names where each came from."""
+    old = json.loads(Path(path).read_text())
+    origin = old["meta"].get("kept", {})
+    kept = {}
+    for phase, keys in PHASE_KEYS.items():
+        if phase in phases or not any(key in old for key in keys):
+            continue
+        for key in keys:
+            if key in old:
+                res[key] = old[key]
+        kept[phase] = origin.get(phase) or f"{old['meta']['date']} at `{old['meta']['commit']}`"
+    res["meta"]["kept"] = kept
+
+
 def rerender(path):
     """BENCH_RERENDER=bench/results.json: the report and chart again from a run's numbers (after a change to
     the report's text), without measuring."""
@@ -870,7 +981,7 @@ def main():
         f"{load_cpu}, logs in {workdir}")
     wrk = Wrk(k, load_cpu, workdir)
     phases = k["PHASES"]
-    if any(p in phases for p in ("throughput", "ladder", "perf", "miss")):
+    if any(p in phases for p in ("throughput", "jwt", "ladder", "perf", "miss")):
         authz = authz_envoy(k, workdir, envoy_bin, load_cpu) if k["AUTHZ"] == "separate" else None
         e = throughput_envoy(k, workdir, envoy_bin, tokengate, noop, envoy_cpu, "ladder" in phases, "miss" in phases,
                              authz)
@@ -884,6 +995,9 @@ def main():
                 pools = e.stats(r"^cluster\.(idp|authz)\.upstream_(cx|rq)_total$")
                 res["pools"] = pools
                 log("  upstream connections reused: " + ", ".join(f"{n} {v}" for n, v in sorted(pools.items())))
+            if "jwt" in phases:
+                log(f"jwt (one worker, the same {len(jwt_token())}-byte RS256 token):")
+                res["jwt"] = phase_jwt(k, e, wrk, log)
             if "ladder" in phases:
                 log("profile ladder:")
                 res["ladder"] = phase_ladder(k, e, wrk, log)
@@ -915,6 +1029,8 @@ def main():
         finally:
             e.stop()
     res["meta"]["loadavg_end"] = os.getloadavg()
+    if os.environ.get("BENCH_KEEP"):
+        keep_phases(res, os.environ["BENCH_KEEP"], phases)
     res["ratios"], res["targets"] = ratios_and_targets(res)
     md = report(res, k)
     (out_dir / "results.md").write_text(md)

@@ -33,10 +33,19 @@ VARIANT_INFO = {
     "CL": "+ tokengate, 1 cached 1 KiB token",
     "B4": "+ no-op wasm, 4 KiB token",
     "C4": "+ tokengate, 1 cached 4 KiB token",
+    "BJ": "+ no-op wasm, the RS256 JWT",
+    "J": "+ tokengate verifying JWTs (`jwt` section), the RS256 JWT cached",
+    "N": "+ Envoy's jwt_authn (`local_jwks`, JWT cache on), the RS256 JWT",
 }
 
+# The jwt phase: a cached JWT hit, jwt_authn and the floor, all with the same token.
+JWT_VARIANTS = ["BJ", "J", "N"]
+JWT_ALGS = ["RS256", "PS256", "ES256", "EdDSA"]
+# Callgrind's cold verifications: every request a JWT never seen before, signed with one algorithm.
+JWT_COLD = [f"{f}{alg}" for f in ("J", "N") for alg in JWT_ALGS]
+
 CG_ORDER = (["A", "B0", "Ba", "Be", "B"] + [f"L{i}" for i in range(1, LADDER_ALT)] + ["C0", "C", f"L{LADDER_ALT}", "C2", "C3", "BL", "CL", "B4", "C4", "D",
-                                                                     "M0", "M1"])
+                                                                     "M0", "M1", "BJ", "J", "N"] + JWT_COLD)
 
 CG_LABEL = {"A": "A  bare Envoy", "B0": "B  no-op without its shared-data read",
             "Ba": "B  no-op, shared key absent", "Be": "B  no-op, shared key with empty value",
@@ -46,7 +55,12 @@ CG_LABEL = {"A": "A  bare Envoy", "B0": "B  no-op without its shared-data read",
             "BL": "B  no-op, 1 KiB token", "CL": "C  tokengate, 1 KiB token",
             "B4": "B  no-op, 4 KiB token", "C4": "C  tokengate, 4 KiB token",
             "M0": "M0 no-op + 1 callout (miss floor)", "M1": "M1 tokengate, every request a miss",
+            "BJ": "B  no-op, the RS256 JWT", "J": "J  tokengate, the RS256 JWT cached",
+            "N": "N  jwt_authn, the RS256 JWT cached",
+            **{f"J{alg}": f"J  tokengate, every request a new {alg} JWT" for alg in JWT_ALGS},
+            **{f"N{alg}": f"N  jwt_authn, every request a new {alg} JWT" for alg in JWT_ALGS},
             **{f"L{i}": label for i, (label, _) in enumerate(LADDER) if i}}
 
 CG_REF = {"B0": "A", "Ba": "B0", "Be": "B0", "B": "B0", "L1": "B", **{f"L{i}": f"L{i - 1}" for i in range(2, LADDER_ALT)}, "C": f"L{LADDER_ALT - 1}", "C0": "C",
-          f"L{LADDER_ALT}": f"L{LADDER_ALT - 1}", "C2": "C", "C3": "C", "BL": "B", "CL": "C", "B4": "BL", "C4": "CL", "D": "A", "M0": "A", "M1": "M0"}
+          f"L{LADDER_ALT}": f"L{LADDER_ALT - 1}", "C2": "C", "C3": "C", "BL": "B", "CL": "C", "B4": "BL", "C4": "CL", "D": "A", "M0": "A", "M1": "M0",
+          "BJ": "B", "J": "BJ", "N": "BJ", **{c: c[0] for c in JWT_COLD}}
