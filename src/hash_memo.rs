@@ -3,10 +3,12 @@
 //! b64token scan and SHA-256 (17 blocks for a 1 KiB JWT).
 //!
 //! The raw token is kept here, in this worker's VM memory only: never in
-//! shared data, logs or answers. An entry is found by SipHash with a key
+//! shared data, logs or answers. An entry is found by SipHash, with a key
 //! drawn at random per VM (an attacker can neither predict nor grind the
-//! slots) and a hit compares the whole token, so a token is never taken for
-//! another. At most `cache.hash_memo_entries` tokens; a full memo starts
+//! slots), of the token's length and its first and last `EDGE` bytes, where
+//! tokens differ (a JWT's signature; an opaque token is shorter than that),
+//! so the slot costs the same for 40 bytes as for 4 KiB; a hit compares the
+//! whole token, so a token is never taken for another. At most `cache.hash_memo_entries` tokens; a full memo starts
 //! over, so a flood of new tokens costs the hot ones one SHA-256 each.
 //! The memo only names a token: whether it is revoked or cached is still
 //! looked up by that SHA-256 on every request.
@@ -15,6 +17,9 @@ use crate::cache::TokenHash;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+
+/// Bytes at each end of a token that name its slot.
+const EDGE: usize = 32;
 
 pub struct HashMemo {
     /// Per-VM random SipHash key (the host's `random_get`).
@@ -44,7 +49,7 @@ impl HashMemo {
         if self.entries.len() >= self.capacity && !self.entries.contains_key(&slot) {
             self.entries.clear();
         }
-        // Two tokens with one keyed hash (2^-64): the newer one takes the slot.
+        // Two tokens with one slot (the same ends and length, or 2^-64): the newer one takes it.
         self.entries.insert(slot, (token.into(), hash));
     }
 
@@ -58,7 +63,13 @@ impl HashMemo {
 
     fn slot(&self, token: &[u8]) -> u64 {
         let mut h = self.key.build_hasher();
-        h.write(token);
+        h.write_usize(token.len());
+        if token.len() <= 2 * EDGE {
+            h.write(token);
+        } else {
+            h.write(token.get(..EDGE).unwrap_or_default());
+            h.write(token.get(token.len() - EDGE..).unwrap_or_default());
+        }
         h.finish()
     }
 }
@@ -116,6 +127,21 @@ mod tests {
             changed[at] = b'M';
             assert_eq!(m.get(&changed), None, "byte {at}");
         }
+    }
+
+    #[test]
+    fn tokens_alike_at_both_ends_share_a_slot_but_never_a_hash() {
+        let mut m = HashMemo::new(16);
+        let a = format!("{}{}{}", "h".repeat(40), "a".repeat(100), "t".repeat(40));
+        let b = format!("{}{}{}", "h".repeat(40), "b".repeat(100), "t".repeat(40));
+        assert_eq!(m.slot(a.as_bytes()), m.slot(b.as_bytes()));
+        m.insert(a.as_bytes(), sha(1));
+        assert_eq!(m.get(b.as_bytes()), None, "b is not a");
+        m.insert(b.as_bytes(), sha(2));
+        assert_eq!((m.get(a.as_bytes()), m.get(b.as_bytes())), (None, Some(sha(2))));
+        // Short tokens are named by all their bytes, and the length counts.
+        assert_ne!(m.slot(b"abc"), m.slot(b"abd"));
+        assert_ne!(m.slot(&[b'x'; 200]), m.slot(&[b'x'; 201]));
     }
 
     #[test]
