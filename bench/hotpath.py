@@ -134,6 +134,17 @@ def rules_20(d):
           f"({json.dumps(json.dumps(rules))}).map_err(|e| e.to_string())?, top)")
 
 
+def whole_token_slot(d):
+    """The hash memo's slot a keyed hash of the whole token (before its ends and length named it)."""
+    patch(d / "src/hash_memo.rs", """        h.write_usize(token.len());
+        if token.len() <= 2 * EDGE {
+            h.write(token);
+        } else {
+            h.write(token.get(..EDGE).unwrap_or_default());
+            h.write(token.get(token.len() - EDGE..).unwrap_or_default());
+        }""", """        h.write(token);""")
+
+
 def opt_level(level, package=None):
     def f(d):
         if package:
@@ -166,6 +177,7 @@ VARIANTS = {
               [opt_level('"z"'), opt_level(3, "sha2"), no_wasm_opt]),
     "opt-3-no-wasm-opt": ("opt-level 3 without wasm-opt (555 KiB)", [no_wasm_opt]),
     "no-hash-memo": (no_hash_memo.__doc__, [no_hash_memo]),
+    "whole-token-slot": (whole_token_slot.__doc__, [whole_token_slot]),
     "prefix-hasher": (prefix_hasher.__doc__, [prefix_hasher]),
     "no-claim-headers": (no_claim_headers.__doc__, [no_claim_headers]),
     "price-denylist": (price_denylist.__doc__, [price_denylist]),
