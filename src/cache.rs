@@ -410,8 +410,10 @@ fn put(slots: &mut Vec<Slot>, slot: Slot, now_ms: u64) -> bool {
         let victim = kept.iter().enumerate().min_by_key(|(_, s)| (s.until > now_ms, eviction_rank(&s.state), s.until));
         match victim {
             Some((_, s)) if s.until > now_ms && eviction_rank(&s.state) > incoming => return false,
+            // `remove`, not `swap_remove`: the order of the others stays, so a
+            // lookup (first slot of a hash) finds what it found before.
             Some((i, _)) => {
-                kept.swap_remove(i);
+                kept.remove(i);
             }
             None => break,
         }
@@ -564,6 +566,24 @@ mod tests {
         assert_eq!(c.claim(&h(1), 3_000, 6_000).unwrap(), Claim::Owner);
         c.store_answer(&h(1), &active(None), 9_000, 0, 3_100).unwrap();
         assert_eq!(c.claim(&h(1), 3_200, 6_000).unwrap(), Claim::Hit { answer: active(None), until_ms: 9_000 });
+    }
+
+    #[test]
+    fn making_room_keeps_the_order_of_the_other_slots() {
+        // A bucket another writer left with two slots for one hash: a lookup
+        // sees the first, and must go on seeing it after an eviction.
+        let active = || State::Answer(Answer::Active(Claims::default()));
+        // Past their lifetime, kept only as stand-ins for a failing IdP: the first to go.
+        let stand_in =
+            |i| Slot { stale_until: 20_000, ..Slot::new(format!("n{i}"), 500, State::Answer(Answer::Inactive)) };
+        let mut slots: Vec<Slot> = (0..5).map(stand_in).collect();
+        slots.push(Slot::new("dup".into(), 3_000, active()));
+        slots.push(Slot::new("x".into(), 3_000, active()));
+        slots.push(Slot::new("dup".into(), 3_000, State::Answer(Answer::Inactive)));
+        assert!(put(&mut slots, Slot::new("new".into(), 2_500, State::Failed { at: 1_000 }), 1_000));
+        assert_eq!(slots.len(), SLOTS);
+        let first_dup = slots.iter().find(|s| s.hash == "dup").map(|s| &s.state);
+        assert_eq!(first_dup, Some(&active()), "{slots:?}");
     }
 
     #[test]
