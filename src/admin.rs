@@ -558,8 +558,8 @@ fn revoke_identity<S: Store + ?Sized>(
         return handled;
     }
     let mut handled = Handled::from(Reply::ok(json!({"revoked": 1, "jti_ids": [id]})));
-    log::info!("revoked {id} reason={:?}", crate::denylist::clip_reason(reason));
     let reason = crate::denylist::clip_reason(reason);
+    log::info!("revoked {id} reason={reason:?}");
     handled.changes.push(Change::Revoked(Record { id, kind: Kind::Jwt, revoked_at: now, expires_at, reason }));
     handled.counts.tokens = 1;
     handled
