@@ -236,7 +236,6 @@ impl Jwks {
     /// Starts the fetches that are due and gives up on lost ones; returns
     /// the requests that can go on.
     pub fn tick(&mut self, io: &Io<'_>, now_ms: u64) -> Vec<Waiter> {
-        self.sync(io.store);
         for source in &mut self.sources {
             let Some(remote) = &mut source.remote else { continue };
             if let Some((_, deadline)) = remote.call {
@@ -297,7 +296,6 @@ impl Jwks {
             }
             end_fetch(io, remote, ok, now_ms);
         }
-        self.sync(io.store);
         self.ready(io.store, now_ms)
     }
 
@@ -358,9 +356,11 @@ impl Jwks {
         self.waiters.retain(|w| w.ctx != ctx);
     }
 
-    /// Takes the waiters whose keys changed, whose fetch ended, or whose time is up.
+    /// Re-reads the keys that changed, then takes the waiters whose keys
+    /// changed, whose fetch ended, or whose time is up.
     fn ready(&mut self, store: &dyn Store, now_ms: u64) -> Vec<Waiter> {
         if self.waiters.is_empty() {
+            self.sync(store);
             return Vec::new();
         }
         let ended: Vec<u64> = self
